@@ -1,0 +1,51 @@
+"""Run every benchmark: ``python -m benchmarks [--device cuda] [--quick] [--only NAME]``.
+
+Prints each Markdown table and writes it to ``benchmarks/results/<name>-<device>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+BENCHMARKS = ["bench_explainers", "bench_metrics"]
+RESULTS = Path(__file__).parent / "results"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--only", choices=BENCHMARKS, action="append",
+                        help="run only these benchmarks")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda asked for, but torch sees no CUDA device.", file=sys.stderr)
+        return 2
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    header = (f"device: {device_name(args.device)}; torch {torch.__version__}; "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    for name in args.only or BENCHMARKS:
+        module = importlib.import_module(f"benchmarks.{name}")
+        table = f"## {name}\n\n{header}\n\n{module.main(args)}\n"
+        print(table, flush=True)
+        suffix = "-quick" if args.quick else ""
+        (RESULTS / f"{name}-{args.device}{suffix}.md").write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

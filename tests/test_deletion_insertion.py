@@ -1,0 +1,212 @@
+"""Deletion / insertion: agreement with a per-step loop written from RISE's definition."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from torch import nn
+
+from evaluation import auc, deletion_insertion
+from fam.errors import FamBenchError
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+    # Non-trivial BN statistics so that train and eval mode give different scores.
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def class_probability(model: nn.Module, classes: torch.Tensor):
+    def score_fn(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        probs = model(images).float().softmax(dim=1)
+        return probs.gather(1, classes[index][:, None])[:, 0]
+    return score_fn
+
+
+def rise_blur(images: torch.Tensor) -> torch.Tensor:
+    """RISE's gkern(11, 5) as a full 2-D kernel and conv2d with zero padding."""
+    delta = np.zeros((11, 11))
+    delta[5, 5] = 1.0
+    kernel = torch.tensor(gaussian_filter(delta, 5), dtype=images.dtype)
+    weight = torch.zeros(3, 3, 11, 11, dtype=images.dtype)
+    for c in range(3):
+        weight[c, c] = kernel
+    return F.conv2d(images, weight, padding=5)
+
+
+def reference_curves(score_fn, image, saliency, index, step, deleted, inserted):
+    """RISE's CausalMetric.single_run: one forward per step per image."""
+    c, h, w = image.shape
+    order = torch.argsort(saliency.flatten(), descending=True, stable=True)
+    n_steps = math.ceil(h * w / step)
+    curves = []
+    for start, finish in ((image.clone(), deleted), (inserted.clone(), image)):
+        scores = []
+        for i in range(n_steps + 1):
+            with torch.no_grad():
+                scores.append(score_fn(start[None], torch.tensor([index]))[0])
+            if i < n_steps:
+                coords = order[step * i: step * (i + 1)]
+                start.view(c, -1)[:, coords] = finish.reshape(c, -1)[:, coords]
+        curves.append(torch.stack(scores))
+    return curves
+
+
+def rise_auc(arr):
+    return (arr.sum() - arr[0] / 2 - arr[-1] / 2) / (arr.shape[0] - 1)
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "step", "batch_size", "substrates"),
+    [
+        (16, 16, 10, 7, ("zeros", "blur")),     # batch smaller than one curve (53 jobs/sample)
+        (12, 20, 7, 256, ("zeros", "blur")),    # non-square, 240 px not divisible by 7
+        (12, 20, 33, 16, ("blur", "blur")),     # shared pure-substrate point
+        (16, 16, 256, 3, ("mean", "zeros")),    # one step covers the whole image
+    ],
+)
+def test_curves_equal_a_per_step_loop_from_the_definition(h, w, step, batch_size, substrates):
+    torch.manual_seed(1)
+    n = 5
+    model = small_model()
+    images = torch.randn(n, 3, h, w)
+    # Quantised maps so that ties exist and the stable order matters.
+    maps = (torch.rand(n, h, w) * 6).floor() / 6
+    classes = torch.randint(0, 5, (n,))
+    score_fn = class_probability(model, classes)
+    result = deletion_insertion(score_fn, images, maps, step=step, deletion_substrate=substrates[0],
+                                insertion_substrate=substrates[1], batch_size=batch_size)
+    n_steps = math.ceil(h * w / step)
+    assert result.n_steps == n_steps
+    assert result.deletion_curve.shape == (n, n_steps + 1)
+    assert result.insertion_curve.shape == (n, n_steps + 1)
+    subs = {"zeros": torch.zeros_like(images), "blur": rise_blur(images),
+            "mean": images.mean(dim=(2, 3), keepdim=True).expand_as(images)}
+    for i in range(n):
+        deletion, insertion = reference_curves(score_fn, images[i], maps[i], i, step,
+                                               subs[substrates[0]][i], subs[substrates[1]][i])
+        torch.testing.assert_close(result.deletion_curve[i], deletion, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(result.insertion_curve[i], insertion, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(result.deletion_auc[i], rise_auc(deletion), atol=1e-5,
+                                   rtol=1e-4)
+        torch.testing.assert_close(result.insertion_auc[i], rise_auc(insertion), atol=1e-5,
+                                   rtol=1e-4)
+    expected_fractions = torch.tensor([min(k * step, h * w) / (h * w) for k in range(n_steps + 1)])
+    torch.testing.assert_close(result.fractions, expected_fractions)
+
+
+def test_tensor_and_callable_substrates_match_the_named_ones():
+    torch.manual_seed(2)
+    images, maps = torch.randn(3, 3, 8, 8), torch.rand(3, 8, 8)
+    score_fn = class_probability(small_model(), torch.tensor([0, 1, 2]))
+    named = deletion_insertion(score_fn, images, maps, step=5, deletion_substrate="zeros",
+                               insertion_substrate="mean")
+    custom = deletion_insertion(score_fn, images, maps, step=5,
+                                deletion_substrate=torch.zeros(3, 1, 1),
+                                insertion_substrate=lambda x: x.mean((2, 3), keepdim=True)
+                                .expand_as(x).clone())
+    torch.testing.assert_close(named.deletion_curve, custom.deletion_curve)
+    torch.testing.assert_close(named.insertion_curve, custom.insertion_curve)
+
+
+def test_auc_of_hand_made_curves():
+    # Trapezoids of width 1/3: (0.75 + 0.25 + 0) / 3 and (0.5 + 1 + 1) / 3.
+    curves = torch.tensor([[1.0, 0.5, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0], [0.2, 0.2, 0.2, 0.2]])
+    torch.testing.assert_close(auc(curves), torch.tensor([1.0 / 3, 2.5 / 3, 0.2]))
+    with pytest.raises(FamBenchError):
+        auc(torch.ones(3, 1))
+
+
+def test_a_map_that_ranks_the_object_first_deletes_and_inserts_faster():
+    torch.manual_seed(3)
+    n, h, w = 4, 16, 16
+    images = torch.rand(n, 3, h, w) * 0.2
+    inside = torch.zeros(n, h, w, dtype=torch.bool)
+    for i, (y, x) in enumerate([(2, 3), (8, 8), (5, 10), (9, 1)]):
+        inside[i, y:y + 6, x:x + 6] = True
+    images = images + inside[:, None] * 1.0
+
+    def object_intensity(batch: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        m = inside[index][:, None]
+        return (batch * m).sum(dim=(1, 2, 3)) / (3 * m.sum(dim=(1, 2, 3)))
+
+    good = inside.float() + 0.1 * torch.rand(n, h, w)
+    good_result = deletion_insertion(object_intensity, images, good, step=8)
+    bad_result = deletion_insertion(object_intensity, images, -good, step=8)
+    assert (good_result.deletion_auc < bad_result.deletion_auc - 0.3).all()
+    assert (good_result.insertion_auc > bad_result.insertion_auc + 0.3).all()
+
+
+def test_peak_images_per_call_never_exceed_batch_size():
+    torch.manual_seed(4)
+    for n, batch_size in ((1, 4), (13, 32), (40, 32)):
+        images, maps = torch.randn(n, 3, 6, 6), torch.rand(n, 6, 6)
+        sizes = []
+
+        def score_fn(batch, index, sizes=sizes):
+            sizes.append(batch.shape[0])
+            assert index.shape == (batch.shape[0],) and index.dtype == torch.long
+            return batch.mean(dim=(1, 2, 3))
+
+        result = deletion_insertion(score_fn, images, maps, step=5, batch_size=batch_size)
+        n_steps = math.ceil(36 / 5)
+        assert max(sizes) <= batch_size
+        # Every point is scored once, the unperturbed image once for both curves.
+        assert sum(sizes) == n * (2 * n_steps + 1)
+        assert result.deletion_auc.shape == (n,)
+
+
+def test_model_mode_is_restored_and_no_gradients_are_kept():
+    torch.manual_seed(5)
+    model = small_model().train()
+    model[3].eval()  # a submodule with its own flag must keep it
+    images, maps = torch.randn(3, 3, 8, 8), torch.rand(3, 8, 8)
+    classes = torch.tensor([1, 2, 3])
+    result = deletion_insertion(class_probability(model, classes), images, maps, step=9,
+                                batch_size=10, model=model)
+    assert model.training and model[1].training and not model[3].training
+    assert not result.deletion_curve.requires_grad and not result.insertion_auc.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+    # The scores are the eval-mode scores (BN running statistics), not batch statistics.
+    eval_model = small_model().eval()
+    expected = deletion_insertion(class_probability(eval_model, classes), images, maps, step=9)
+    torch.testing.assert_close(result.deletion_curve, expected.deletion_curve)
+
+
+def test_bf16_autocast_keeps_aucs_within_0_01_of_fp32():
+    torch.manual_seed(6)
+    model = small_model()
+    images, maps = torch.randn(6, 3, 16, 16), torch.rand(6, 16, 16)
+    score_fn = class_probability(model, torch.randint(0, 5, (6,)))
+    fp32 = deletion_insertion(score_fn, images, maps, step=16)
+    bf16 = deletion_insertion(score_fn, images, maps, step=16, amp=True)
+    assert (fp32.deletion_auc - bf16.deletion_auc).abs().max() < 0.01
+    assert (fp32.insertion_auc - bf16.insertion_auc).abs().max() < 0.01
+    assert bf16.deletion_auc.dtype == torch.float32
+
+
+def test_user_mistakes_raise_clear_errors():
+    images, maps = torch.randn(2, 3, 8, 8), torch.rand(2, 8, 8)
+    score_fn = class_probability(small_model(), torch.tensor([0, 1]))
+    with pytest.raises(FamBenchError, match="image resolution"):
+        deletion_insertion(score_fn, images, torch.rand(2, 4, 4))
+    with pytest.raises(FamBenchError, match="Unknown substrate"):
+        deletion_insertion(score_fn, images, maps, deletion_substrate="noise")
+    with pytest.raises(FamBenchError, match="step"):
+        deletion_insertion(score_fn, images, maps, step=0)
+    with pytest.raises(FamBenchError, match="nan or inf"):
+        deletion_insertion(score_fn, images, maps.masked_fill(maps > 0.9, float("nan")))
+    with pytest.raises(FamBenchError, match="one score per perturbed image"):
+        deletion_insertion(lambda x, i: x.mean(), images, maps, step=8)

@@ -1,0 +1,145 @@
+"""Pointing game and energy pointing game: hand-made cases and TorchRay's protocol."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evaluation import (
+    boxes_to_masks,
+    energy_pointing_game,
+    pointing_accuracy,
+    pointing_game,
+    scaled_tolerance,
+)
+from fam.errors import FamBenchError
+
+
+def single(h: int, w: int, *pixels: tuple[int, int]) -> torch.Tensor:
+    mask = torch.zeros(1, h, w, dtype=torch.bool)
+    for y, x in pixels:
+        mask[0, y, x] = True
+    return mask
+
+
+def torchray_pointing(saliency: torch.Tensor, mask: torch.Tensor, tolerance: float) -> float:
+    """TorchRay's PointingGame.evaluate with the point from argmax over the flat map."""
+    if mask.sum() == 0:
+        return math.nan
+    flat = int(torch.argmax(saliency.reshape(-1)))
+    y, x = divmod(flat, saliency.shape[1])
+    v, u = torch.meshgrid((torch.arange(mask.shape[0]) - y) ** 2,
+                          (torch.arange(mask.shape[1]) - x) ** 2, indexing="ij")
+    accept = (v + u) < tolerance**2
+    return 1.0 if bool((mask & accept).any()) else 0.0
+
+
+def test_ties_pick_the_first_maximum_in_row_major_order():
+    saliency = torch.zeros(1, 5, 5)
+    saliency[0, 1, 2] = saliency[0, 3, 0] = 1.0
+    assert pointing_game(saliency, single(5, 5, (1, 2)), tolerance=1.0).item() == 1.0
+    assert pointing_game(saliency, single(5, 5, (3, 0)), tolerance=1.0).item() == 0.0
+
+
+def test_a_constant_map_points_at_the_first_pixel():
+    saliency = torch.full((1, 6, 6), 0.5)
+    assert pointing_game(saliency, single(6, 6, (0, 1)), tolerance=1.5).item() == 1.0
+    assert pointing_game(saliency, single(6, 6, (4, 4)), tolerance=1.5).item() == 0.0
+
+
+def test_an_empty_mask_is_not_scored():
+    hits = pointing_game(torch.rand(2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.bool))
+    assert torch.isnan(hits).all()
+    energy = energy_pointing_game(torch.rand(2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.bool))
+    assert torch.isnan(energy).all()
+
+
+@pytest.mark.parametrize(("target", "distance"), [((5, 8), 3.0), ((8, 9), 5.0)])
+def test_distance_equal_to_the_tolerance_is_a_miss_and_just_under_a_hit(target, distance):
+    saliency = torch.zeros(1, 12, 12)
+    saliency[0, 5, 5] = 1.0
+    mask = single(12, 12, target)
+    assert pointing_game(saliency, mask, tolerance=distance).item() == 0.0
+    assert pointing_game(saliency, mask, tolerance=distance + 1e-3).item() == 1.0
+
+
+def test_non_square_images_are_indexed_y_then_x():
+    saliency = torch.zeros(1, 6, 10)
+    saliency[0, 4, 2] = 1.0
+    assert pointing_game(saliency, single(6, 10, (4, 2)), tolerance=0.5).item() == 1.0
+    assert pointing_game(saliency, single(6, 10, (2, 4)), tolerance=0.5).item() == 0.0
+    weights = torch.zeros(1, 6, 10)
+    weights[0, 0, 9] = 3.0
+    weights[0, 5, 0] = 1.0
+    energy = energy_pointing_game(weights, single(6, 10, (0, 9), (1, 9)))
+    assert energy.item() == pytest.approx(0.75)
+
+
+def test_agrees_with_torchray_on_random_maps_and_masks():
+    torch.manual_seed(0)
+    n, h, w = 40, 14, 23
+    saliency = (torch.rand(n, h, w) * 4).floor()  # ties on purpose
+    masks = torch.rand(n, h, w) > 0.97
+    masks[:3] = False
+    for tolerance in (0.0, 1.0, 2.5, 6.0):
+        hits = pointing_game(saliency, masks, tolerance=tolerance)
+        expected = torch.tensor([torchray_pointing(saliency[i], masks[i], tolerance)
+                                 for i in range(n)])
+        torch.testing.assert_close(hits, expected, equal_nan=True)
+    assert pointing_game(saliency, masks).isnan().sum() == 3
+
+
+def test_boxes_give_the_same_result_as_the_equivalent_masks():
+    torch.manual_seed(1)
+    n, h, w = 30, 12, 17
+    saliency = torch.rand(n, h, w)
+    x0 = torch.randint(-3, w, (n,))
+    y0 = torch.randint(-3, h, (n,))
+    boxes = torch.stack([x0, y0, x0 + torch.randint(0, 8, (n,)), y0 + torch.randint(0, 8, (n,))],
+                        dim=1)
+    masks = torch.zeros(n, h, w, dtype=torch.bool)
+    for i, (a, b, c, d) in enumerate(boxes.tolist()):
+        masks[i, max(b, 0):max(d, 0), max(a, 0):max(c, 0)] = True  # half-open, clipped
+    torch.testing.assert_close(boxes_to_masks(boxes, (h, w)), masks)
+    for tolerance in (1.0, 3.0):
+        torch.testing.assert_close(pointing_game(saliency, boxes, tolerance),
+                                   pointing_game(saliency, masks, tolerance), equal_nan=True)
+    torch.testing.assert_close(energy_pointing_game(saliency, boxes),
+                               energy_pointing_game(saliency, masks), equal_nan=True)
+    # Fractional boxes cover the integer pixels x0 <= x < x1.
+    frac = boxes_to_masks(torch.tensor([[0.5, 1.0, 2.0, 2.5]]), (4, 4))
+    assert frac[0].nonzero().tolist() == [[1, 1], [2, 1]]
+
+
+def test_energy_is_the_share_of_mass_inside_the_mask():
+    weights = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    masks = torch.tensor([[[True, False], [False, True]], [[True, False], [False, False]]])
+    energy = energy_pointing_game(weights, masks)
+    assert energy[0].item() == pytest.approx(0.5)
+    assert math.isnan(energy[1].item())  # zero map: nothing to share
+    with pytest.raises(FamBenchError, match="non-negative"):
+        energy_pointing_game(-weights, masks)
+
+
+def test_accuracy_excludes_and_counts_unscored_samples_and_averages_per_class():
+    hits = torch.tensor([1.0, 0.0, math.nan, 1.0, 1.0, math.nan])
+    labels = [0, 0, 0, 1, 2, 3]  # class 3 has no scored sample
+    overall, per_class, excluded = pointing_accuracy(hits, labels)
+    assert overall == pytest.approx(3 / 4)
+    assert per_class == pytest.approx((0.5 + 1.0 + 1.0) / 3)
+    assert excluded == 2
+    assert pointing_accuracy(hits) == (pytest.approx(0.75), pytest.approx(0.75), 2)
+
+
+def test_bad_ground_truth_shapes_raise_clear_errors():
+    with pytest.raises(FamBenchError, match="does not fit"):
+        pointing_game(torch.rand(2, 5, 5), torch.ones(2, 4, 5, dtype=torch.bool))
+    with pytest.raises(FamBenchError, match="tolerance"):
+        pointing_game(torch.rand(1, 5, 5), torch.ones(1, 5, 5, dtype=torch.bool), tolerance=-1)
+
+
+def test_tolerance_scales_with_image_size():
+    assert scaled_tolerance(224, 224) == pytest.approx(15.0)
+    assert scaled_tolerance(84, 84) == pytest.approx(15.0 * 84 / 224)
