@@ -27,5 +27,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+leaderboard: $(STAMP)
+	@test -n "$(RUNS)" || { echo 'usage: make leaderboard RUNS="outputs/... multirun/..." [ARGS="--out DIR --reference fam"]'; exit 2; }
+	$(PY) -m evaluation.leaderboard $(RUNS) $(ARGS)
+
+reproduce: $(STAMP)
+	@test -n "$(DATA)" || { echo 'usage: make reproduce DATA=/path/to/datasets [ARGS="--out DIR trainer.max_steps=..."]'; exit 2; }
+	$(PY) -m experiments.reproduce --data-root "$(DATA)" $(ARGS)
+
 clean:
 	rm -rf $(VENV) outputs multirun .cache

@@ -1,0 +1,284 @@
+"""Figures, environment record and the reproduce planner (reporting helpers)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from experiments.environment import PACKAGES, collect_environment, git_state, write_environment
+from experiments.figures import (
+    CELL_INCHES,
+    DPI,
+    HEADER_INCHES,
+    LEFT_INCHES,
+    PAD_INCHES,
+    curve_auc,
+    map_grid_size,
+    plot_curves,
+    plot_map_grid,
+)
+from experiments.reproduce import (
+    CONF_DIR,
+    EXPERIMENT_DATA,
+    command,
+    find_data,
+    plan,
+    reproduce,
+    uses_synthetic_data,
+)
+from fam.errors import FamBenchError
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+H = W = 24
+
+
+def grid_inputs(n: int, methods: list[str]):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, H, W, generator=g)
+    maps = {m: torch.rand(n, H, W, generator=g) for m in methods}
+    masks = torch.zeros(n, H, W, dtype=torch.bool)
+    masks[:, 6:14, 8:18] = True
+    return images, maps, masks
+
+
+@pytest.mark.parametrize("methods", [["fam"], ["fam", "gradcam", "scorecam", "random"]])
+@pytest.mark.parametrize("with_masks", [True, False])
+def test_map_grid_png_has_the_grid_size(tmp_path, methods, with_masks):
+    images, maps, masks = grid_inputs(3, methods)
+    path = plot_map_grid(
+        images,
+        maps,
+        masks if with_masks else None,
+        tmp_path / "g" / "grid.png",
+        MEAN,
+        STD,
+        labels=["a", "b", "c"],
+    )
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+        assert png.size == map_grid_size(3, len(methods))
+        pixels = np.asarray(png.convert("RGB"))
+    assert pixels.std() > 10  # something was drawn, not a blank canvas
+
+
+def test_map_grid_size_grows_one_cell_per_method_and_row():
+    cell = round(CELL_INCHES * DPI)
+    w1, h1 = map_grid_size(1, 1)
+    w4, h4 = map_grid_size(5, 4)
+    assert (w4 - w1, h4 - h1) == (3 * cell, 4 * cell)
+
+
+def test_map_grid_caps_rows_and_leaves_no_pyplot_figures(tmp_path):
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    images, maps, masks = grid_inputs(5, ["fam"])
+    path = plot_map_grid(images, maps, masks, tmp_path / "grid.png", MEAN, STD, max_rows=2)
+    plot_curves({"fam": {"deletion": np.ones((2, 3))}}, tmp_path / "curves.png")
+    with Image.open(path) as png:
+        assert png.size == map_grid_size(2, 1)
+    assert plt.get_fignums() == before
+
+
+def test_map_grid_denormalises_the_image_column(tmp_path):
+    # A uniform image whose normalised value maps back to pure red must show red pixels.
+    red = torch.tensor([(1.0 - MEAN[0]) / STD[0], -MEAN[1] / STD[1], -MEAN[2] / STD[2]])
+    images = red.view(1, 3, 1, 1).expand(1, 3, H, W)
+    path = plot_map_grid(
+        images, {"fam": torch.zeros(1, H, W)}, None, tmp_path / "red.png", MEAN, STD
+    )
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+    assert (np.all(pixels == [255, 0, 0], axis=1)).sum() > 0.5 * (CELL_INCHES * DPI * 0.9) ** 2
+
+
+def test_map_grid_outlines_the_mask_only_when_given(tmp_path):
+    grey = torch.tensor([(0.5 - m) / s for m, s in zip(MEAN, STD, strict=True)])
+    images = grey.view(1, 3, 1, 1).expand(1, 3, H, W)
+    mask = torch.zeros(1, H, W, dtype=torch.bool)
+    mask[0, 6:18, 6:18] = True
+    # interior of the image panel (top-left cell), in pixels, away from its frame
+    top = round((HEADER_INCHES + PAD_INCHES) * DPI) + 3
+    left = round((LEFT_INCHES + PAD_INCHES) * DPI) + 3
+    size = round((CELL_INCHES - 2 * PAD_INCHES) * DPI) - 6
+    white = {}
+    for name, masks in (("with", mask), ("without", None)):
+        path = plot_map_grid(
+            images, {"fam": torch.zeros(1, H, W)}, masks, tmp_path / f"{name}.png", MEAN, STD
+        )
+        panel = np.asarray(Image.open(path).convert("RGB"))[top : top + size, left : left + size]
+        white[name] = int(np.all(panel > 240, axis=-1).sum())
+    assert white["without"] == 0  # a grey image has no white pixels of its own
+    assert white["with"] > 4 * 0.4 * size  # a white outline around about half the panel
+
+
+def test_map_grid_rejects_maps_of_the_wrong_size(tmp_path):
+    images, _, _ = grid_inputs(2, [])
+    with pytest.raises(FamBenchError, match="upsample"):
+        plot_map_grid(images, {"fam": torch.rand(2, 7, 7)}, None, tmp_path / "x.png", MEAN, STD)
+
+
+def test_curve_auc_matches_trapezoid_rule():
+    y = np.random.default_rng(0).random((4, 9))
+    np.testing.assert_allclose(curve_auc(y), np.trapezoid(y, np.linspace(0, 1, 9), axis=1))
+
+
+@pytest.mark.parametrize("n_methods", [1, 3])
+def test_curves_png_is_written(tmp_path, n_methods):
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 1, 17)
+    curves = {
+        f"m{i}": {
+            "deletion": np.exp(-x * (i + 1)) + 0.05 * rng.random((6, 17)),
+            "insertion": 1 - np.exp(-x * (i + 1)) + 0.05 * rng.random((6, 17)),
+        }
+        for i in range(n_methods)
+    }
+    curves["m0"] = {"deletion": torch.as_tensor(curves["m0"]["deletion"])}  # tensors, one key
+    path = plot_curves(curves, tmp_path / "curves.png")
+    with Image.open(path) as png:
+        assert png.size == (1100, 420)
+        assert np.asarray(png.convert("L")).std() > 5
+
+
+def test_environment_has_the_keys_and_is_json(tmp_path):
+    env = collect_environment({"data": {"name": "synthetic"}, "seed": 3}, device="cpu", seed=3)
+    for key in (
+        "python",
+        "platform",
+        "packages",
+        "cuda",
+        "git",
+        "hostname",
+        "time",
+        "seed",
+        "settings",
+    ):
+        assert key in env
+    assert set(env["packages"]) == set(PACKAGES)
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert env["cuda"]["device"] == "cpu"
+    assert env["settings"] == {"data": {"name": "synthetic"}, "seed": 3}
+    assert env["seed"] == 3
+    json.dumps(env)
+
+
+def test_environment_outside_a_git_repo_and_atomic_write(tmp_path):
+    assert git_state(tmp_path) is None
+    path = tmp_path / "run" / "environment.json"
+    env = write_environment(path, cfg_dict={"x": 1}, seed=1, repo=tmp_path)
+    assert env["git"] is None
+    assert json.loads(path.read_text()) == env
+    assert os.listdir(path.parent) == ["environment.json"]  # no temporary file left behind
+
+
+def test_environment_resolves_omegaconf_settings():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"a": 2, "b": "${a}"})
+    assert collect_environment(cfg)["settings"] == {"a": 2, "b": 2}
+
+
+def make_conf(tmp_path, names_and_data: dict[str, str]):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    for name, data in names_and_data.items():
+        (conf / f"{name}.yaml").write_text(
+            f"# @package _global_\ndefaults:\n  - override /data: {data}\n"
+        )
+    return conf
+
+
+def test_reproduce_runs_what_is_present_and_notes_the_rest(tmp_path):
+    conf = make_conf(
+        tmp_path,
+        {
+            "synthetic_5way": "synthetic",
+            "cub_5way": "cub",
+            "simclr_cifar10": "cifar10",
+            "retrieval_sop": "sop",
+            "mystery": "imagenet",
+        },
+    )
+    # extends a synthetic sibling, as conf/experiment/synthetic_5way_pairs.yaml does
+    (conf / "pairs.yaml").write_text("defaults:\n  - synthetic_5way\n  - _self_\nname: p\n")
+    data = tmp_path / "data"
+    (data / "CUB_200_2011").mkdir(parents=True)
+    (data / "cifar-10-batches-py").mkdir()
+    calls = []
+
+    def fake_runner(experiment, data_root, out_dir, overrides):
+        calls.append((experiment, data_root, list(overrides)))
+        out_dir.mkdir(parents=True)
+        (out_dir / "results.csv").write_text(
+            "sample_id,episode,label,method,dataset,model,task,settings_id,degenerate,"
+            "deletion_auc\n0,0,0,fam,d,m,t,s,False,0.1\n"
+        )
+        return 0
+
+    notes = []
+    status = reproduce(
+        data,
+        tmp_path / "out",
+        ["trainer.max_steps=1"],
+        runner=fake_runner,
+        conf_dir=conf,
+        echo=notes.append,
+    )
+    assert sorted(calls) == [
+        ("cub_5way", data / "CUB_200_2011", ["trainer.max_steps=1"]),
+        ("pairs", None, ["trainer.max_steps=1"]),
+        ("simclr_cifar10", data, ["trainer.max_steps=1"]),  # torchvision layout: the parent
+        ("synthetic_5way", None, ["trainer.max_steps=1"]),
+    ]
+    assert {k for k, v in status.items() if v == "done"} == {
+        "cub_5way",
+        "pairs",
+        "simclr_cifar10",
+        "synthetic_5way",
+    }
+    sop_note = next(n for n in notes if "retrieval_sop" in n)
+    assert "missing" in sop_note and str(data / "Stanford_Online_Products") in sop_note
+    assert any("mystery" in n and "EXPERIMENT_DATA" in n for n in notes)
+    # listed in EXPERIMENT_DATA but without a config: skipped, not run
+    assert "no config" in status["retrieval_cars"]
+    assert (tmp_path / "out" / "leaderboard.md").exists()
+
+
+def test_reproduce_leaves_failed_runs_out_of_the_leaderboard(tmp_path):
+    conf = make_conf(tmp_path, {"synthetic_5way": "synthetic"})
+    (tmp_path / "data").mkdir()
+    status = reproduce(
+        tmp_path / "data", tmp_path / "out", runner=lambda *a: 3, conf_dir=conf, echo=lambda _: None
+    )
+    assert status["synthetic_5way"] == "failed (exit 3)"
+    assert not (tmp_path / "out" / "leaderboard.csv").exists()
+
+
+def test_reproduce_folder_lookup_and_command(tmp_path):
+    (tmp_path / "Mini-ImageNet").mkdir()
+    (tmp_path / "stl10_binary").mkdir()
+    (tmp_path / "cars196").write_text("a file, not a dataset folder")
+    assert find_data(tmp_path, EXPERIMENT_DATA["miniimagenet_5way"]) == tmp_path / "Mini-ImageNet"
+    assert find_data(tmp_path, EXPERIMENT_DATA["simclr_stl10"]) == tmp_path
+    assert find_data(tmp_path, EXPERIMENT_DATA["tieredimagenet_5way"]) is None
+    assert find_data(tmp_path, EXPERIMENT_DATA["retrieval_cars"]) is None
+    planned = {p.experiment: p for p in plan(tmp_path, conf_dir=tmp_path / "no_conf")}
+    assert set(planned) == set(EXPERIMENT_DATA)  # nothing configured: all noted as skipped
+    assert all(p.skip for p in planned.values())
+    with pytest.raises(FamBenchError, match="not a folder"):
+        plan(tmp_path / "absent")
+    cmd = command("cub_5way", tmp_path / "my data", tmp_path / "out" / "cub_5way", ["a=1"])
+    assert cmd[1:3] == ["run.py", "experiment=cub_5way"]
+    assert cmd[3] == f"data.root='{tmp_path / 'my data'}'"  # quoted for Hydra
+    assert cmd[4] == f"hydra.run.dir={tmp_path / 'out' / 'cub_5way'}"
+    assert cmd[-1] == "a=1"
+
+
+@pytest.mark.skipif(not CONF_DIR.is_dir(), reason="no conf/experiment in this checkout")
+def test_every_shipped_experiment_is_mapped_to_data_or_synthetic():
+    # A real-data experiment missing from EXPERIMENT_DATA would be silently skipped forever.
+    for config in sorted(CONF_DIR.glob("*.yaml")):
+        assert config.stem in EXPERIMENT_DATA or uses_synthetic_data(config), config.name
