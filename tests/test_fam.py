@@ -1,0 +1,160 @@
+"""FAM against its definition: the drop in similarity when one channel is removed.
+
+The closed forms and the forward-ablation fallback are each compared with the slow,
+literal computation (zero channel k, recompute the score) for every similarity and for
+GAP and flatten embeddings.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from experiments.models.conv4 import Conv4
+from fam import FAM, SimilarityTarget, capture_layer, closed_form, eval_mode
+from fam.similarity import SIMILARITIES
+
+SIMS = sorted(SIMILARITIES)
+N, SIZE = 3, 32
+
+
+def _conv4(pooling: str = "gap") -> Conv4:
+    torch.manual_seed(0)
+    return Conv4(hidden=16, pools=(True, True, True, False), pooling=pooling).double().eval()
+
+
+def _inputs(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randn(N, 3, SIZE, SIZE, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        emb = model(images)
+    # Signed references near the images' own embeddings: every similarity has channels
+    # that raise and channels that lower the score.
+    noise = torch.randn(emb.shape, generator=gen, dtype=emb.dtype)
+    reference = emb + 2 * emb.abs().mean() * noise
+    return images, reference
+
+
+def _embed(model: nn.Module, layer: nn.Module, images: torch.Tensor):
+    with torch.no_grad(), capture_layer(layer) as cap:
+        emb = model(images)
+    return emb, cap.activations
+
+
+def _slow_embedding_ablation(emb, acts, reference, similarity) -> torch.Tensor:
+    """``c_k = s(e) - s(e with channel k's dimensions zeroed)``, one channel at a time."""
+    fn = SIMILARITIES[similarity] if isinstance(similarity, str) else similarity
+    n, k = acts.shape[:2]
+    base = fn(emb, reference)
+    out = torch.empty(n, k, dtype=emb.dtype)
+    for c in range(k):
+        ablated = emb.view(n, k, -1).clone()
+        ablated[:, c] = 0
+        out[:, c] = base - fn(ablated.view(n, -1), reference)
+    return out
+
+
+def _slow_forward_ablation(model, layer, images, reference, similarity) -> torch.Tensor:
+    """``c_k = s(f(x)) - s(f(x) with channel k of the layer's output zeroed)``."""
+    fn = SIMILARITIES[similarity]
+    emb, acts = _embed(model, layer, images)
+    base = fn(emb, reference)
+    out = torch.empty(acts.shape[:2], dtype=emb.dtype)
+    for c in range(acts.shape[1]):
+        def zero_channel(module, inputs, output, c=c):
+            output = output.clone()
+            output[:, c] = 0
+            return output
+
+        handle = layer.register_forward_hook(zero_channel)
+        try:
+            with torch.no_grad():
+                out[:, c] = base - fn(model(images), reference)
+        finally:
+            handle.remove()
+    return out
+
+
+def _map_from(contributions: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    weights = contributions / contributions.abs().sum(1, keepdim=True)
+    return torch.relu((weights[:, :, None, None] * acts).sum(1)).float()
+
+
+@pytest.mark.parametrize("pooling", ["gap", "flatten"])
+@pytest.mark.parametrize("similarity", SIMS)
+def test_closed_form_equals_the_definition(pooling, similarity):
+    model = _conv4(pooling)
+    images, reference = _inputs(model)
+    explainer = FAM(model, "encoder.3")
+    emb, acts = _embed(model, explainer.target_layer, images)
+    with eval_mode(model), torch.no_grad():
+        got = explainer.contributions(images, emb, acts, SimilarityTarget(reference, similarity))
+    assert explainer.last_path == pooling
+    expected = _slow_embedding_ablation(emb, acts, reference, similarity)
+    assert (expected > 0).any() and (expected < 0).any()
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10)
+    raw = explainer(images, reference, similarity, upsample=False)
+    torch.testing.assert_close(raw, _map_from(expected, acts))
+
+
+@pytest.mark.parametrize("pooling", ["gap", "flatten"])
+@pytest.mark.parametrize("similarity", SIMS)
+def test_forward_ablation_fallback_equals_closed_form(pooling, similarity):
+    model = _conv4(pooling)
+    images, reference = _inputs(model)
+    closed = FAM(model, "encoder.3", path="closed_form")
+    fallback = FAM(model, "encoder.3", path="forward_ablation", ablation_batch=5)
+    a = closed(images, reference, similarity, upsample=False)
+    b = fallback(images, reference, similarity, upsample=False)
+    assert fallback.last_path == "forward_ablation"
+    assert a.amax() > 0
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * float(a.max()))
+
+
+@pytest.mark.parametrize("pooling", ["gap", "flatten"])
+@pytest.mark.parametrize("similarity", SIMS)
+def test_product_contributions_sum_to_the_score(pooling, similarity):
+    model = _conv4(pooling)
+    images, reference = _inputs(model)
+    emb, acts = _embed(model, model.encoder[3], images)
+    n, k = acts.shape[:2]
+    shares = closed_form(emb.view(n, k, -1), reference.view(n, k, -1), similarity, "product")
+    score = SIMILARITIES[similarity](emb, reference)
+    if similarity == "euclidean":
+        # 2 e.r - |e|^2 = -|e - r|^2 + |r|^2: the split sums to s + |r|^2, a constant of
+        # the reference that does not depend on the image.
+        score = score + reference.pow(2).sum(1)
+    torch.testing.assert_close(shares.sum(1), score, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", ["auto", "forward_ablation"])
+def test_callable_similarity_gives_the_same_map_as_its_name(path):
+    model = _conv4()
+    images, reference = _inputs(model)
+    explainer = FAM(model, "encoder.3", path=path)
+    named = explainer(images, reference, "cosine")
+
+    def my_cosine(e, r):
+        return (e * r).sum(1) / (e.norm(dim=1) * r.norm(dim=1))
+
+    custom = explainer(images, reference, my_cosine)
+    torch.testing.assert_close(custom, named, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("similarity", SIMS)
+def test_head_after_the_layer_takes_the_fallback_and_matches_a_slow_loop(similarity):
+    conv4 = _conv4()
+    torch.manual_seed(5)
+    model = nn.Sequential(conv4, nn.Linear(16, 12)).double().eval()
+    images, reference = _inputs(model)
+    layer = "0.encoder.3"
+    explainer = FAM(model, layer, ablation_batch=6)
+    raw = explainer(images, reference, similarity, upsample=False)
+    assert explainer.last_path == "forward_ablation"
+    module = dict(model.named_modules())[layer]
+    expected = _slow_forward_ablation(model, module, images, reference, similarity)
+    _, acts = _embed(model, module, images)
+    slow = _map_from(expected, acts)
+    assert slow.amax() > 0
+    torch.testing.assert_close(raw, slow, rtol=1e-5, atol=1e-6 * float(slow.max()))
