@@ -94,7 +94,8 @@ class Explainer:
     def forward(self, images: Tensor, gradients: bool = False, replace=None
                 ) -> tuple[Tensor, Tensor]:
         """One hooked forward pass: ``(embedding (N, D), activations (N, K, h, w))``."""
-        with capture_layer(self.target_layer, gradients=gradients, replace=replace) as cap, \
+        with capture_layer(self.target_layer, gradients=gradients, replace=replace,
+                           model=self.model) as cap, \
                 self.autocast(images.device):
             emb = self.model(self.prepare(images))
         if cap.activations is None:

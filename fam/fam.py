@@ -153,7 +153,8 @@ class FAM(Explainer):
             stop = min(k, start + self.ablation_batch)
             c = stop - start
             keep = torch.ones(c, k, device=acts.device, dtype=acts.dtype)
-            keep[torch.arange(c, device=acts.device), torch.arange(start, stop, device=acts.device)] = 0
+            rows = torch.arange(c, device=acts.device)
+            keep[rows, torch.arange(start, stop, device=acts.device)] = 0
             # Batch layout: channel-major, (c * n) images: chunk j ablates channel start+j.
             keep = keep.repeat_interleave(n, dim=0)[:, :, None, None]
             repeated = images.repeat(c, 1, 1, 1)

@@ -75,6 +75,8 @@ def _hook(capture: Capture):
         if capture.gradients_wanted:
             # A fresh leaf: gradients stop here, so parameters' .grad are never touched
             # and in-place ops downstream act on the clone, not on the captured values.
+            # Recording resumes here if the layers before ran without a graph.
+            torch.set_grad_enabled(True)
             leaf = output.detach().requires_grad_(True)
             capture.activations = leaf
             out = leaf.clone()
@@ -90,15 +92,29 @@ def _hook(capture: Capture):
 
 @contextmanager
 def capture_layer(
-    layer: nn.Module, gradients: bool = False, replace=None
+    layer: nn.Module, gradients: bool = False, replace=None, model: nn.Module | None = None
 ) -> Iterator[Capture]:
-    """Hook ``layer`` for the duration of the block; the hook is removed on exit."""
+    """Hook ``layer`` for the duration of the block; the hooks are removed on exit.
+
+    With ``gradients=True`` and the enclosing ``model`` given, the layers before the target
+    layer run without recording an autograd graph (gradients stop at the target layer
+    anyway), which saves their activation memory and the recording time.
+    """
     capture = Capture(gradients_wanted=gradients, replace=replace)
-    handle = layer.register_forward_hook(_hook(capture))
+    handles = [layer.register_forward_hook(_hook(capture))]
+    grad_enabled = torch.is_grad_enabled()
+    if gradients and model is not None and model is not layer:
+        handles.append(model.register_forward_pre_hook(_no_grad_until_layer))
     try:
         yield capture
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        torch.set_grad_enabled(grad_enabled)
+
+
+def _no_grad_until_layer(module: nn.Module, inputs: tuple) -> None:
+    torch.set_grad_enabled(False)
 
 
 @contextmanager
