@@ -67,8 +67,11 @@ def _narrow_conv4() -> nn.Module:
 def cases() -> dict:
     """Model, target layer, images and references (embeddings of other images)."""
     out = {}
-    for name, build, layer in [("resnet18", _resnet18, "layer4"), ("conv4", _conv4, "encoder.3"),
-                               ("conv4_narrow", _narrow_conv4, "encoder.3")]:
+    for name, build, layer in [
+        ("resnet18", _resnet18, "layer4"),
+        ("conv4", _conv4, "encoder.3"),
+        ("conv4_narrow", _narrow_conv4, "encoder.3"),
+    ]:
         model = build()
         gen = torch.Generator().manual_seed(1)
         images = torch.randn(2, 3, 64, 64, generator=gen)
@@ -156,13 +159,20 @@ def test_eigencam_matches_pytorch_grad_cam_projection(cases, model_name):
     targets = _targets(reference, "cosine")
     got = EigenCAM(model, layer)(images, reference, "cosine", upsample=False)
     # Same projection and the same sign rule (flip when |min| > |max|).
-    signed = _reference_raw(RefEigenCAM, model, module, images, targets,
-                            projection=get_2d_projection_with_sign_correction)
+    signed = _reference_raw(
+        RefEigenCAM,
+        model,
+        module,
+        images,
+        targets,
+        projection=get_2d_projection_with_sign_correction,
+    )
     _assert_maps_close(got, signed)
     # pytorch-grad-cam's EigenCAM itself leaves the SVD's sign to LAPACK: per image the
     # map equals ReLU(P) or ReLU(-P) of its unsigned projection P.
-    plain = get_2d_projection(_reference_raw(RefEigenCAM, model, module, images, targets,
-                                             projection=lambda a: a))
+    plain = get_2d_projection(
+        _reference_raw(RefEigenCAM, model, module, images, targets, projection=lambda a: a)
+    )
     for i in range(len(images)):
         candidates = [np.maximum(s * plain[i], 0) for s in (1, -1)]
         errors = [np.abs(got[i].numpy() - c).max() for c in candidates]
@@ -179,14 +189,23 @@ def test_eigencam_ignores_the_reference(cases):
 
 # -- Relevance-CAM ---------------------------------------------------------------------
 
+
 def _bias_free_net() -> nn.Module:
     torch.manual_seed(3)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.ReLU(),
-        nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-    ).double().eval()
+    return (
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(8, 6, 3, padding=1, bias=False),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        .double()
+        .eval()
+    )
 
 
 def _epsilon_composite() -> LayerMapComposite:
@@ -212,8 +231,9 @@ def test_relevancecam_conserves_relevance_at_any_depth(layer, similarity):
     if similarity == "euclidean":
         score = score + reference.pow(2).sum(1)
     assert relevance.abs().sum() > 0
-    torch.testing.assert_close(relevance.sum(dim=(1, 2, 3)).to(score.dtype), score,
-                               rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        relevance.sum(dim=(1, 2, 3)).to(score.dtype), score, rtol=1e-6, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("model_name", ["resnet18", "conv4"])

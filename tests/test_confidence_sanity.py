@@ -19,8 +19,9 @@ from fam.errors import FamBenchError
 
 
 def test_confidence_change_matches_hand_computed_values():
-    images = torch.stack([torch.full((3, 2, 2), 2.0), torch.full((3, 2, 2), 2.0),
-                          torch.zeros(3, 2, 2)])
+    images = torch.stack(
+        [torch.full((3, 2, 2), 2.0), torch.full((3, 2, 2), 2.0), torch.zeros(3, 2, 2)]
+    )
     maps = torch.tensor([[[1.0, 1.0], [0.5, 0.5]]] * 3)
 
     def score_fn(batch: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -58,8 +59,7 @@ def test_spearman_matches_scipy_with_ties():
 
 
 def test_default_cascade_runs_from_the_output_towards_the_input():
-    assert default_cascade(Conv4(hidden=4)) == ["encoder.3", "encoder.2", "encoder.1",
-                                                "encoder.0"]
+    assert default_cascade(Conv4(hidden=4)) == ["encoder.3", "encoder.2", "encoder.1", "encoder.0"]
     layers = default_cascade(nn.Sequential(resnet18(weights=None)))
     assert layers[:3] == ["0.fc", "0.layer4.1", "0.layer4.0"]
     assert layers[-2:] == ["0.bn1", "0.conv1"]
@@ -75,8 +75,9 @@ def small_setup():
 def test_a_map_that_ignores_the_model_stays_perfectly_correlated():
     model, images, others = small_setup()
     fixed = torch.rand(4, 32, 32)
-    result = randomisation_sanity(model, lambda m: (lambda x, r, s: fixed), images,
-                                  reference=lambda m: m(others))
+    result = randomisation_sanity(
+        model, lambda m: lambda x, r, s: fixed, images, reference=lambda m: m(others)
+    )
     assert result.layers == ["encoder.3", "encoder.2", "encoder.1", "encoder.0"]
     assert result.spearman.shape == (4, 4)
     torch.testing.assert_close(result.spearman, torch.ones(4, 4))
@@ -89,8 +90,13 @@ def test_fam_decorrelates_when_the_top_layers_are_randomised_and_the_model_is_un
     model.train()  # the reference callable and the explainers must not touch BN statistics
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng_before = torch.random.get_rng_state()
-    result = randomisation_sanity(model, functools.partial(FAM, target_layer="encoder.3"),
-                                  images, reference=lambda m: m(others), similarity="cosine")
+    result = randomisation_sanity(
+        model,
+        functools.partial(FAM, target_layer="encoder.3"),
+        images,
+        reference=lambda m: m(others),
+        similarity="cosine",
+    )
     # Randomising the top blocks moves FAM's maps away from the trained model's maps (a
     # model-independent map stays at 1, test above). Observed 0.4-0.65 over seeds.
     assert result.spearman[:2].mean(dim=1).max() < 0.8
@@ -99,13 +105,23 @@ def test_fam_decorrelates_when_the_top_layers_are_randomised_and_the_model_is_un
     assert model.training and model.encoder[0][1].training
     assert torch.equal(rng_before, torch.random.get_rng_state())
     # Deterministic under the seed.
-    again = randomisation_sanity(model, functools.partial(FAM, target_layer="encoder.3"),
-                                 images, reference=lambda m: m(others), layers=["encoder.3"])
+    again = randomisation_sanity(
+        model,
+        functools.partial(FAM, target_layer="encoder.3"),
+        images,
+        reference=lambda m: m(others),
+        layers=["encoder.3"],
+    )
     torch.testing.assert_close(again.spearman[0], result.spearman[0], equal_nan=True)
 
 
 def test_sanity_rejects_unknown_layers():
     model, images, others = small_setup()
     with pytest.raises(FamBenchError, match="Unknown layers"):
-        randomisation_sanity(model, functools.partial(FAM, target_layer="encoder.3"), images,
-                             reference=others, layers=["encoder.9"])
+        randomisation_sanity(
+            model,
+            functools.partial(FAM, target_layer="encoder.3"),
+            images,
+            reference=others,
+            layers=["encoder.9"],
+        )

@@ -18,8 +18,13 @@ from fam.errors import FamBenchError
 def small_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(8, 5),
     )
     # Non-trivial BN statistics so that train and eval mode give different scores.
@@ -32,6 +37,7 @@ def class_probability(model: nn.Module, classes: torch.Tensor):
     def score_fn(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         probs = model(images).float().softmax(dim=1)
         return probs.gather(1, classes[index][:, None])[:, 0]
+
     return score_fn
 
 
@@ -58,7 +64,7 @@ def reference_curves(score_fn, image, saliency, index, step, deleted, inserted):
             with torch.no_grad():
                 scores.append(score_fn(start[None], torch.tensor([index]))[0])
             if i < n_steps:
-                coords = order[step * i: step * (i + 1)]
+                coords = order[step * i : step * (i + 1)]
                 start.view(c, -1)[:, coords] = finish.reshape(c, -1)[:, coords]
         curves.append(torch.stack(scores))
     return curves
@@ -71,10 +77,10 @@ def rise_auc(arr):
 @pytest.mark.parametrize(
     ("h", "w", "step", "batch_size", "substrates"),
     [
-        (16, 16, 10, 7, ("zeros", "blur")),     # batch smaller than one curve (53 jobs/sample)
-        (12, 20, 7, 256, ("zeros", "blur")),    # non-square, 240 px not divisible by 7
-        (12, 20, 33, 16, ("blur", "blur")),     # shared pure-substrate point
-        (16, 16, 256, 3, ("mean", "zeros")),    # one step covers the whole image
+        (16, 16, 10, 7, ("zeros", "blur")),  # batch smaller than one curve (53 jobs/sample)
+        (12, 20, 7, 256, ("zeros", "blur")),  # non-square, 240 px not divisible by 7
+        (12, 20, 33, 16, ("blur", "blur")),  # shared pure-substrate point
+        (16, 16, 256, 3, ("mean", "zeros")),  # one step covers the whole image
     ],
 )
 def test_curves_equal_a_per_step_loop_from_the_definition(h, w, step, batch_size, substrates):
@@ -86,23 +92,34 @@ def test_curves_equal_a_per_step_loop_from_the_definition(h, w, step, batch_size
     maps = (torch.rand(n, h, w) * 6).floor() / 6
     classes = torch.randint(0, 5, (n,))
     score_fn = class_probability(model, classes)
-    result = deletion_insertion(score_fn, images, maps, step=step, deletion_substrate=substrates[0],
-                                insertion_substrate=substrates[1], batch_size=batch_size)
+    result = deletion_insertion(
+        score_fn,
+        images,
+        maps,
+        step=step,
+        deletion_substrate=substrates[0],
+        insertion_substrate=substrates[1],
+        batch_size=batch_size,
+    )
     n_steps = math.ceil(h * w / step)
     assert result.n_steps == n_steps
     assert result.deletion_curve.shape == (n, n_steps + 1)
     assert result.insertion_curve.shape == (n, n_steps + 1)
-    subs = {"zeros": torch.zeros_like(images), "blur": rise_blur(images),
-            "mean": images.mean(dim=(2, 3), keepdim=True).expand_as(images)}
+    subs = {
+        "zeros": torch.zeros_like(images),
+        "blur": rise_blur(images),
+        "mean": images.mean(dim=(2, 3), keepdim=True).expand_as(images),
+    }
     for i in range(n):
-        deletion, insertion = reference_curves(score_fn, images[i], maps[i], i, step,
-                                               subs[substrates[0]][i], subs[substrates[1]][i])
+        deletion, insertion = reference_curves(
+            score_fn, images[i], maps[i], i, step, subs[substrates[0]][i], subs[substrates[1]][i]
+        )
         torch.testing.assert_close(result.deletion_curve[i], deletion, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(result.insertion_curve[i], insertion, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(result.deletion_auc[i], rise_auc(deletion), atol=1e-5,
-                                   rtol=1e-4)
-        torch.testing.assert_close(result.insertion_auc[i], rise_auc(insertion), atol=1e-5,
-                                   rtol=1e-4)
+        torch.testing.assert_close(result.deletion_auc[i], rise_auc(deletion), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            result.insertion_auc[i], rise_auc(insertion), atol=1e-5, rtol=1e-4
+        )
     expected_fractions = torch.tensor([min(k * step, h * w) / (h * w) for k in range(n_steps + 1)])
     torch.testing.assert_close(result.fractions, expected_fractions)
 
@@ -111,12 +128,17 @@ def test_tensor_and_callable_substrates_match_the_named_ones():
     torch.manual_seed(2)
     images, maps = torch.randn(3, 3, 8, 8), torch.rand(3, 8, 8)
     score_fn = class_probability(small_model(), torch.tensor([0, 1, 2]))
-    named = deletion_insertion(score_fn, images, maps, step=5, deletion_substrate="zeros",
-                               insertion_substrate="mean")
-    custom = deletion_insertion(score_fn, images, maps, step=5,
-                                deletion_substrate=torch.zeros(3, 1, 1),
-                                insertion_substrate=lambda x: x.mean((2, 3), keepdim=True)
-                                .expand_as(x).clone())
+    named = deletion_insertion(
+        score_fn, images, maps, step=5, deletion_substrate="zeros", insertion_substrate="mean"
+    )
+    custom = deletion_insertion(
+        score_fn,
+        images,
+        maps,
+        step=5,
+        deletion_substrate=torch.zeros(3, 1, 1),
+        insertion_substrate=lambda x: x.mean((2, 3), keepdim=True).expand_as(x).clone(),
+    )
     torch.testing.assert_close(named.deletion_curve, custom.deletion_curve)
     torch.testing.assert_close(named.insertion_curve, custom.insertion_curve)
 
@@ -135,7 +157,7 @@ def test_a_map_that_ranks_the_object_first_deletes_and_inserts_faster():
     images = torch.rand(n, 3, h, w) * 0.2
     inside = torch.zeros(n, h, w, dtype=torch.bool)
     for i, (y, x) in enumerate([(2, 3), (8, 8), (5, 10), (9, 1)]):
-        inside[i, y:y + 6, x:x + 6] = True
+        inside[i, y : y + 6, x : x + 6] = True
     images = images + inside[:, None] * 1.0
 
     def object_intensity(batch: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -174,8 +196,9 @@ def test_model_mode_is_restored_and_no_gradients_are_kept():
     model[3].eval()  # a submodule with its own flag must keep it
     images, maps = torch.randn(3, 3, 8, 8), torch.rand(3, 8, 8)
     classes = torch.tensor([1, 2, 3])
-    result = deletion_insertion(class_probability(model, classes), images, maps, step=9,
-                                batch_size=10, model=model)
+    result = deletion_insertion(
+        class_probability(model, classes), images, maps, step=9, batch_size=10, model=model
+    )
     assert model.training and model[1].training and not model[3].training
     assert not result.deletion_curve.requires_grad and not result.insertion_auc.requires_grad
     assert all(p.grad is None for p in model.parameters())

@@ -64,8 +64,7 @@ def _inputs(n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _no_hooks(model: nn.Module) -> bool:
     return all(
-        not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-             or m._backward_pre_hooks)
+        not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
         for m in model.modules()
     )
 
@@ -94,8 +93,12 @@ def test_batch_equals_each_image_alone(method, similarity):
     images, reference = _inputs()
     explainer = METHODS[method](model, LAYER)
     batch = explainer(images, reference, similarity, upsample=False)
-    single = torch.cat([explainer(images[i:i + 1], reference[i:i + 1], similarity,
-                                  upsample=False) for i in range(3)])
+    single = torch.cat(
+        [
+            explainer(images[i : i + 1], reference[i : i + 1], similarity, upsample=False)
+            for i in range(3)
+        ]
+    )
     torch.testing.assert_close(batch, single, rtol=1e-4, atol=1e-6 * float(batch.max()) + 1e-9)
 
 
@@ -137,7 +140,7 @@ def test_hooks_are_removed_when_the_call_raises(method):
     explainer = METHODS[method](model, LAYER)
 
     def bad_similarity(emb, ref):
-        return (emb * ref)  # (N, D) instead of (N,)
+        return emb * ref  # (N, D) instead of (N,)
 
     with pytest.raises(FamBenchError, match="one score per image"):
         explainer(images, reference, bad_similarity)
@@ -215,8 +218,13 @@ def test_amp_maps_agree_with_fp32(method):
     """bf16 autocast changes the arithmetic, not the explanation."""
     model = _model()
     images, reference = _inputs()
-    build = {"fam": FAM, "gradcam": GradCAM, "layercam": LayerCAM, "scorecam": ScoreCAM,
-             "eigencam": EigenCAM}[method]
+    build = {
+        "fam": FAM,
+        "gradcam": GradCAM,
+        "layercam": LayerCAM,
+        "scorecam": ScoreCAM,
+        "eigencam": EigenCAM,
+    }[method]
     fp32 = build(model, LAYER)(images, reference, "dot")
     bf16 = build(model, LAYER, amp=True)(images, reference, "dot")
     assert bf16.dtype == torch.float32

@@ -62,6 +62,7 @@ def _slow_forward_ablation(model, layer, images, reference, similarity) -> torch
     base = fn(emb, reference)
     out = torch.empty(acts.shape[:2], dtype=emb.dtype)
     for c in range(acts.shape[1]):
+
         def zero_channel(module, inputs, output, c=c):
             output = output.clone()
             output[:, c] = 0

@@ -30,8 +30,11 @@ def torchray_pointing(saliency: torch.Tensor, mask: torch.Tensor, tolerance: flo
         return math.nan
     flat = int(torch.argmax(saliency.reshape(-1)))
     y, x = divmod(flat, saliency.shape[1])
-    v, u = torch.meshgrid((torch.arange(mask.shape[0]) - y) ** 2,
-                          (torch.arange(mask.shape[1]) - x) ** 2, indexing="ij")
+    v, u = torch.meshgrid(
+        (torch.arange(mask.shape[0]) - y) ** 2,
+        (torch.arange(mask.shape[1]) - x) ** 2,
+        indexing="ij",
+    )
     accept = (v + u) < tolerance**2
     return 1.0 if bool((mask & accept).any()) else 0.0
 
@@ -85,8 +88,9 @@ def test_agrees_with_torchray_on_random_maps_and_masks():
     masks[:3] = False
     for tolerance in (0.0, 1.0, 2.5, 6.0):
         hits = pointing_game(saliency, masks, tolerance=tolerance)
-        expected = torch.tensor([torchray_pointing(saliency[i], masks[i], tolerance)
-                                 for i in range(n)])
+        expected = torch.tensor(
+            [torchray_pointing(saliency[i], masks[i], tolerance) for i in range(n)]
+        )
         torch.testing.assert_close(hits, expected, equal_nan=True)
     assert pointing_game(saliency, masks).isnan().sum() == 3
 
@@ -97,17 +101,22 @@ def test_boxes_give_the_same_result_as_the_equivalent_masks():
     saliency = torch.rand(n, h, w)
     x0 = torch.randint(-3, w, (n,))
     y0 = torch.randint(-3, h, (n,))
-    boxes = torch.stack([x0, y0, x0 + torch.randint(0, 8, (n,)), y0 + torch.randint(0, 8, (n,))],
-                        dim=1)
+    boxes = torch.stack(
+        [x0, y0, x0 + torch.randint(0, 8, (n,)), y0 + torch.randint(0, 8, (n,))], dim=1
+    )
     masks = torch.zeros(n, h, w, dtype=torch.bool)
     for i, (a, b, c, d) in enumerate(boxes.tolist()):
-        masks[i, max(b, 0):max(d, 0), max(a, 0):max(c, 0)] = True  # half-open, clipped
+        masks[i, max(b, 0) : max(d, 0), max(a, 0) : max(c, 0)] = True  # half-open, clipped
     torch.testing.assert_close(boxes_to_masks(boxes, (h, w)), masks)
     for tolerance in (1.0, 3.0):
-        torch.testing.assert_close(pointing_game(saliency, boxes, tolerance),
-                                   pointing_game(saliency, masks, tolerance), equal_nan=True)
-    torch.testing.assert_close(energy_pointing_game(saliency, boxes),
-                               energy_pointing_game(saliency, masks), equal_nan=True)
+        torch.testing.assert_close(
+            pointing_game(saliency, boxes, tolerance),
+            pointing_game(saliency, masks, tolerance),
+            equal_nan=True,
+        )
+    torch.testing.assert_close(
+        energy_pointing_game(saliency, boxes), energy_pointing_game(saliency, masks), equal_nan=True
+    )
     # Fractional boxes cover the integer pixels x0 <= x < x1.
     frac = boxes_to_masks(torch.tensor([[0.5, 1.0, 2.0, 2.5]]), (4, 4))
     assert frac[0].nonzero().tolist() == [[1, 1], [2, 1]]
