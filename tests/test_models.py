@@ -1,0 +1,156 @@
+"""Embedding networks: shapes, target layers, pooling flags, torchvision agreement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from experiments.models import Conv4, ResNet12, ResNetEncoder, build_model
+from fam.errors import FamBenchError
+from fam.layers import capture_layer, resolve_target_layer
+
+
+def _target_map(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embedding, activations of the default target layer) in eval mode."""
+    model.eval()
+    with torch.no_grad(), capture_layer(resolve_target_layer(model, None)) as cap:
+        emb = model(images)
+    return emb, cap.activations
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "size", "dim", "hw"),
+    [
+        ("conv4", {"pools": [True, True, False, False]}, 32, 64, 8),
+        ("conv4", {}, 32, 64, 2),
+        ("conv4", {}, 84, 64, 5),
+        ("resnet12", {"pools": [True, True, False, False], "channels": [8, 16, 24, 32]}, 32, 32, 8),
+        ("resnet12", {"channels": [8, 16, 24, 32]}, 84, 32, 5),
+        ("resnet18", {}, 64, 512, 2),
+        ("resnet18", {"cifar_stem": True}, 32, 512, 4),
+        ("resnet50", {"cifar_stem": True}, 16, 2048, 2),
+    ],
+)
+def test_embedding_is_gap_of_default_target_layer(name, options, size, dim, hw):
+    torch.manual_seed(0)
+    model = build_model(name, **options)
+    emb, acts = _target_map(model, torch.randn(2, 3, size, size))
+    assert emb.shape == (2, dim)
+    assert acts.shape == (2, dim, hw, hw)
+    # DESIGN section 1: e(x) = GAP(A(x)) at the default target layer.
+    torch.testing.assert_close(emb, acts.mean(dim=(2, 3)))
+    assert model.pooling == "gap"
+    assert model.model_name == name
+
+
+@pytest.mark.parametrize("name", ["conv4", "resnet12"])
+def test_flatten_pooling_is_the_flattened_map(name):
+    options = {"channels": [8, 8, 8, 8]} if name == "resnet12" else {"hidden": 8}
+    model = build_model(name, pools=[True, True, False, False], pooling="flatten", **options)
+    emb, acts = _target_map(model, torch.randn(3, 3, 32, 32))
+    assert emb.shape == (3, 8 * 8 * 8)
+    torch.testing.assert_close(emb, acts.flatten(1))
+
+
+def test_resnet12_parameter_count_matches_closed_form():
+    # Per block: three 3x3 convs (no bias), a 1x1 shortcut conv, four BNs (weight + bias).
+    widths = [3, 64, 160, 320, 640]
+    expected = sum(
+        9 * cin * cout + 2 * 9 * cout * cout + cin * cout + 4 * 2 * cout
+        for cin, cout in zip(widths[:-1], widths[1:], strict=True)
+    )
+    model = ResNet12()
+    assert sum(p.numel() for p in model.parameters()) == expected  # 12.4M, as published
+    block = model.layer1
+    assert isinstance(block.activation, nn.LeakyReLU) and block.activation.negative_slope == 0.1
+    assert isinstance(block.pool, nn.MaxPool2d)
+
+
+def test_resnet12_residual_block_computes_documented_function():
+    torch.manual_seed(0)
+    model = ResNet12(channels=(4, 4, 4, 4)).eval()
+    block = model.layer1
+    x = torch.randn(2, 3, 8, 8)
+    body = x
+    convs = [m for m in block.body if isinstance(m, nn.Conv2d)]
+    bns = [m for m in block.body if isinstance(m, nn.BatchNorm2d)]
+    for i, (conv, bn) in enumerate(zip(convs, bns, strict=True)):
+        body = bn(conv(body))
+        if i < 2:
+            body = torch.nn.functional.leaky_relu(body, 0.1)
+    shortcut = block.shortcut[1](block.shortcut[0](x))
+    expected = torch.nn.functional.max_pool2d(
+        torch.nn.functional.leaky_relu(body + shortcut, 0.1), 2
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_resnet_encoder_matches_torchvision_without_fc(arch, tmp_path):
+    from experiments.training import load_weights
+
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, arch)(weights=None).eval()
+    path = tmp_path / "torchvision.pt"
+    torch.save(reference.state_dict(), path)  # includes fc.*, which the encoder drops
+    encoder = load_weights(build_model(arch), path).eval()
+    reference.fc = nn.Identity()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(images), reference(images))
+
+
+def test_cifar_stem_is_3x3_stride1_without_maxpool():
+    model = build_model("resnet18", cifar_stem=True)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, nn.Identity)
+    standard = build_model("resnet18")
+    assert standard.conv1.kernel_size == (7, 7) and isinstance(standard.maxpool, nn.MaxPool2d)
+    _, acts = _target_map(standard, torch.randn(1, 3, 32, 32))
+    assert acts.shape[-2:] == (1, 1)  # why the CIFAR stem exists
+
+
+def test_conv4_pools_flags_set_last_map_size():
+    for pools, side in [((True,) * 4, 2), ((True, True, False, False), 8), ((False,) * 4, 32)]:
+        _, acts = _target_map(Conv4(hidden=4, pools=pools), torch.randn(1, 3, 32, 32))
+        assert acts.shape[-1] == side
+
+
+def test_build_model_rejects_unknown_names_and_options():
+    with pytest.raises(FamBenchError, match="Unknown model 'vgg'"):
+        build_model("vgg")
+    with pytest.raises(FamBenchError, match="cifar_stem"):
+        build_model("conv4", cifar_stem=True)
+    with pytest.raises(FamBenchError, match="pooling"):
+        build_model("resnet12", pooling="max")
+
+
+def test_build_model_instantiates_hydra_target_with_labels():
+    model = build_model(
+        "tiny",
+        _target_="torch.nn.Sequential",
+        default_target_layer="0",
+        pooling="gap",
+    )
+    assert isinstance(model, nn.Sequential)
+    assert model.default_target_layer == "0" and model.pooling == "gap"
+    assert model.model_name == "tiny"
+    # Options the constructor takes go to it, not to the labels.
+    conv = build_model("c4", _target_="experiments.models.Conv4", hidden=8, pooling="flatten")
+    assert (
+        isinstance(conv, Conv4)
+        and conv.pooling == "flatten"
+        and conv.encoder[0][0].out_channels == 8
+    )
+    with pytest.raises(FamBenchError, match="not a torch.nn.Module"):
+        build_model("bad", _target_="collections.OrderedDict")
+    with pytest.raises(FamBenchError, match="Cannot import"):
+        build_model("bad", _target_="no_such_package.Net")
+
+
+def test_resnet_encoder_rejects_unknown_arch():
+    with pytest.raises(ValueError, match="arch"):
+        ResNetEncoder("resnet34")
