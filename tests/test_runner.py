@@ -1,0 +1,352 @@
+"""run.py and the config tree: composition, interface overrides, fingerprints, bad input."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from scipy import stats
+
+from experiments import pipeline
+from fam.errors import FamBenchError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+METHODS = [
+    "fam",
+    "fam_product",
+    "gradcam",
+    "gradcampp",
+    "xgradcam",
+    "layercam",
+    "scorecam",
+    "relevancecam",
+    "eigencam",
+    "random",
+    "center",
+]
+
+
+def composed(*overrides: str, hydra_node: bool = False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_node)
+
+
+def test_the_ten_experiments_exist_and_compose_with_their_protocol_settings():
+    assert EXPERIMENTS == sorted(
+        [
+            "synthetic_5way",
+            "synthetic_5way_pairs",
+            "miniimagenet_5way",
+            "tieredimagenet_5way",
+            "cub_5way",
+            "simclr_cifar10",
+            "simclr_stl10",
+            "retrieval_cub",
+            "retrieval_sop",
+            "retrieval_cars",
+        ]
+    )
+    expected = {  # experiment: (data, model, task, image size, similarity)
+        "synthetic_5way": ("synthetic", "conv4", "fewshot", 32, "euclidean"),
+        "synthetic_5way_pairs": ("synthetic", "conv4", "fewshot", 32, "euclidean"),
+        "miniimagenet_5way": ("miniimagenet", "conv4", "fewshot", 84, "euclidean"),
+        "tieredimagenet_5way": ("tieredimagenet", "conv4", "fewshot", 84, "euclidean"),
+        "cub_5way": ("cub", "conv4", "fewshot", 84, "euclidean"),
+        "simclr_cifar10": ("cifar10", "resnet18", "contrastive", 32, "cosine"),
+        "simclr_stl10": ("stl10", "resnet18", "contrastive", 96, "cosine"),
+        "retrieval_cub": ("cub", "resnet50", "retrieval", 224, "cosine"),
+        "retrieval_sop": ("sop", "resnet50", "retrieval", 224, "cosine"),
+        "retrieval_cars": ("cars196", "resnet50", "retrieval", 224, "cosine"),
+    }
+    for name in EXPERIMENTS:
+        cfg = composed(f"experiment={name}")
+        assert cfg.name == name
+        got = (
+            cfg.data.name,
+            cfg.model.name,
+            cfg.task.name,
+            cfg.data.image_size,
+            cfg.task.similarity,
+        )
+        assert got == expected[name], name
+        assert set(cfg.methods) == set(METHODS)
+        settings = pipeline.metric_settings(
+            cfg, cfg.data.image_size, cfg.task.name, cfg.task.similarity
+        )
+        # RISE: 224 px per step at 224 px; TorchRay: 15 px tolerance at 224 px.
+        assert settings["step"] == cfg.data.image_size
+        assert settings["tolerance_px"] == pytest.approx(15 * cfg.data.image_size / 224, abs=1e-4)
+    assert composed("experiment=simclr_cifar10").model.options.cifar_stem is True
+    assert composed("experiment=simclr_stl10").model.options.cifar_stem is False
+    assert list(composed().model.options.pools) == [True, True, False, False]
+    assert composed().data.options.mode == "single"
+    assert composed("experiment=synthetic_5way_pairs").data.options.mode == "pairs"
+
+
+def test_default_run_is_synthetic_5way_and_cache_lives_outside_the_run_folder(monkeypatch):
+    monkeypatch.delenv("FAM_BENCH_CACHE", raising=False)
+    cfg = composed(hydra_node=True)
+    assert cfg.name == "synthetic_5way"
+    assert cfg.cache_dir == ".cache/fam-bench"
+    assert not cfg.cache_dir.startswith(cfg.hydra.run.dir.split("/")[0])
+    monkeypatch.setenv("FAM_BENCH_CACHE", "/somewhere/cache")
+    assert composed().cache_dir == "/somewhere/cache"
+
+
+def test_interface_overrides_reach_their_settings():
+    cfg = composed(
+        "experiment=miniimagenet_5way",
+        "data.root=/data/mini",
+        "data.image_size=64",
+        "model=resnet12",
+        "model.checkpoint=/ckpt.pt",
+        "trainer.max_steps=7",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "eval.num_episodes=3",
+        "eval.n_way=3",
+        "eval.n_shot=1",
+        "eval.n_query=4",
+        "eval.num_queries=9",
+        "methods=[fam,gradcam]",
+        "metrics=[pointing_game]",
+        "seed=5",
+    )
+    assert (cfg.data.root, cfg.data.image_size, cfg.model.name, cfg.model.checkpoint) == (
+        "/data/mini",
+        64,
+        "resnet12",
+        "/ckpt.pt",
+    )
+    # a model choice on the command line wins over the experiment's, with its own options
+    assert dict(cfg.model.options) == {}
+    assert (cfg.trainer.max_steps, cfg.trainer.accelerator, cfg.trainer.devices) == (7, "cpu", 2)
+    assert (
+        cfg.eval.num_episodes,
+        cfg.eval.n_way,
+        cfg.eval.n_shot,
+        cfg.eval.n_query,
+        cfg.eval.num_queries,
+    ) == (3, 3, 1, 4, 9)
+    assert list(cfg.methods) == ["fam", "gradcam"] and list(cfg.metrics) == ["pointing_game"]
+    assert cfg.seed == 5
+
+
+def test_launchers_and_loggers_compose():
+    assert composed("hydra/launcher=joblib", hydra_node=True).hydra.launcher._target_.endswith(
+        "JoblibLauncher"
+    )
+    slurm = composed("hydra/launcher=slurm", hydra_node=True).hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher") and slurm.gpus_per_node == 1
+    for name in ("csv", "wandb", "tensorboard"):
+        assert composed(f"logger={name}").logger.name == name
+    assert composed("logger=wandb").logger.offline is True
+
+
+def test_every_method_config_builds_an_explainer_factory():
+    factories = pipeline.load_methods(METHODS)
+    assert list(factories) == METHODS
+    assert all(callable(f) for f in factories.values())
+
+
+def test_unknown_method_and_metric_names_list_the_valid_ones():
+    with pytest.raises(FamBenchError, match="Valid methods.*gradcam"):
+        pipeline.load_methods(["fam", "gradkam"])
+    with pytest.raises(FamBenchError, match="Valid metrics.*deletion_auc"):
+        pipeline.check_metrics(["pointing_gme"])
+
+
+def test_fingerprint_ignores_execution_settings_but_not_result_settings():
+    base, _ = pipeline.config_fingerprint(composed())
+    for same in (
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "eval.batch_size=7",
+        "metric.batch_size=3",
+        "logger=tensorboard",
+        "eval.progress=false",
+    ):
+        assert pipeline.config_fingerprint(composed(same))[0] == base, same
+    for different in (
+        "seed=1",
+        "eval.n_shot=1",
+        "metric.step=4",
+        "methods=[fam]",
+        "trainer.max_steps=5",
+        "metric.score=similarity",
+    ):
+        assert pipeline.config_fingerprint(composed(different))[0] != base, different
+
+
+def test_settings_id_changes_with_every_metric_setting():
+    cfg = composed()
+    base = pipeline.metric_settings(cfg, 32, "fewshot", "euclidean")
+    ids = {pipeline.settings_id(base)}
+    for key, value in (
+        ("step", 8),
+        ("blur_sigma", 2.0),
+        ("tolerance_px", 1.0),
+        ("score", "similarity"),
+        ("insertion_substrate", "zeros"),
+    ):
+        ids.add(pipeline.settings_id({**base, key: value}))
+    assert len(ids) == 6
+    # contrastive/retrieval always read the similarity, whatever metric.score says
+    assert pipeline.metric_settings(cfg, 32, "retrieval", "cosine")["score"] == "similarity"
+
+
+def test_summary_gives_t_interval_and_excludes_nan():
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.5, 0.2, size=12)
+    values_with_nan = np.concatenate([values, [np.nan, np.nan]])
+    frame = pd.DataFrame(
+        {
+            "method": ["a"] * 14,
+            "label": [0, 1] * 7,
+            "pointing_game": values_with_nan,
+            "degenerate": [False] * 13 + [True],
+            "settings_id": "x",
+        }
+    )
+    summary = pipeline.summarise(frame, ["pointing_game"]).set_index("metric")
+    row = summary.loc["pointing_game"]
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
+    assert (row["n"], row["n_excluded"]) == (12, 2)
+    assert row["mean"] == pytest.approx(values.mean())
+    assert (row["ci95_low"], row["ci95_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert summary.loc["degenerate", "mean"] == pytest.approx(1 / 14)
+    class_means = [np.nanmean(values_with_nan[0::2]), np.nanmean(values_with_nan[1::2])]
+    assert summary.loc["pointing_game_class_mean", "mean"] == pytest.approx(np.mean(class_means))
+    assert math.isnan(pipeline.summarise(frame.iloc[:1], ["pointing_game"])["ci95_low"][0])
+
+
+def test_output_folder_of_another_config_is_refused(tmp_path):
+    fp, plain = pipeline.config_fingerprint(composed())
+    fp2, plain2 = pipeline.config_fingerprint(composed("eval.n_query=7"))
+    pipeline.claim_output_dir(tmp_path, fp2, plain2)
+    pipeline.claim_output_dir(tmp_path, fp, plain)  # no results yet: the folder is taken over
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "unit_000000.pt").write_bytes(b"")
+    pipeline.claim_output_dir(tmp_path, fp, plain)  # same config: resume is fine
+    with pytest.raises(FamBenchError, match="eval.n_query"):
+        pipeline.claim_output_dir(tmp_path, fp2, plain2)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["FAM_BENCH_CACHE"] = str(cwd / "cache")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_cli_unknown_experiment_exits_2_with_the_valid_names(tmp_path):
+    done = run_cli("experiment=synthetic_10way", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "synthetic_5way_pairs" in done.stderr and "retrieval_sop" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+@pytest.mark.slow
+def test_cli_unknown_method_and_missing_dataset_exit_2_without_traceback(tmp_path):
+    done = run_cli("methods=[fam,gradkam]", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "gradkam" in done.stderr and "relevancecam" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    done = run_cli("experiment=cub_5way", f"hydra.run.dir={tmp_path / 'c'}", cwd=tmp_path)
+    assert done.returncode == 2 and "data.root" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    missing = tmp_path / "no-such-folder"
+    done = run_cli(
+        "experiment=miniimagenet_5way",
+        f"data.root={missing}",
+        f"hydra.run.dir={tmp_path / 'b'}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert str(missing) in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("kind", ["csv", "tensorboard", "wandb"])
+def test_each_logger_records_the_summary_and_figures(kind, tmp_path, monkeypatch):
+    from matplotlib.image import imsave
+
+    from experiments.loggers import build_logger
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    figure = tmp_path / "maps.png"
+    imsave(figure, np.zeros((4, 4, 3)))
+    summary = pd.DataFrame({"method": ["fam"], "metric": ["deletion_auc"], "mean": [0.25]})
+    task = pd.DataFrame({"metric": ["fewshot_accuracy"], "value": [0.9]})
+    cfg = composed(f"logger={kind}")
+    build_logger(cfg.logger, tmp_path, "run").log_run(cfg, summary, task, [figure])
+    logs = tmp_path / "logs"
+    if kind == "csv":
+        metrics = pd.read_csv(logs / "metrics.csv")
+        assert metrics["fam/deletion_auc"].iloc[0] == 0.25
+        assert metrics["task/fewshot_accuracy"].iloc[0] == 0.9
+    elif kind == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(logs)).Reload()
+        assert events.Scalars("fam/deletion_auc")[0].value == 0.25
+        assert "maps" in events.Tags()["images"]
+    else:
+        runs = list((logs / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_unknown_logger_is_a_clear_error(tmp_path):
+    from omegaconf import OmegaConf
+
+    from experiments.loggers import build_logger
+
+    with pytest.raises(FamBenchError, match="Unknown logger 'mlflow'"):
+        build_logger(OmegaConf.create({"name": "mlflow"}), tmp_path, "run")
+
+
+@pytest.mark.slow
+def test_cli_run_writes_into_the_hydra_folder_and_a_rerun_resumes(tmp_path):
+    tiny = [
+        "data.image_size=16",
+        "model.options.hidden=8",
+        "data.options.images_per_class=6",
+        "trainer.max_steps=2",
+        "task.train_way=3",
+        "task.train_shot=2",
+        "task.train_query=2",
+        "eval.num_episodes=2",
+        "eval.n_way=3",
+        "eval.n_shot=2",
+        "eval.n_query=1",
+        "methods=[fam,center]",
+        "metrics=[pointing_game]",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    done = run_cli(*tiny, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = pd.read_csv(tmp_path / "run" / "results.csv")
+    assert len(results) == 2 * 3 * 2  # episodes x queries x methods
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+    assert list((tmp_path / "cache").glob("fewshot-conv4-*.pt"))  # FAM_BENCH_CACHE honoured
+    shard = tmp_path / "run" / "shards" / "unit_000000.pt"
+    written = shard.stat().st_mtime_ns
+    assert run_cli(*tiny, cwd=tmp_path).returncode == 0
+    assert shard.stat().st_mtime_ns == written  # nothing recomputed
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "run" / "results.csv"), results)
