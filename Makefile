@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) run.py $(ARGS)
 
+# One torch thread per xdist worker: small tensor ops thrash with more on few cores.
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)

@@ -169,6 +169,13 @@ def recall_at_k(
         else (embed(model, gallery_set), labels_of(gallery_set).to(query.device))
     )
     ks = sorted({int(k) for k in ks})
+    available = gallery.shape[0] - int(exclude_self)
+    if ks[0] < 1 or ks[-1] > available:
+        raise FamBenchError(
+            f"Recall@K needs 1 <= K <= the number of gallery images a query can retrieve "
+            f"({available}); got ks={ks}. Lower the largest K (task.recall_ks) or use a "
+            "larger gallery."
+        )
     knn = CustomKNN(CosineSimilarity(), batch_size=1024)
     _, indices = knn(query, ks[-1], gallery, ref_includes_query=exclude_self)
     hits = gallery_labels[indices] == query_labels[:, None]  # (Q, K_max)
