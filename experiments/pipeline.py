@@ -201,6 +201,9 @@ def claim_output_dir(out: Path, fingerprint: str, fingerprinted: dict) -> None:
                 "(hydra.run.dir=...) for the new ones."
             )
         return
+    # Taking the folder over: outputs of an earlier config must not sit beside ours.
+    for stale in ("task_metrics.csv", "settings.json"):
+        (out / stale).unlink(missing_ok=True)
     _write_atomic(
         path,
         json.dumps(
@@ -239,7 +242,26 @@ def metric_settings(
         "amp": bool(m.amp),
         "sanity_samples": int(m.sanity_samples),
         "image_size": int(image_size),
+        # The evaluation protocol and the explained layer change the numbers as much as the
+        # metric settings do (1-shot vs 5-shot, another layer), so they share the id.
+        "protocol": _protocol(cfg, task_name),
     }
+
+
+def _protocol(cfg: DictConfig, task_name: str) -> dict[str, Any]:
+    model = cfg.get("model") or {}
+    options = model.get("options") or {}
+    protocol: dict[str, Any] = {
+        "target_layer": model.get("target_layer"),
+        "model_options": OmegaConf.to_container(options, resolve=True)
+        if isinstance(options, DictConfig)
+        else dict(options),
+    }
+    if task_name == "fewshot":
+        protocol.update(
+            {k: int(cfg.eval[k]) for k in ("n_way", "n_shot", "n_query") if k in cfg.eval}
+        )
+    return protocol
 
 
 def settings_id(settings: dict[str, Any]) -> str:

@@ -233,7 +233,11 @@ class NeighbourTask:
         self.queries, self.unit_size, self.similarity = queries, unit_size, similarity
         self.neighbours: Tensor | None = None
 
-    confidence_available = True
+    @property
+    def confidence_available(self) -> bool:
+        # Average Drop / Increase in Confidence need a non-negative score: max(cos, 0) is
+        # one; a clamped negative distance or an unbounded dot product is not.
+        return self.similarity == "cosine"
 
     @property
     def num_units(self) -> int:

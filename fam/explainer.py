@@ -74,7 +74,8 @@ class Explainer:
         self.degenerate = degenerate(raw)
         if not upsample:
             return raw
-        return minmax_normalise(_upsample(raw, images.shape[-2:]))
+        maps = minmax_normalise(_upsample(raw, images.shape[-2:]))
+        return torch.where(self.degenerate[:, None, None], 0.0, maps)
 
     def raw_maps(self, images: Tensor, target: SimilarityTarget) -> Tensor:
         """Non-negative maps ``(N, h, w)`` at the target layer's resolution."""

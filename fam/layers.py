@@ -81,7 +81,9 @@ def _hook(capture: Capture):
             capture.activations = leaf
             out = leaf.clone()
         else:
-            capture.activations = output
+            # A copy: an in-place op after the layer (ReLU(inplace=True) after a BatchNorm)
+            # would otherwise overwrite the captured activations.
+            capture.activations = output.detach().clone()
             out = output
         if capture.replace is not None:
             out = capture.replace(out)

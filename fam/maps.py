@@ -30,11 +30,20 @@ def minmax_normalise(maps: Tensor) -> Tensor:
     """
     flat = maps.flatten(1)
     lo = flat.amin(dim=1, keepdim=True)
-    span = flat.amax(dim=1, keepdim=True) - lo
-    scaled = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
+    hi = flat.amax(dim=1, keepdim=True)
+    span = hi - lo
+    # Rounding noise of a resized constant map is not a ranking: never stretch it.
+    noise = 8 * torch.finfo(flat.dtype).eps * torch.maximum(hi.abs(), lo.abs())
+    scaled = torch.where(span > noise, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny),
+                         0.0)
     return scaled.view_as(maps)
 
 
 def degenerate(raw: Tensor) -> Tensor:
-    """``(N,)`` bool: the raw map is zero everywhere (nothing to rank)."""
-    return raw.flatten(1).amax(dim=1) <= 0
+    """``(N,)`` bool: the raw map is constant, in particular zero, everywhere.
+
+    Such a map ranks no pixel above another (it normalises to all zeros), so it is
+    flagged rather than scored as if it were an explanation.
+    """
+    flat = raw.flatten(1)
+    return flat.amax(dim=1) <= flat.amin(dim=1)

@@ -159,3 +159,41 @@ def test_head_after_the_layer_takes_the_fallback_and_matches_a_slow_loop(similar
     slow = _map_from(expected, acts)
     assert slow.amax() > 0
     torch.testing.assert_close(raw, slow, rtol=1e-5, atol=1e-6 * float(slow.max()))
+
+
+def test_layer_followed_by_an_inplace_relu_is_captured_before_the_relu():
+    # Conv-4's BatchNorm output is overwritten by ReLU(inplace=True); the captured
+    # activations must be the BatchNorm's own (negative values included), so the GAP check
+    # fails and FAM takes the exact fallback instead of explaining the ReLU output.
+    torch.manual_seed(0)
+    model = Conv4(pools=(True, True, False, False)).eval()
+    images, reference = torch.randn(3, 3, 32, 32), torch.randn(3, 64)
+    fam = FAM(model, "encoder.3.1")
+    auto = fam(images, reference, "cosine", upsample=False)
+    assert fam.last_path == "forward_ablation"
+    slow = FAM(model, "encoder.3.1", path="forward_ablation")(
+        images, reference, "cosine", upsample=False
+    )
+    torch.testing.assert_close(auto, slow)
+
+
+def test_bf16_autocast_keeps_the_closed_form_path():
+    torch.manual_seed(0)
+    model = Conv4(pools=(True, True, False, False)).eval()
+    images, reference = torch.randn(3, 3, 32, 32), torch.randn(3, 64)
+    fam = FAM(model, amp=True)
+    fam(images, reference, "cosine")
+    assert fam.last_path == "gap"
+
+
+def test_a_constant_nonzero_map_is_flagged_degenerate():
+    # A 1x1 target map (or any constant map) ranks no pixel above another.
+    torch.manual_seed(0)
+    model = Conv4(pools=(True, True, True, True)).eval()  # 16 px -> 1x1 last map
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        reference = model(images)
+    fam = FAM(model)
+    maps = fam(images, reference, "dot")
+    assert bool(fam.degenerate.all())
+    assert bool((maps == 0).all())
