@@ -43,6 +43,28 @@ def main(cfg: DictConfig) -> None:
         run(cfg, out)
     except FamBenchError as err:
         fail(str(err))
+    except KeyboardInterrupt:
+        print(
+            f"fam-bench: interrupted; finished units are kept in {out}. Run the same command "
+            f"with hydra.run.dir={out} to resume.",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    except Exception as err:
+        # A user mistake raised inside a spawned evaluation process (trainer.devices > 1)
+        # arrives wrapped, with the worker's traceback as text: show only its message.
+        message = _worker_user_error(err)
+        if message is None:
+            raise
+        fail(message)
+
+
+def _worker_user_error(err: BaseException) -> str | None:
+    marker = f"{FamBenchError.__module__}.{FamBenchError.__name__}: "
+    text = str(err)
+    if type(err).__name__ != "ProcessRaisedException" or marker not in text:
+        return None
+    return text.rsplit(marker, 1)[1].strip()
 
 
 def check_overrides(args: list[str]) -> None:
