@@ -23,8 +23,9 @@ class CenterMap(Explainer):
             (columns).
     """
 
-    def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None, *,
-                 sigma: float = 0.25) -> None:
+    def __init__(
+        self, model: nn.Module, target_layer: str | nn.Module | None = None, *, sigma: float = 0.25
+    ) -> None:
         super().__init__(model, target_layer)
         if not sigma > 0:
             raise FamBenchError(f"CenterMap sigma must be > 0 (fraction of the side), got {sigma}.")
@@ -38,5 +39,5 @@ class CenterMap(Explainer):
         ys = (torch.arange(h, device=images.device) + 0.5) / h - 0.5
         xs = (torch.arange(w, device=images.device) + 0.5) / w - 0.5
         sq = ys[:, None].pow(2) + xs[None, :].pow(2)
-        gauss = torch.exp(-sq / (2 * self.sigma ** 2))
+        gauss = torch.exp(-sq / (2 * self.sigma**2))
         return gauss.expand(n, h, w).clone()

@@ -15,7 +15,8 @@ class GradCAM(CAMExplainer):
 
     needs_gradients = True
 
-    def channel_weights(self, activations: Tensor, gradients: Tensor | None,
-                        score: Tensor) -> Tensor:
+    def channel_weights(
+        self, activations: Tensor, gradients: Tensor | None, score: Tensor
+    ) -> Tensor:
         """``(N, K)`` mean of ``ds/dA`` over positions."""
         return gradients.mean(dim=(2, 3))

@@ -24,8 +24,9 @@ class GradCAMPlusPlus(CAMExplainer):
 
     needs_gradients = True
 
-    def channel_weights(self, activations: Tensor, gradients: Tensor | None,
-                        score: Tensor) -> Tensor:
+    def channel_weights(
+        self, activations: Tensor, gradients: Tensor | None, score: Tensor
+    ) -> Tensor:
         """``(N, K)`` Grad-CAM++ weights."""
         g2 = gradients.pow(2)
         g3 = g2 * gradients

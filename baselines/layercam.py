@@ -16,7 +16,8 @@ class LayerCAM(CAMExplainer):
 
     needs_gradients = True
 
-    def channel_weights(self, activations: Tensor, gradients: Tensor | None,
-                        score: Tensor) -> Tensor:
+    def channel_weights(
+        self, activations: Tensor, gradients: Tensor | None, score: Tensor
+    ) -> Tensor:
         """``(N, K, h, w)`` pixel weights ``ReLU(ds/dA)``."""
         return torch.relu(gradients)

@@ -24,8 +24,9 @@ class RandomMap(Explainer):
             reproducible. ``None`` uses torch's global generator.
     """
 
-    def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None, *,
-                 seed: int | None = 0) -> None:
+    def __init__(
+        self, model: nn.Module, target_layer: str | nn.Module | None = None, *, seed: int | None = 0
+    ) -> None:
         super().__init__(model, target_layer)
         self.seed = seed
         self._generator: torch.Generator | None = None
@@ -34,8 +35,9 @@ class RandomMap(Explainer):
         emb, acts = self.forward(images)
         self.score(emb, target)  # validates the reference's shape like every method
         n, _, h, w = acts.shape
-        return torch.rand(n, h, w, generator=self._generator_on(images.device),
-                          device=images.device)
+        return torch.rand(
+            n, h, w, generator=self._generator_on(images.device), device=images.device
+        )
 
     def _generator_on(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:

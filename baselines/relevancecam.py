@@ -56,9 +56,14 @@ class RelevanceCAM(Explainer):
 
     needs_gradients = True
 
-    def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None, *,
-                 composite: CompositeLike = "EpsilonPlusFlat",
-                 canonizers: CanonizersLike = "auto") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | nn.Module | None = None,
+        *,
+        composite: CompositeLike = "EpsilonPlusFlat",
+        canonizers: CanonizersLike = "auto",
+    ) -> None:
         super().__init__(model, target_layer)
         if isinstance(composite, str):
             if composite not in COMPOSITES and composite not in _BY_CLASS_NAME:
@@ -69,8 +74,7 @@ class RelevanceCAM(Explainer):
                 )
         elif not isinstance(composite, Composite):
             raise FamBenchError(
-                f"composite must be a zennit Composite or its name, got "
-                f"{type(composite).__name__}."
+                f"composite must be a zennit Composite or its name, got {type(composite).__name__}."
             )
         if isinstance(canonizers, str) and canonizers != "auto":
             raise FamBenchError(
@@ -84,8 +88,9 @@ class RelevanceCAM(Explainer):
         relevance, acts = self._relevance(images, target)
         return weighted_sum(relevance.sum(dim=(2, 3)), acts)
 
-    def layer_relevance(self, images: Tensor, reference: Tensor,
-                        similarity: SimilarityLike = "cosine") -> Tensor:
+    def layer_relevance(
+        self, images: Tensor, reference: Tensor, similarity: SimilarityLike = "cosine"
+    ) -> Tensor:
         """LRP relevance at the target layer's output, ``(N, K, h, w)``.
 
         Same inputs as calling the explainer; the relevance sums to the seed (the score
@@ -111,8 +116,7 @@ class RelevanceCAM(Explainer):
         self.score(emb, target)  # validates the reference's shape
         ref = target.reference
         if target.name is not None:
-            return closed_form(emb.detach()[:, :, None], ref[:, :, None], target.name,
-                               "product")
+            return closed_form(emb.detach()[:, :, None], ref[:, :, None], target.name, "product")
         (grad,) = torch.autograd.grad(target(emb).sum(), emb, retain_graph=True)
         return (emb * grad).detach()
 
@@ -131,4 +135,3 @@ class RelevanceCAM(Explainer):
         if any(isinstance(m, (BasicBlock, Bottleneck)) for m in self.model.modules()):
             return [ResNetCanonizer()]
         return [SequentialMergeBatchNorm()]
-

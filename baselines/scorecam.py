@@ -33,8 +33,14 @@ class ScoreCAM(Explainer):
         batch_size: masked images per forward pass (memory vs. speed).
     """
 
-    def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None, *,
-                 batch_size: int = 64, amp: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | nn.Module | None = None,
+        *,
+        batch_size: int = 64,
+        amp: bool = False,
+    ) -> None:
         super().__init__(model, target_layer, amp=amp)
         if batch_size < 1:
             raise FamBenchError(f"ScoreCAM batch_size must be >= 1, got {batch_size}.")
@@ -55,7 +61,7 @@ class ScoreCAM(Explainer):
         jobs = torch.arange(n * k, device=acts.device)
         scores = []
         for start in range(0, n * k, self.batch_size):
-            job = jobs[start:start + self.batch_size]
+            job = jobs[start : start + self.batch_size]
             image_idx, channel_idx = job // k, job % k
             maps = acts[image_idx, channel_idx][:, None]
             maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=True)

@@ -19,8 +19,9 @@ class XGradCAM(CAMExplainer):
 
     needs_gradients = True
 
-    def channel_weights(self, activations: Tensor, gradients: Tensor | None,
-                        score: Tensor) -> Tensor:
+    def channel_weights(
+        self, activations: Tensor, gradients: Tensor | None, score: Tensor
+    ) -> Tensor:
         """``(N, K)`` XGrad-CAM weights."""
         sum_a = activations.sum(dim=(2, 3), keepdim=True)
         return (gradients * activations / (sum_a + EPS)).sum(dim=(2, 3))

@@ -26,18 +26,22 @@ def device_name(device: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    parser.add_argument("--only", choices=BENCHMARKS, action="append",
-                        help="run only these benchmarks")
+    parser.add_argument(
+        "--only", choices=BENCHMARKS, action="append", help="run only these benchmarks"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda asked for, but torch sees no CUDA device.", file=sys.stderr)
         return 2
     RESULTS.mkdir(parents=True, exist_ok=True)
-    header = (f"device: {device_name(args.device)}; torch {torch.__version__}; "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    header = (
+        f"device: {device_name(args.device)}; torch {torch.__version__}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
     for name in args.only or BENCHMARKS:
         module = importlib.import_module(f"benchmarks.{name}")
         table = f"## {name}\n\n{header}\n\n{module.main(args)}\n"

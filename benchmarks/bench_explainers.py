@@ -48,15 +48,12 @@ SETTINGS = {
 #: our methods: (name, factory(model, layer, amp), pytorch-grad-cam class or None)
 METHODS: list[tuple[str, Callable, type | None]] = [
     ("fam", lambda m, layer, amp: FAM(m, layer, amp=amp), None),
-    ("fam_product", lambda m, layer, amp: FAM(m, layer, contribution="product", amp=amp),
-     None),
+    ("fam_product", lambda m, layer, amp: FAM(m, layer, contribution="product", amp=amp), None),
     ("gradcam", lambda m, layer, amp: bl.GradCAM(m, layer, amp=amp), pgc.GradCAM),
-    ("gradcampp", lambda m, layer, amp: bl.GradCAMPlusPlus(m, layer, amp=amp),
-     pgc.GradCAMPlusPlus),
+    ("gradcampp", lambda m, layer, amp: bl.GradCAMPlusPlus(m, layer, amp=amp), pgc.GradCAMPlusPlus),
     ("xgradcam", lambda m, layer, amp: bl.XGradCAM(m, layer, amp=amp), pgc.XGradCAM),
     ("layercam", lambda m, layer, amp: bl.LayerCAM(m, layer, amp=amp), pgc.LayerCAM),
-    ("scorecam", lambda m, layer, amp: bl.ScoreCAM(m, layer, batch_size=64, amp=amp),
-     pgc.ScoreCAM),
+    ("scorecam", lambda m, layer, amp: bl.ScoreCAM(m, layer, batch_size=64, amp=amp), pgc.ScoreCAM),
     ("relevancecam", lambda m, layer, amp: bl.RelevanceCAM(m, layer), None),
     ("eigencam", lambda m, layer, amp: bl.EigenCAM(m, layer, amp=amp), pgc.EigenCAM),
     ("random", lambda m, layer, amp: bl.RandomMap(m, layer), None),
@@ -71,8 +68,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device,
-                         repeats: int, warmup: bool = True) -> dict[str, float]:
+def _interleaved_medians(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: bool = True
+) -> dict[str, float]:
     """Median seconds per function, timed in interleaved rounds.
 
     Each round times every function once, back to back, so a change in machine load
@@ -96,23 +94,23 @@ def _models(conv4_px: int, resnet_px: int) -> list[tuple[str, nn.Module, str, in
     torch.manual_seed(0)
     resnet = resnet18(weights=None)
     resnet.fc = nn.Identity()
-    return [("Conv-4", Conv4(), "encoder.3", conv4_px),
-            ("ResNet-18", resnet, "layer4", resnet_px)]
+    return [("Conv-4", Conv4(), "encoder.3", conv4_px), ("ResNet-18", resnet, "layer4", resnet_px)]
 
 
 def _forward(model: nn.Module, images: Tensor, amp: bool) -> Callable[[], Tensor]:
     def run() -> Tensor:
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if amp
-                    else contextlib.nullcontext())
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
         x = images.contiguous(memory_format=torch.channels_last) if amp else images
         with torch.no_grad(), autocast:
             return model(x)
+
     return run
 
 
 @contextlib.contextmanager
-def _grad_cam(cam_cls: type | None, model: nn.Module, layer: str, images: Tensor,
-              reference: Tensor) -> Iterator[Callable[[], object] | None]:
+def _grad_cam(
+    cam_cls: type | None, model: nn.Module, layer: str, images: Tensor, reference: Tensor
+) -> Iterator[Callable[[], object] | None]:
     """pytorch-grad-cam's full call with one cosine target per sample (hooks released)."""
     if cam_cls is None:
         yield None
@@ -136,10 +134,14 @@ def main(args) -> str:
     """Run the benchmark and return a Markdown table (see the module docstring)."""
     device = torch.device(args.device)
     batch, conv4_px, resnet_px, repeats, score_conv4, score_resnet = SETTINGS[
-        (device.type, bool(args.quick))]
+        (device.type, bool(args.quick))
+    ]
     use_amp = device.type == "cuda"
-    rows = ["| model | method | images | amp | ms / image | forward ms / image | x forward "
-            "| grad-cam ms / image | grad-cam / ours |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | method | images | amp | ms / image | forward ms / image | x forward "
+        "| grad-cam ms / image | grad-cam / ours |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     notes = []
     for model_name, model, layer, px in _models(conv4_px, resnet_px):
         model = model.to(device).eval()
@@ -175,13 +177,16 @@ def main(args) -> str:
                 theirs = f"{1e3 * t['theirs'] / n:.2f}"
                 speedup = f"{t['theirs'] / t['ours']:.1f}x"
                 if name == "gradcam" and device.type == "cpu":
-                    notes.append(f"{model_name}: Grad-CAM {t['theirs'] / t['ours']:.1f}x "
-                                 "faster than pytorch-grad-cam (target >= 2x).")
+                    notes.append(
+                        f"{model_name}: Grad-CAM {t['theirs'] / t['ours']:.1f}x "
+                        "faster than pytorch-grad-cam (target >= 2x)."
+                    )
             if name == "fam":
-                notes.append(f"{model_name}: FAM costs {ratio:.2f} forward passes "
-                             "(target <= 1.3).")
-            rows.append(f"| {model_name} {px}px | {name} | {n} | {'bf16' if amp else 'no'} | "
-                        f"{1e3 * t['ours'] / n:.2f} | {1e3 * t['forward'] / batch:.2f} | "
-                        f"{ratio:.2f} | {theirs} | {speedup} |")
+                notes.append(f"{model_name}: FAM costs {ratio:.2f} forward passes (target <= 1.3).")
+            rows.append(
+                f"| {model_name} {px}px | {name} | {n} | {'bf16' if amp else 'no'} | "
+                f"{1e3 * t['ours'] / n:.2f} | {1e3 * t['forward'] / batch:.2f} | "
+                f"{ratio:.2f} | {theirs} | {speedup} |"
+            )
         model.cpu()
     return "\n".join(rows + [""] + [f"- {note}" for note in notes])

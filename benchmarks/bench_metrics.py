@@ -71,14 +71,19 @@ def _setup(size: int, n: int, device: torch.device):
     with torch.no_grad():
         reference = model(torch.randn(n, 3, size, size, device=device))
     # Smooth maps with structure, like an upsampled 7x7 CAM.
-    maps = F.interpolate(torch.rand(n, 1, 7, 7, device=device), size=(size, size),
-                         mode="bilinear", align_corners=False)[:, 0]
+    maps = F.interpolate(
+        torch.rand(n, 1, 7, 7, device=device),
+        size=(size, size),
+        mode="bilinear",
+        align_corners=False,
+    )[:, 0]
     return model, images, reference, maps
 
 
 def _score_fn(model: nn.Module, reference: Tensor):
     def score_fn(batch: Tensor, index: Tensor) -> Tensor:
         return F.cosine_similarity(model(batch).float(), reference[index], dim=1)
+
     return score_fn
 
 
@@ -89,12 +94,13 @@ def _bare_forwards(score_fn, images: Tensor, n_jobs: int, batch_size: int, amp: 
         batch = batch.contiguous(memory_format=torch.channels_last)
     index = torch.zeros(batch_size, dtype=torch.long, device=device)
     scores = torch.empty(n_jobs, device=device)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp
-                else nullcontext())
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    )
     with torch.no_grad(), autocast:
         for start in range(0, n_jobs, batch_size):
             stop = min(start + batch_size, n_jobs)
-            scores[start:stop] = score_fn(batch[:stop - start], index[:stop - start])
+            scores[start:stop] = score_fn(batch[: stop - start], index[: stop - start])
     return scores
 
 
@@ -108,13 +114,15 @@ def _rise_loop(score_fn, images: Tensor, maps: Tensor, step: int) -> Tensor:
         for i in range(images.shape[0]):
             order = torch.argsort(maps[i].flatten(), descending=True, stable=True)
             index = torch.tensor([i], device=images.device)
-            for start, finish in ((images[i].clone(), torch.zeros_like(images[i])),
-                                  (blurred[i].clone(), images[i])):
+            for start, finish in (
+                (images[i].clone(), torch.zeros_like(images[i])),
+                (blurred[i].clone(), images[i]),
+            ):
                 scores = []
                 for k in range(n_steps + 1):
                     scores.append(score_fn(start[None], index)[0])
                     if k < n_steps:
-                        coords = order[step * k: step * (k + 1)]
+                        coords = order[step * k : step * (k + 1)]
                         start.view(c, -1)[:, coords] = finish.reshape(c, -1)[:, coords]
                 curves.append(torch.stack(scores))
     return torch.stack(curves)
@@ -137,15 +145,17 @@ class _FixedCams:
         return nullcontext()
 
 
-def _torchcam(model: nn.Module, images: Tensor, maps: Tensor, reference: Tensor, n_steps: int,
-              batch_size: int) -> dict[str, float]:
+def _torchcam(
+    model: nn.Module, images: Tensor, maps: Tensor, reference: Tensor, n_steps: int, batch_size: int
+) -> dict[str, float]:
     from torchcam.metrics import DeletionInsertionMetric
 
     def logits_fn(emb: Tensor) -> Tensor:
         return F.cosine_similarity(emb.float()[:, None], reference[None], dim=2)
 
-    metric = DeletionInsertionMetric(_FixedCams(model, maps), logits_fn, steps=n_steps,
-                                     batch_size=batch_size)
+    metric = DeletionInsertionMetric(
+        _FixedCams(model, maps), logits_fn, steps=n_steps, batch_size=batch_size
+    )
     with torch.no_grad():
         metric.update(images, class_idx=list(range(images.shape[0])))
     return metric.summary()
@@ -172,8 +182,15 @@ def _run(args, device: torch.device) -> str:
     score_fn = _score_fn(model, reference)
 
     def ours(amp: bool = False, insertion_substrate: str = "blur"):
-        return deletion_insertion(score_fn, images, maps, step=step, batch_size=batch_size,
-                                  insertion_substrate=insertion_substrate, amp=amp)
+        return deletion_insertion(
+            score_fn,
+            images,
+            maps,
+            step=step,
+            batch_size=batch_size,
+            insertion_substrate=insertion_substrate,
+            amp=amp,
+        )
 
     n_jobs = n * (2 * n_steps + 1)
     # Warm up every path once on a slice (allocator, kernels, oneDNN/cuDNN plans).
@@ -189,8 +206,7 @@ def _run(args, device: torch.device) -> str:
             ("ours", ours),
             ("ours_zeros", lambda: ours(insertion_substrate="zeros")),
             ("bare", lambda: _bare_forwards(score_fn, images, n_jobs, batch_size, False)),
-            ("torchcam", lambda: _torchcam(model, images, maps, reference, n_steps,
-                                           batch_size)),
+            ("torchcam", lambda: _torchcam(model, images, maps, reference, n_steps, batch_size)),
         ):
             seconds, out = _timed(fn, device)
             times[name] = min(times.get(name, math.inf), seconds)
@@ -200,17 +216,22 @@ def _run(args, device: torch.device) -> str:
                 summary = out
     t_ours, t_bare, t_torchcam = times["ours"], times["bare"], times["torchcam"]
     same_protocol = ours(insertion_substrate="zeros")
-    t_rise, rise = _timed(lambda: _rise_loop(score_fn, images[:n_rise], maps[:n_rise], step),
-                          device)
+    t_rise, rise = _timed(
+        lambda: _rise_loop(score_fn, images[:n_rise], maps[:n_rise], step), device
+    )
     ours_small = deletion_insertion(score_fn, images[:n_rise], maps[:n_rise], step=step)
     rise_gap = float((rise[0::2] - ours_small.deletion_curve).abs().max().cpu())
 
-    per = {"ours": t_ours / n, "bare": t_bare / n, "torchcam": t_torchcam / n,
-           "rise": t_rise / n_rise, "ours_zeros": times["ours_zeros"] / n}
+    per = {
+        "ours": t_ours / n,
+        "bare": t_bare / n,
+        "torchcam": t_torchcam / n,
+        "rise": t_rise / n_rise,
+        "ours_zeros": times["ours_zeros"] / n,
+    }
     rows = [
         ("(a) ours `deletion_insertion`", n_jobs, per["ours"]),
-        ("(a') ours with torchcam's protocol (zeros for both)", n * 2 * n_steps,
-         per["ours_zeros"]),
+        ("(a') ours with torchcam's protocol (zeros for both)", n * 2 * n_steps, per["ours_zeros"]),
         ("(b) torchcam 0.5.0 `DeletionInsertionMetric`", n * 2 * n_steps, per["torchcam"]),
         ("(c) RISE `single_run` loop (batch of 1)", n_rise * 2 * (n_steps + 1), per["rise"]),
         ("(d) bare forwards (the limit)", n_jobs, per["bare"]),
@@ -220,10 +241,13 @@ def _run(args, device: torch.device) -> str:
         _bare_forwards(score_fn, images, n_jobs, batch_size, True)
         t_ours_amp, result_amp = _timed(lambda: ours(amp=True), device)
         t_bare_amp, _ = _timed(
-            lambda: _bare_forwards(score_fn, images, n_jobs, batch_size, True), device)
+            lambda: _bare_forwards(score_fn, images, n_jobs, batch_size, True), device
+        )
         per["ours_amp"], per["bare_amp"] = t_ours_amp / n, t_bare_amp / n
-        rows += [("(a) ours, amp (bf16 + channels_last)", n_jobs, per["ours_amp"]),
-                 ("(d) bare forwards, amp", n_jobs, per["bare_amp"])]
+        rows += [
+            ("(a) ours, amp (bf16 + channels_last)", n_jobs, per["ours_amp"]),
+            ("(d) bare forwards, amp", n_jobs, per["bare_amp"]),
+        ]
 
     clock = "wall time" if device.type == "cuda" else "CPU time (1 thread)"
     lines = [

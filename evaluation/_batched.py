@@ -54,10 +54,16 @@ def check_positive_int(name: str, value: int) -> int:
     return value
 
 
-def stream_scores(score_fn: ScoreFn, n_jobs: int,
-                  build: Callable[[int, int], tuple[Tensor, Tensor]], *,
-                  batch_size: int, device: torch.device, model: nn.Module | None = None,
-                  amp: bool = False) -> Tensor:
+def stream_scores(
+    score_fn: ScoreFn,
+    n_jobs: int,
+    build: Callable[[int, int], tuple[Tensor, Tensor]],
+    *,
+    batch_size: int,
+    device: torch.device,
+    model: nn.Module | None = None,
+    amp: bool = False,
+) -> Tensor:
     """Score ``n_jobs`` perturbed images, ``batch_size`` at a time: ``(n_jobs,)`` float32.
 
     ``build(start, stop)`` returns ``(images (stop - start, C, H, W), index (stop - start,))``.
@@ -70,8 +76,9 @@ def stream_scores(score_fn: ScoreFn, n_jobs: int,
         stack.enter_context(torch.no_grad())
         if model is not None:
             stack.enter_context(eval_mode(model))
-        autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp
-                    else nullcontext())
+        autocast = (
+            torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else nullcontext()
+        )
         for start in range(0, n_jobs, batch_size):
             stop = min(start + batch_size, n_jobs)
             batch, index = build(start, stop)

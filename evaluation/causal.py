@@ -94,8 +94,9 @@ def gaussian_blur(images: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> 
     if sigma <= 0:
         raise FamBenchError(f"blur_sigma must be positive, got {sigma}.")
     c = images.shape[1]
-    k = torch.tensor(_rise_kernel_1d(kernel_size, float(sigma)), dtype=images.dtype,
-                     device=images.device)
+    k = torch.tensor(
+        _rise_kernel_1d(kernel_size, float(sigma)), dtype=images.dtype, device=images.device
+    )
     pad = kernel_size // 2
     # Separable depthwise conv: two 1-D passes with zero padding equal the 2-D zero-padded
     # conv with the outer-product kernel.
@@ -103,8 +104,9 @@ def gaussian_blur(images: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> 
     return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(pad, 0), groups=c)
 
 
-def make_substrate(substrate: Substrate, images: Tensor, *, blur_kernel_size: int = 11,
-                   blur_sigma: float = 5.0) -> Tensor:
+def make_substrate(
+    substrate: Substrate, images: Tensor, *, blur_kernel_size: int = 11, blur_sigma: float = 5.0
+) -> Tensor:
     """The replacement image for each image: ``(N, C, H, W)`` (may be a broadcast view).
 
     ``"zeros"``: zeros in normalised input space (the dataset mean colour); ``"blur"``:
@@ -155,12 +157,20 @@ def pixel_ranks(maps: Tensor) -> Tensor:
     return ranks.scatter_(1, order, positions.expand_as(order).contiguous())
 
 
-def deletion_insertion(score_fn: ScoreFn, images: Tensor, maps: Tensor, *, step: int = 224,
-                       deletion_substrate: Substrate = "zeros",
-                       insertion_substrate: Substrate = "blur", batch_size: int = 256,
-                       blur_kernel_size: int = 11, blur_sigma: float = 5.0,
-                       model: nn.Module | None = None, amp: bool = False
-                       ) -> DeletionInsertionResult:
+def deletion_insertion(
+    score_fn: ScoreFn,
+    images: Tensor,
+    maps: Tensor,
+    *,
+    step: int = 224,
+    deletion_substrate: Substrate = "zeros",
+    insertion_substrate: Substrate = "blur",
+    batch_size: int = 256,
+    blur_kernel_size: int = 11,
+    blur_sigma: float = 5.0,
+    model: nn.Module | None = None,
+    amp: bool = False,
+) -> DeletionInsertionResult:
     """Deletion and insertion curves and AUCs for each image (module docstring).
 
     Args:
@@ -197,36 +207,51 @@ def deletion_insertion(score_fn: ScoreFn, images: Tensor, maps: Tensor, *, step:
     device = images.device
 
     with torch.no_grad():
-        deleted = make_substrate(deletion_substrate, images, blur_kernel_size=blur_kernel_size,
-                                 blur_sigma=blur_sigma)
-        inserted = make_substrate(insertion_substrate, images, blur_kernel_size=blur_kernel_size,
-                                  blur_sigma=blur_sigma)
+        deleted = make_substrate(
+            deletion_substrate, images, blur_kernel_size=blur_kernel_size, blur_sigma=blur_sigma
+        )
+        inserted = make_substrate(
+            insertion_substrate, images, blur_kernel_size=blur_kernel_size, blur_sigma=blur_sigma
+        )
         # Pool of whole images a job picks its start and source from: [image | deletion
         # substrate | insertion substrate], indexed kind * N + sample.
         pool = torch.cat([images, deleted, inserted]).flatten(2)
         ranks = pixel_ranks(maps)
 
-    shared_substrate = (isinstance(deletion_substrate, str)
-                        and deletion_substrate == insertion_substrate)
+    shared_substrate = (
+        isinstance(deletion_substrate, str) and deletion_substrate == insertion_substrate
+    )
     jobs = _Jobs(n, n_steps, step, shared_substrate, device)
 
     def build(start: int, stop: int) -> tuple[Tensor, Tensor]:
         sample = jobs.sample[start:stop]
         take_source = ranks.index_select(0, sample) < jobs.threshold[start:stop, None]
-        perturbed = torch.where(take_source[:, None], pool.index_select(0, jobs.source[start:stop]),
-                                pool.index_select(0, jobs.start[start:stop]))
+        perturbed = torch.where(
+            take_source[:, None],
+            pool.index_select(0, jobs.source[start:stop]),
+            pool.index_select(0, jobs.start[start:stop]),
+        )
         return perturbed.view(stop - start, -1, h, w), sample
 
-    scores = stream_scores(score_fn, jobs.total, build, batch_size=batch_size, device=device,
-                           model=model, amp=amp).view(n, jobs.per_sample)
+    scores = stream_scores(
+        score_fn, jobs.total, build, batch_size=batch_size, device=device, model=model, amp=amp
+    ).view(n, jobs.per_sample)
     deletion_curve = scores[:, jobs.deletion_columns]
     insertion_curve = scores[:, jobs.insertion_columns]
-    fractions = (torch.arange(n_steps + 1, device=device, dtype=torch.float64) * step
-                 ).clamp_max(hw).div(hw).float()
+    fractions = (
+        (torch.arange(n_steps + 1, device=device, dtype=torch.float64) * step)
+        .clamp_max(hw)
+        .div(hw)
+        .float()
+    )
     return DeletionInsertionResult(
-        deletion_auc=auc(deletion_curve), insertion_auc=auc(insertion_curve),
-        deletion_curve=deletion_curve, insertion_curve=insertion_curve, fractions=fractions,
-        step=step, n_steps=n_steps,
+        deletion_auc=auc(deletion_curve),
+        insertion_auc=auc(insertion_curve),
+        deletion_curve=deletion_curve,
+        insertion_curve=insertion_curve,
+        fractions=fractions,
+        step=step,
+        n_steps=n_steps,
     )
 
 
@@ -239,14 +264,18 @@ class _Jobs:
     Jobs are sample-major, so consecutive batches mix neighbouring samples and steps.
     """
 
-    def __init__(self, n: int, n_steps: int, step: int, shared_substrate: bool,
-                 device: torch.device) -> None:
+    def __init__(
+        self, n: int, n_steps: int, step: int, shared_substrate: bool, device: torch.device
+    ) -> None:
         image, deleted, inserted = 0, 1, 2
         ks = list(range(n_steps + 1))
         insertion_ks = ks[1:-1] if shared_substrate else ks[:-1]
         # (start kind, source kind, k) for each job of one sample.
-        local = ([(image, image, 0)] + [(image, deleted, k) for k in ks[1:]]
-                 + [(inserted, image, k) for k in insertion_ks])
+        local = (
+            [(image, image, 0)]
+            + [(image, deleted, k) for k in ks[1:]]
+            + [(inserted, image, k) for k in insertion_ks]
+        )
         self.per_sample = len(local)
         self.total = n * self.per_sample
         self.deletion_columns = torch.tensor(ks, device=device)

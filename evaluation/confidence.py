@@ -36,8 +36,15 @@ class ConfidenceChange:
     explanation_score: Tensor
 
 
-def confidence_change(score_fn: ScoreFn, images: Tensor, maps: Tensor, *, batch_size: int = 256,
-                      model: nn.Module | None = None, amp: bool = False) -> ConfidenceChange:
+def confidence_change(
+    score_fn: ScoreFn,
+    images: Tensor,
+    maps: Tensor,
+    *,
+    batch_size: int = 256,
+    model: nn.Module | None = None,
+    amp: bool = False,
+) -> ConfidenceChange:
     """Per-sample drop and increase in confidence.
 
     Args:
@@ -62,8 +69,9 @@ def confidence_change(score_fn: ScoreFn, images: Tensor, maps: Tensor, *, batch_
         index = sample[start:stop]
         return images.index_select(0, index) * factor[start:stop], index
 
-    scores = stream_scores(score_fn, 2 * n, build, batch_size=batch_size, device=images.device,
-                           model=model, amp=amp)
+    scores = stream_scores(
+        score_fn, 2 * n, build, batch_size=batch_size, device=images.device, model=model, amp=amp
+    )
     y, o = scores[:n], scores[n:]
     if bool((scores < 0).any()):
         raise FamBenchError(
@@ -71,7 +79,8 @@ def confidence_change(score_fn: ScoreFn, images: Tensor, maps: Tensor, *, batch_
             "returned negative values. Use a probability (e.g. the episode softmax) or shift "
             "the similarity (cosine + 1)."
         )
-    drop = torch.where(y > 0, (y - o).clamp_min(0) / y.clamp_min(torch.finfo(y.dtype).tiny) * 100,
-                       math.nan)
+    drop = torch.where(
+        y > 0, (y - o).clamp_min(0) / y.clamp_min(torch.finfo(y.dtype).tiny) * 100, math.nan
+    )
     increase = (o > y).float() * 100
     return ConfidenceChange(drop=drop, increase=increase, score=y, explanation_score=o)

@@ -103,8 +103,9 @@ def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
     return torch.where(defined, inside / total.clamp_min(torch.finfo(maps.dtype).tiny), math.nan)
 
 
-def pointing_accuracy(hits: Tensor, labels: Tensor | Sequence[int] | None = None
-                      ) -> tuple[float, float, int]:
+def pointing_accuracy(
+    hits: Tensor, labels: Tensor | Sequence[int] | None = None
+) -> tuple[float, float, int]:
     """Aggregate per-sample values (hits, or energies): ``(overall, per_class_mean, n_excluded)``.
 
     ``overall`` is the mean over samples that were scored (not ``nan``);

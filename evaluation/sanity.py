@@ -62,13 +62,15 @@ class SanityResult:
         """Long format: one row per (step, sample) with columns ``step, layer, sample,
         spearman, spearman_abs``."""
         n_layers, n = self.spearman.shape
-        return pd.DataFrame({
-            "step": [s + 1 for s in range(n_layers) for _ in range(n)],
-            "layer": [name for name in self.layers for _ in range(n)],
-            "sample": list(range(n)) * n_layers,
-            "spearman": self.spearman.flatten().cpu().double().numpy(),
-            "spearman_abs": self.spearman_abs.flatten().cpu().double().numpy(),
-        })
+        return pd.DataFrame(
+            {
+                "step": [s + 1 for s in range(n_layers) for _ in range(n)],
+                "layer": [name for name in self.layers for _ in range(n)],
+                "sample": list(range(n)) * n_layers,
+                "spearman": self.spearman.flatten().cpu().double().numpy(),
+                "spearman_abs": self.spearman_abs.flatten().cpu().double().numpy(),
+            }
+        )
 
 
 def average_ranks(values: Tensor) -> Tensor:
@@ -99,9 +101,13 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
 
 def default_cascade(model: nn.Module) -> list[str]:
     """Layer names for the cascade, output first (module docstring)."""
+
     def parameterised(module: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [(name, child) for name, child in module.named_children()
-                if any(True for _ in child.parameters())]
+        return [
+            (name, child)
+            for name, child in module.named_children()
+            if any(True for _ in child.parameters())
+        ]
 
     prefix, node = "", model
     children = parameterised(node)
@@ -136,10 +142,16 @@ def _reinitialise(layer: nn.Module, name: str) -> None:
             )
 
 
-def randomisation_sanity(model: nn.Module, make_explainer: ExplainerFactory, images: Tensor,
-                         reference: Tensor | Callable[[nn.Module], Tensor],
-                         similarity: SimilarityLike = "cosine", *,
-                         layers: Sequence[str] | None = None, seed: int = 0) -> SanityResult:
+def randomisation_sanity(
+    model: nn.Module,
+    make_explainer: ExplainerFactory,
+    images: Tensor,
+    reference: Tensor | Callable[[nn.Module], Tensor],
+    similarity: SimilarityLike = "cosine",
+    *,
+    layers: Sequence[str] | None = None,
+    seed: int = 0,
+) -> SanityResult:
     """Cascading model-parameter randomisation (module docstring).
 
     Args:
@@ -184,5 +196,8 @@ def randomisation_sanity(model: nn.Module, make_explainer: ExplainerFactory, ima
             maps = explain(randomised)
             correlations.append(spearman(trained_maps, maps))
             abs_correlations.append(spearman(trained_maps.abs(), maps.abs()))
-    return SanityResult(layers=layers, spearman=torch.stack(correlations),
-                        spearman_abs=torch.stack(abs_correlations))
+    return SanityResult(
+        layers=layers,
+        spearman=torch.stack(correlations),
+        spearman_abs=torch.stack(abs_correlations),
+    )

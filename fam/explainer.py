@@ -44,16 +44,22 @@ class Explainer:
     #: whether :meth:`raw_maps` needs ``ds/dA`` (enables autograd inside the call).
     needs_gradients: bool = False
 
-    def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None, *,
-                 amp: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, target_layer: str | nn.Module | None = None, *, amp: bool = False
+    ) -> None:
         self.model = model
         self.target_layer = resolve_target_layer(model, target_layer)
         self.amp = amp
         self.degenerate: Tensor | None = None
 
     # -- public call -------------------------------------------------------------
-    def __call__(self, images: Tensor, reference: Tensor, similarity: SimilarityLike = "cosine",
-                 upsample: bool = True) -> Tensor:
+    def __call__(
+        self,
+        images: Tensor,
+        reference: Tensor,
+        similarity: SimilarityLike = "cosine",
+        upsample: bool = True,
+    ) -> Tensor:
         """Explain ``s(e(images), reference)``.
 
         Args:
@@ -92,12 +98,16 @@ class Explainer:
             return images.contiguous(memory_format=torch.channels_last)
         return images
 
-    def forward(self, images: Tensor, gradients: bool = False, replace=None
-                ) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, images: Tensor, gradients: bool = False, replace=None
+    ) -> tuple[Tensor, Tensor]:
         """One hooked forward pass: ``(embedding (N, D), activations (N, K, h, w))``."""
-        with capture_layer(self.target_layer, gradients=gradients, replace=replace,
-                           model=self.model) as cap, \
-                self.autocast(images.device):
+        with (
+            capture_layer(
+                self.target_layer, gradients=gradients, replace=replace, model=self.model
+            ) as cap,
+            self.autocast(images.device),
+        ):
             emb = self.model(self.prepare(images))
         if cap.activations is None:
             raise FamBenchError(
@@ -183,6 +193,7 @@ class CAMExplainer(Explainer):
         weights = self.channel_weights(acts, grads, score.detach())
         return weighted_sum(weights, acts)
 
-    def channel_weights(self, activations: Tensor, gradients: Tensor | None,
-                        score: Tensor) -> Tensor:
+    def channel_weights(
+        self, activations: Tensor, gradients: Tensor | None, score: Tensor
+    ) -> Tensor:
         raise NotImplementedError

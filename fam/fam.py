@@ -61,9 +61,17 @@ class FAM(Explainer):
         detect_tol: relative tolerance of the GAP/flatten check.
     """
 
-    def __init__(self, model: nn.Module, target_layer: str | nn.Module | None = None, *,
-                 contribution: Contribution = "ablation", path: Path = "auto",
-                 ablation_batch: int = 16, detect_tol: float = 1e-4, amp: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | nn.Module | None = None,
+        *,
+        contribution: Contribution = "ablation",
+        path: Path = "auto",
+        ablation_batch: int = 16,
+        detect_tol: float = 1e-4,
+        amp: bool = False,
+    ) -> None:
         super().__init__(model, target_layer, amp=amp)
         if contribution not in ("ablation", "product"):
             raise FamBenchError(
@@ -89,14 +97,16 @@ class FAM(Explainer):
         weights = self.channel_weights(images, emb, acts, target)
         return weighted_sum(weights, acts)
 
-    def channel_weights(self, images: Tensor, emb: Tensor, acts: Tensor,
-                        target: SimilarityTarget) -> Tensor:
+    def channel_weights(
+        self, images: Tensor, emb: Tensor, acts: Tensor, target: SimilarityTarget
+    ) -> Tensor:
         """Normalised weights ``w = c / sum|c|``, ``(N, K)``."""
         contributions = self.contributions(images, emb, acts, target)
         return contributions / contributions.abs().sum(1, keepdim=True).clamp_min(1e-30)
 
-    def contributions(self, images: Tensor, emb: Tensor, acts: Tensor,
-                      target: SimilarityTarget) -> Tensor:
+    def contributions(
+        self, images: Tensor, emb: Tensor, acts: Tensor, target: SimilarityTarget
+    ) -> Tensor:
         """Unnormalised channel contributions ``c`` ``(N, K)``."""
         pooling = self._pooling(emb, acts)
         self.last_path = pooling or "forward_ablation"
@@ -125,8 +135,10 @@ class FAM(Explainer):
         if self.path == "forward_ablation":
             return None
         n, k, h, w = acts.shape
-        candidates = [("gap", k, lambda: acts.mean((2, 3))), ("flatten", k * h * w,
-                                                              lambda: acts.flatten(1))]
+        candidates = [
+            ("gap", k, lambda: acts.mean((2, 3))),
+            ("flatten", k * h * w, lambda: acts.flatten(1)),
+        ]
         for name, dim, pooled in candidates:
             if emb.shape[1] != dim:
                 continue
@@ -140,14 +152,15 @@ class FAM(Explainer):
                 return name
         if self.path == "closed_form":
             raise FamBenchError(
-                f"path='closed_form' needs an embedding of size K={k} (GAP) or K*h*w={k*h*w} "
+                f"path='closed_form' needs an embedding of size K={k} (GAP) or K*h*w={k * h * w} "
                 f"(flatten) for a target layer output {tuple(acts.shape)}; the model returns "
                 f"{emb.shape[1]} dimensions. Use path='auto' or 'forward_ablation'."
             )
         return None
 
-    def _forward_ablation(self, images: Tensor, emb: Tensor, acts: Tensor,
-                          target: SimilarityTarget) -> Tensor:
+    def _forward_ablation(
+        self, images: Tensor, emb: Tensor, acts: Tensor, target: SimilarityTarget
+    ) -> Tensor:
         n, k = acts.shape[:2]
         base = target(emb)
         drops = []
@@ -196,8 +209,7 @@ def closed_form(e: Tensor, r: Tensor, similarity: str, contribution: str) -> Ten
     return cos - ablated
 
 
-def _ablate_embedding(e: Tensor, r: Tensor, target: SimilarityTarget,
-                      chunk: int = 64) -> Tensor:
+def _ablate_embedding(e: Tensor, r: Tensor, target: SimilarityTarget, chunk: int = 64) -> Tensor:
     """Generic path for a similarity callable: evaluate it on each ablated embedding."""
     n, k, g = e.shape
     flat_e, flat_r = e.reshape(n, k * g), r.reshape(n, k * g)

@@ -34,8 +34,9 @@ def minmax_normalise(maps: Tensor) -> Tensor:
     span = hi - lo
     # Rounding noise of a resized constant map is not a ranking: never stretch it.
     noise = 8 * torch.finfo(flat.dtype).eps * torch.maximum(hi.abs(), lo.abs())
-    scaled = torch.where(span > noise, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny),
-                         0.0)
+    scaled = torch.where(
+        span > noise, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), 0.0
+    )
     return scaled.view_as(maps)
 
 

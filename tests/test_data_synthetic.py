@@ -72,14 +72,14 @@ def test_every_shape_fits_the_unit_disc_and_the_shapes_differ():
 
 def test_appearances_are_told_apart_by_object_colour_statistics():
     ds = SyntheticShapes("train", images_per_class=12, seed=2)
-    images, masks = ds.render(ds.labels, torch.arange(len(ds)) % 12)     # [0, 1] images
+    images, masks = ds.render(ds.labels, torch.arange(len(ds)) % 12)  # [0, 1] images
     feats = []
     for image, mask in zip(images, masks, strict=True):
         pixels = image[:, mask]
         feats.append(torch.cat([pixels.mean(1), pixels.std(1)]))
     feats = torch.stack(feats)
     appearance = torch.tensor(ds.class_ids)[ds.labels] % 10
-    half = torch.arange(len(feats)) % 12 < 6            # fit centroids on half, test on half
+    half = torch.arange(len(feats)) % 12 < 6  # fit centroids on half, test on half
     centroids = torch.stack([feats[half & (appearance == a)].mean(0) for a in range(10)])
     pred = torch.cdist(feats[~half], centroids).argmin(1)
     assert (pred == appearance[~half]).float().mean() > 0.85

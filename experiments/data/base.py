@@ -24,8 +24,9 @@ from fam.errors import FamBenchError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
-def dataset_error(name: str, path: Path | str, problem: str, layout: str,
-                  source: str) -> FamBenchError:
+def dataset_error(
+    name: str, path: Path | str, problem: str, layout: str, source: str
+) -> FamBenchError:
     """The one-paragraph error for a missing or malformed dataset."""
     return FamBenchError(
         f"Cannot read the {name} dataset at {path}: {problem}. Expected layout: {layout}. "
@@ -85,9 +86,13 @@ class ImageDataset(Dataset):
 
     has_masks = False
 
-    def __init__(self, image_size: int, normalise: bool = True,
-                 mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        normalise: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         if int(image_size) < 1:
             raise FamBenchError(
                 f"image_size must be a positive number of pixels, got {image_size}."
@@ -127,10 +132,16 @@ class ImageDataset(Dataset):
 class ArrayDataset(ImageDataset):
     """Images held in a uint8 array ``(N, h, w, 3)`` (or a memory map of one)."""
 
-    def __init__(self, images: np.ndarray, labels: Sequence[int], classes: Sequence[str],
-                 image_size: int, normalise: bool = True,
-                 mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: Sequence[int],
+        classes: Sequence[str],
+        image_size: int,
+        normalise: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         super().__init__(image_size, normalise, mean, std)
         self.images = images
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
@@ -144,11 +155,18 @@ class ArrayDataset(ImageDataset):
 class FileDataset(ImageDataset):
     """Images listed as files, with optional boxes ``(N, 4)`` or mask files."""
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int], classes: Sequence[str],
-                 image_size: int, normalise: bool = True, boxes: Tensor | None = None,
-                 mask_paths: Sequence[Path | None] | None = None,
-                 mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        classes: Sequence[str],
+        image_size: int,
+        normalise: bool = True,
+        boxes: Tensor | None = None,
+        mask_paths: Sequence[Path | None] | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         super().__init__(image_size, normalise, mean, std)
         self.paths = list(paths)
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)

@@ -63,11 +63,22 @@ class EpisodeSampler:
         seed: the episode seed.
     """
 
-    def __init__(self, labels: Sequence[int] | Tensor, n_way: int, n_shot: int, n_query: int,
-                 num_episodes: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        labels: Sequence[int] | Tensor,
+        n_way: int,
+        n_shot: int,
+        n_query: int,
+        num_episodes: int,
+        seed: int = 0,
+    ) -> None:
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
-        for name, value, least in (("n_way", n_way, 1), ("n_shot", n_shot, 1),
-                                   ("n_query", n_query, 0), ("num_episodes", num_episodes, 0)):
+        for name, value, least in (
+            ("n_way", n_way, 1),
+            ("n_shot", n_shot, 1),
+            ("n_query", n_query, 0),
+            ("num_episodes", num_episodes, 0),
+        ):
             if int(value) < least:
                 raise FamBenchError(f"EpisodeSampler needs {name} >= {least}, got {value}.")
         self.classes, counts = torch.unique(labels, return_counts=True)
@@ -99,15 +110,18 @@ class EpisodeSampler:
     def episode(self, e: int) -> Episode:
         """Episode ``e`` (any non-negative integer, also beyond ``num_episodes``)."""
         g = generator(self.seed, _EPISODE_STREAM, e)
-        chosen = torch.randperm(len(self.classes), generator=g)[:self.n_way]
+        chosen = torch.randperm(len(self.classes), generator=g)[: self.n_way]
         support, query = [], []
         for c in chosen.tolist():
             members = self._members[c]
-            picked = members[torch.randperm(len(members), generator=g)[:self.n_shot + self.n_query]]
-            support.append(picked[:self.n_shot])
-            query.append(picked[self.n_shot:])
-        return Episode(classes=self.classes[chosen], support=torch.cat(support),
-                       query=torch.cat(query))
+            picked = members[
+                torch.randperm(len(members), generator=g)[: self.n_shot + self.n_query]
+            ]
+            support.append(picked[: self.n_shot])
+            query.append(picked[self.n_shot :])
+        return Episode(
+            classes=self.classes[chosen], support=torch.cat(support), query=torch.cat(query)
+        )
 
     def __iter__(self) -> Iterator[Episode]:
         return (self.episode(e) for e in range(self.num_episodes))

@@ -19,8 +19,9 @@ from experiments.data.synthetic import SyntheticShapes
 from fam.errors import FamBenchError
 
 
-def _synthetic(root: str | Path | None, split: str, image_size: int = 32,
-               **options) -> SyntheticShapes:
+def _synthetic(
+    root: str | Path | None, split: str, image_size: int = 32, **options
+) -> SyntheticShapes:
     return SyntheticShapes(split, image_size, **options)
 
 
@@ -43,8 +44,13 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
 _SYNTHETIC_OPTIONS = ("images_per_class", "seed", "mode", "normalise")
 
 
-def build_dataset(name: str, root: str | Path | None = None, split: str = "train",
-                  image_size: int | None = None, **options) -> Dataset:
+def build_dataset(
+    name: str,
+    root: str | Path | None = None,
+    split: str = "train",
+    image_size: int | None = None,
+    **options,
+) -> Dataset:
     """Build dataset ``name`` (see ``LOADERS``) for ``split`` at ``image_size`` pixels.
 
     ``root`` is ignored by ``synthetic``; ``image_size=None`` takes the dataset's native
@@ -57,9 +63,15 @@ def build_dataset(name: str, root: str | Path | None = None, split: str = "train
             f"Unknown dataset {name!r}; choose one of {', '.join(sorted(LOADERS))}."
         )
     loader = LOADERS[key]
-    accepted = (_SYNTHETIC_OPTIONS if key == "synthetic" else
-                [p for p in inspect.signature(loader).parameters
-                 if p not in ("root", "split", "image_size")])
+    accepted = (
+        _SYNTHETIC_OPTIONS
+        if key == "synthetic"
+        else [
+            p
+            for p in inspect.signature(loader).parameters
+            if p not in ("root", "split", "image_size")
+        ]
+    )
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise FamBenchError(

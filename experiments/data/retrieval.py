@@ -56,5 +56,6 @@ def retrieval_split(dataset: Dataset, protocol: str = "all") -> RetrievalSplit:
     rank[order] = torch.arange(len(order)) - starts
     query = torch.nonzero(rank % 2 == 0).flatten().tolist()
     gallery = torch.nonzero(rank % 2 == 1).flatten().tolist()
-    return RetrievalSplit(LabelledSubset(dataset, query), LabelledSubset(dataset, gallery),
-                          exclude_self=False)
+    return RetrievalSplit(
+        LabelledSubset(dataset, query), LabelledSubset(dataset, gallery), exclude_self=False
+    )

@@ -31,8 +31,18 @@ from experiments.data.common import normalise_image
 from experiments.data.seeding import derive_seed, generator
 from fam.errors import FamBenchError
 
-SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "ellipse",
-          "hexagon", "heart")
+SHAPES = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "crescent",
+    "ellipse",
+    "hexagon",
+    "heart",
+)
 
 # (name, pattern, first colour, second colour); pattern 0 solid, 1 stripes, 2 checks, 3 dots
 APPEARANCES = (
@@ -73,7 +83,7 @@ POSITION_SLACK = 0.5
 
 _N_BLOBS = 9
 _NOISE_GRID = 4
-_OBJECT_DRAWS = 13   # radius, angle, x, y, two phases, brightness, 2 x 3 colour jitters
+_OBJECT_DRAWS = 13  # radius, angle, x, y, two phases, brightness, 2 x 3 colour jitters
 _BACKGROUND_DRAWS = 3 + 3 * _NOISE_GRID**2 + 7 * _N_BLOBS
 _SINGLE_DRAWS = _OBJECT_DRAWS + _BACKGROUND_DRAWS
 _PAIR_DRAWS = 2 * _OBJECT_DRAWS + _BACKGROUND_DRAWS + 3
@@ -94,7 +104,7 @@ def split_classes(split: str) -> list[int]:
             f"SyntheticShapes has splits 'train', 'val' and 'test', got split={split!r}."
         )
     start = {"train": 0, "val": 64, "test": 80}[split]
-    return sorted(_SPLIT_ORDER[start:start + SPLIT_SIZES[split]])
+    return sorted(_SPLIT_ORDER[start : start + SPLIT_SIZES[split]])
 
 
 def class_name(global_class: int) -> str:
@@ -136,8 +146,7 @@ _SHAPE_TESTS = (
     lambda u, v: torch.maximum(u.abs(), v.abs()) <= 0.62,
     lambda u, v: _polygon_inside(u, v, 3, 0.47),
     _star,
-    lambda u, v: (((u.abs() <= 0.26) & (v.abs() <= 0.92))
-                  | ((v.abs() <= 0.26) & (u.abs() <= 0.92))),
+    lambda u, v: ((u.abs() <= 0.26) & (v.abs() <= 0.92)) | ((v.abs() <= 0.26) & (u.abs() <= 0.92)),
     lambda u, v: (_rho(u, v) <= 0.92) & (_rho(u, v) >= 0.52),
     lambda u, v: (_rho(u, v) <= 0.92) & ((u - 0.48) ** 2 + v * v > 0.68**2),
     lambda u, v: (u / 0.95) ** 2 + (v / 0.50) ** 2 <= 1,
@@ -156,7 +165,7 @@ def object_inside(shape: Tensor, u: Tensor, v: Tensor) -> Tensor:
     inside = torch.zeros(u.shape, dtype=torch.bool, device=u.device)
     for s, test in enumerate(_SHAPE_TESTS):
         selected = shape == s
-        if bool(selected.any()):      # rendering is not a hot path: the sync is fine
+        if bool(selected.any()):  # rendering is not a hot path: the sync is fine
             inside[selected] = test(u[selected], v[selected])
     return inside
 
@@ -174,7 +183,7 @@ def _pattern(u: Tensor, v: Tensor, phase_a: Tensor, phase_b: Tensor) -> Tensor:
 
 
 _APPEARANCE_PATTERN = torch.tensor([a[1] for a in APPEARANCES])
-_APPEARANCE_COLOURS = torch.tensor([[a[2], a[3]] for a in APPEARANCES])   # (10, 2, 3)
+_APPEARANCE_COLOURS = torch.tensor([[a[2], a[3]] for a in APPEARANCES])  # (10, 2, 3)
 
 
 @functools.lru_cache(maxsize=8)
@@ -197,23 +206,24 @@ def render_background(draws: Tensor, size: int) -> Tensor:
     noise = (grid @ _noise_basis(size).to(draws.device)).reshape(n, 3, size, size)
     image = (base[:, :, None, None] + 0.8 * (noise - 0.5)).clamp(0, 1)
     x, y = pixel_grid(size, draws.device)
-    blobs = draws[:, k:k + 7 * _N_BLOBS].reshape(n, _N_BLOBS, 7, 1, 1)
-    bx, by = blobs[:, :, 0] * 2 - 1, blobs[:, :, 1] * 2 - 1               # (N, K, 1, 1)
+    blobs = draws[:, k : k + 7 * _N_BLOBS].reshape(n, _N_BLOBS, 7, 1, 1)
+    bx, by = blobs[:, :, 0] * 2 - 1, blobs[:, :, 1] * 2 - 1  # (N, K, 1, 1)
     sigma = 0.03 + 0.07 * blobs[:, :, 2]
     # Separable Gaussians; exponents clamped so that nothing goes subnormal (slow on CPU).
     gx = torch.exp((-((x[:, :1] - bx) ** 2) / (2 * sigma * sigma)).clamp(min=-30))
     gy = torch.exp((-((y[:, :, :1] - by) ** 2) / (2 * sigma * sigma)).clamp(min=-30))
-    alpha = (0.5 + 0.5 * blobs[:, :, 6]) * gy * gx                       # (N, K, S, S)
+    alpha = (0.5 + 0.5 * blobs[:, :, 6]) * gy * gx  # (N, K, S, S)
     # Blobs composited in order, each over the previous ones, in closed form: blob k shows
     # through the blobs above it, the noise through all of them.
     through = torch.flip(torch.cumprod(torch.flip(1 - alpha, [1]), 1), [1])  # prod_{j>=k}
     above = torch.cat([through[:, 1:], torch.ones_like(through[:, :1])], 1)  # prod_{j>k}
-    colours = blobs[:, :, 3:6, 0, 0]                                          # (N, K, 3)
+    colours = blobs[:, :, 3:6, 0, 0]  # (N, K, 3)
     return image * through[:, :1] + torch.einsum("nkhw,nkc->nchw", alpha * above, colours)
 
 
-def render_object(global_class: Tensor, draws: Tensor, cx: Tensor, cy: Tensor, radius: Tensor,
-                  size: int) -> tuple[Tensor, Tensor]:
+def render_object(
+    global_class: Tensor, draws: Tensor, cx: Tensor, cy: Tensor, radius: Tensor, size: int
+) -> tuple[Tensor, Tensor]:
     """Colour and mask of one object per image.
 
     Args:
@@ -237,14 +247,18 @@ def render_object(global_class: Tensor, draws: Tensor, cx: Tensor, cy: Tensor, r
     v = (-sin * dx + cos * dy) / r
     mask = object_inside(shape, u, v)
     pattern = _APPEARANCE_PATTERN.to(device)[appearance]
-    second = torch.gather(_pattern(u, v, draws[:, 4], draws[:, 5]), 0,
-                          pattern[None, :, None, None].expand(1, *u.shape))[0]
-    colours = _APPEARANCE_COLOURS.to(device)[appearance]            # (N, 2, 3)
+    second = torch.gather(
+        _pattern(u, v, draws[:, 4], draws[:, 5]),
+        0,
+        pattern[None, :, None, None].expand(1, *u.shape),
+    )[0]
+    colours = _APPEARANCE_COLOURS.to(device)[appearance]  # (N, 2, 3)
     brightness = 0.85 + 0.3 * draws[:, 6, None, None]
     jitter = (draws[:, 7:13].reshape(-1, 2, 3) - 0.5) * 0.4
     colours = ((colours + jitter) * brightness).clamp(0, 1)
-    colour = torch.where(second[:, None], colours[:, 1, :, None, None],
-                         colours[:, 0, :, None, None])
+    colour = torch.where(
+        second[:, None], colours[:, 1, :, None, None], colours[:, 0, :, None, None]
+    )
     return colour, mask
 
 
@@ -252,8 +266,9 @@ def _range(draw: Tensor, bounds: tuple[float, float]) -> Tensor:
     return bounds[0] + (bounds[1] - bounds[0]) * draw
 
 
-def render_single(global_class: Tensor, draws: Tensor, size: int,
-                  with_object: bool = True) -> tuple[Tensor, Tensor]:
+def render_single(
+    global_class: Tensor, draws: Tensor, size: int, with_object: bool = True
+) -> tuple[Tensor, Tensor]:
     """One object per image: uniforms ``draws (N, D)`` -> images, masks.
 
     Returns ``[0, 1]`` images ``(N, 3, S, S)`` and masks ``(N, S, S)`` bool.
@@ -275,8 +290,9 @@ def render_single(global_class: Tensor, draws: Tensor, size: int,
     return torch.where(mask[:, None], colour, image), mask
 
 
-def render_pairs(class_a: Tensor, class_b: Tensor, draws: Tensor,
-                 size: int) -> tuple[Tensor, Tensor, Tensor]:
+def render_pairs(
+    class_a: Tensor, class_b: Tensor, draws: Tensor, size: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Two non-overlapping objects per image.
 
     The objects' bounding discs are placed a random direction apart with a small gap, and
@@ -286,9 +302,9 @@ def render_pairs(class_a: Tensor, class_b: Tensor, draws: Tensor,
     Returns images ``(N, 3, S, S)`` in [0, 1], mask_a and mask_b ``(N, S, S)``.
     """
     a = draws[:, :_OBJECT_DRAWS]
-    b = draws[:, _OBJECT_DRAWS:2 * _OBJECT_DRAWS]
-    bg = draws[:, 2 * _OBJECT_DRAWS:2 * _OBJECT_DRAWS + _BACKGROUND_DRAWS]
-    place = draws[:, 2 * _OBJECT_DRAWS + _BACKGROUND_DRAWS:]
+    b = draws[:, _OBJECT_DRAWS : 2 * _OBJECT_DRAWS]
+    bg = draws[:, 2 * _OBJECT_DRAWS : 2 * _OBJECT_DRAWS + _BACKGROUND_DRAWS]
+    place = draws[:, 2 * _OBJECT_DRAWS + _BACKGROUND_DRAWS :]
     ra, rb = _range(a[:, 0], PAIR_RADIUS), _range(b[:, 0], PAIR_RADIUS)
     direction = place[:, 0] * 2 * math.pi
     half = (ra + rb + 0.04) / 2
@@ -340,9 +356,15 @@ class SyntheticShapes(Dataset):
 
     has_masks = True
 
-    def __init__(self, split: str = "train", image_size: int = 32, images_per_class: int = 600,
-                 seed: int = 0, mode: Literal["single", "pairs"] = "single",
-                 normalise: bool = True) -> None:
+    def __init__(
+        self,
+        split: str = "train",
+        image_size: int = 32,
+        images_per_class: int = 600,
+        seed: int = 0,
+        mode: Literal["single", "pairs"] = "single",
+        normalise: bool = True,
+    ) -> None:
         if mode not in ("single", "pairs"):
             raise FamBenchError(
                 f"SyntheticShapes mode must be 'single' or 'pairs', got mode={mode!r}."
@@ -375,19 +397,25 @@ class SyntheticShapes(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def render(self, labels: Tensor, indices: Tensor,
-               with_object: bool = True) -> tuple[Tensor, Tensor]:
+    def render(
+        self, labels: Tensor, indices: Tensor, with_object: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """Render images ``indices`` (within their class) of split classes ``labels``.
 
         Returns ``[0, 1]`` images ``(N, 3, S, S)`` and masks ``(N, S, S)``, uncached.
         """
         global_ids = torch.tensor(self.class_ids)[torch.as_tensor(labels)]
-        parts = [(self.seed, 1, c, k) for c, k in zip(global_ids.tolist(),
-                                                       torch.as_tensor(indices).tolist(),
-                                                       strict=True)]
+        parts = [
+            (self.seed, 1, c, k)
+            for c, k in zip(global_ids.tolist(), torch.as_tensor(indices).tolist(), strict=True)
+        ]
         draws = _draws(parts, _SINGLE_DRAWS)
-        chunks = [render_single(global_ids[i:i + _CHUNK], draws[i:i + _CHUNK], self.image_size,
-                                with_object) for i in range(0, len(parts), _CHUNK)]
+        chunks = [
+            render_single(
+                global_ids[i : i + _CHUNK], draws[i : i + _CHUNK], self.image_size, with_object
+            )
+            for i in range(0, len(parts), _CHUNK)
+        ]
         return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
     def _class_images(self, label: int) -> tuple[Tensor, Tensor]:
@@ -405,8 +433,12 @@ class SyntheticShapes(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         label, k = divmod(int(index), self.images_per_class)
         images, masks = self._class_images(label)
-        return {"image": self._finish(images[k].float() / 255), "label": label,
-                "index": int(index), "mask": masks[k]}
+        return {
+            "image": self._finish(images[k].float() / 255),
+            "label": label,
+            "index": int(index),
+            "mask": masks[k],
+        }
 
     def pairs(self, class_a: Tensor, class_b: Tensor, keys: Tensor) -> dict:
         """Batch of pair images (see :meth:`pair`); arguments are ``(N,)`` int tensors.
@@ -424,15 +456,28 @@ class SyntheticShapes(Dataset):
             raise FamBenchError("SyntheticShapes.pair needs two different classes per image.")
         ids = torch.tensor(self.class_ids)
         ga, gb = ids[class_a], ids[class_b]
-        parts = [(self.seed, 2, a, b, k) for a, b, k in
-                 zip(ga.tolist(), gb.tolist(), torch.as_tensor(keys).tolist(), strict=True)]
+        parts = [
+            (self.seed, 2, a, b, k)
+            for a, b, k in zip(
+                ga.tolist(), gb.tolist(), torch.as_tensor(keys).tolist(), strict=True
+            )
+        ]
         draws = _draws(parts, _PAIR_DRAWS)
-        chunks = [render_pairs(ga[i:i + _CHUNK], gb[i:i + _CHUNK], draws[i:i + _CHUNK],
-                               self.image_size) for i in range(0, len(parts), _CHUNK)]
+        chunks = [
+            render_pairs(
+                ga[i : i + _CHUNK], gb[i : i + _CHUNK], draws[i : i + _CHUNK], self.image_size
+            )
+            for i in range(0, len(parts), _CHUNK)
+        ]
         images, mask_a, mask_b = (torch.cat([c[j] for c in chunks]) for j in range(3))
-        images = _to_uint8(images).float() / 255    # identical pixels to cached singles
-        return {"image": self._finish(images), "label": class_a, "mask": mask_a,
-                "other_label": class_b, "other_mask": mask_b}
+        images = _to_uint8(images).float() / 255  # identical pixels to cached singles
+        return {
+            "image": self._finish(images),
+            "label": class_a,
+            "mask": mask_a,
+            "other_label": class_b,
+            "other_mask": mask_b,
+        }
 
     def pair(self, class_a: int, class_b: int, key: int) -> dict:
         """One image with an object of split class ``class_a`` and one of ``class_b``.
@@ -444,5 +489,10 @@ class SyntheticShapes(Dataset):
         other_mask=(S, S))``.
         """
         out = self.pairs(torch.tensor([class_a]), torch.tensor([class_b]), torch.tensor([key]))
-        return {"image": out["image"][0], "label": int(class_a), "mask": out["mask"][0],
-                "other_label": int(class_b), "other_mask": out["other_mask"][0]}
+        return {
+            "image": out["image"][0],
+            "label": int(class_a),
+            "mask": out["mask"][0],
+            "other_label": int(class_b),
+            "other_mask": out["other_mask"][0],
+        }

@@ -35,8 +35,14 @@ SOURCE = (
 FIELDS = ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")
 
 
-def load_cars196(root: str | Path, split: str, image_size: int = 224, normalise: bool = True,
-                 protocol: str = "retrieval", masks: str = "box") -> FileDataset:
+def load_cars196(
+    root: str | Path,
+    split: str,
+    image_size: int = 224,
+    normalise: bool = True,
+    protocol: str = "retrieval",
+    masks: str = "box",
+) -> FileDataset:
     """Cars196 ``split`` ("train" | "test") under ``protocol`` ("retrieval" | "official")."""
     from scipy.io import loadmat  # scipy is only needed for this format
 
@@ -52,12 +58,12 @@ def load_cars196(root: str | Path, split: str, image_size: int = 224, normalise:
         annotations = np.atleast_1d(mat["annotations"])
         fields = annotations.dtype.names or ()
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise dataset_error(NAME, path, f"the file has no readable 'annotations' ({err})",
-                            LAYOUT, SOURCE) from err
+        raise dataset_error(
+            NAME, path, f"the file has no readable 'annotations' ({err})", LAYOUT, SOURCE
+        ) from err
     absent = [f for f in FIELDS if f not in fields]
     if absent:
-        raise dataset_error(NAME, path, f"the annotations lack the fields {absent}", LAYOUT,
-                            SOURCE)
+        raise dataset_error(NAME, path, f"the annotations lack the fields {absent}", LAYOUT, SOURCE)
     class_ids = annotations["class"].astype(np.int64)
     n_classes = int(class_ids.max())
     if protocol == "official":
@@ -68,16 +74,29 @@ def load_cars196(root: str | Path, split: str, image_size: int = 224, normalise:
     paths = [root / str(p) for p in annotations["relative_im_path"]]
     missing = first_missing(paths)
     if missing is not None:
-        raise dataset_error(NAME, root, f"the image {missing} listed in cars_annos.mat does not "
-                                        f"exist", LAYOUT, SOURCE)
-    corners = np.stack([annotations[f"bbox_{c}"].astype(np.float64)
-                        for c in ("x1", "y1", "x2", "y2")], 1)
+        raise dataset_error(
+            NAME,
+            root,
+            f"the image {missing} listed in cars_annos.mat does not exist",
+            LAYOUT,
+            SOURCE,
+        )
+    corners = np.stack(
+        [annotations[f"bbox_{c}"].astype(np.float64) for c in ("x1", "y1", "x2", "y2")], 1
+    )
     # 1-based inclusive corners -> 0-based (x, y, width, height) in pixel edges
-    boxes = torch.tensor(np.concatenate([corners[:, :2] - 1, corners[:, 2:] - corners[:, :2] + 1],
-                                        1))
+    boxes = torch.tensor(
+        np.concatenate([corners[:, :2] - 1, corners[:, 2:] - corners[:, :2] + 1], 1)
+    )
     names = [str(n) for n in np.atleast_1d(mat.get("class_names", []))]
     keys = sorted(set(class_ids.tolist()))
     position = {k: i for i, k in enumerate(keys)}
     classes = [names[k - 1] if k - 1 < len(names) else str(k) for k in keys]
-    return FileDataset(paths, [position[c] for c in class_ids.tolist()], classes, image_size,
-                       normalise, boxes=boxes if masks == "box" else None)
+    return FileDataset(
+        paths,
+        [position[c] for c in class_ids.tolist()],
+        classes,
+        image_size,
+        normalise,
+        boxes=boxes if masks == "box" else None,
+    )

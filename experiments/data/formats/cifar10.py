@@ -28,12 +28,14 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as handle:
             return pickle.load(handle, encoding="bytes")
     except (OSError, pickle.UnpicklingError, EOFError) as err:
-        raise dataset_error(NAME, path, f"the batch file cannot be read ({err})", LAYOUT,
-                            SOURCE) from err
+        raise dataset_error(
+            NAME, path, f"the batch file cannot be read ({err})", LAYOUT, SOURCE
+        ) from err
 
 
-def load_cifar10(root: str | Path, split: str, image_size: int = 32,
-                 normalise: bool = True) -> ArrayDataset:
+def load_cifar10(
+    root: str | Path, split: str, image_size: int = 32, normalise: bool = True
+) -> ArrayDataset:
     """CIFAR-10 ``split`` ("train" | "test") as ``(N, 32, 32, 3)`` uint8 in memory."""
     root = Path(root)
     check_split(NAME, split, ("train", "test"))
@@ -43,17 +45,24 @@ def load_cifar10(root: str | Path, split: str, image_size: int = 32,
     for name in names:
         batch = _unpickle(folder / name)
         if b"data" not in batch or b"labels" not in batch:
-            raise dataset_error(NAME, folder / name, "the batch has no b'data' / b'labels'",
-                                LAYOUT, SOURCE)
+            raise dataset_error(
+                NAME, folder / name, "the batch has no b'data' / b'labels'", LAYOUT, SOURCE
+            )
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch[b"labels"]):
-            raise dataset_error(NAME, folder / name, f"'data' must be (N, 3072) with one label "
-                                                     f"per row, got {data.shape}", LAYOUT, SOURCE)
+            raise dataset_error(
+                NAME,
+                folder / name,
+                f"'data' must be (N, 3072) with one label per row, got {data.shape}",
+                LAYOUT,
+                SOURCE,
+            )
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels += list(batch[b"labels"])
     meta = _unpickle(folder / "batches.meta")
     classes = [n.decode() for n in meta.get(b"label_names", [])]
     if len(classes) != 10:
-        raise dataset_error(NAME, folder / "batches.meta", "b'label_names' must list 10 classes",
-                            LAYOUT, SOURCE)
+        raise dataset_error(
+            NAME, folder / "batches.meta", "b'label_names' must list 10 classes", LAYOUT, SOURCE
+        )
     return ArrayDataset(np.concatenate(images), labels, classes, image_size, normalise, MEAN, STD)

@@ -25,16 +25,24 @@ from experiments.data.base import FileDataset, dataset_error
 from experiments.data.formats._util import check_option, check_split, contiguous, first_missing
 
 NAME = "CUB-200-2011"
-FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt",
-         "classes.txt")
+FILES = (
+    "images.txt",
+    "image_class_labels.txt",
+    "train_test_split.txt",
+    "bounding_boxes.txt",
+    "classes.txt",
+)
 LAYOUT = (
     "root (the CUB_200_2011 folder, or its parent) with images.txt, image_class_labels.txt, "
     "train_test_split.txt, bounding_boxes.txt, classes.txt and images/<class>/<name>.jpg, "
     "optionally segmentations/<class>/<name>.png"
 )
 SOURCE = "the Caltech-UCSD Birds page (www.vision.caltech.edu/datasets/cub_200_2011)"
-PROTOCOL_SPLITS = {"fewshot": ("train", "val", "test"), "retrieval": ("train", "test"),
-                   "official": ("train", "test")}
+PROTOCOL_SPLITS = {
+    "fewshot": ("train", "val", "test"),
+    "retrieval": ("train", "test"),
+    "official": ("train", "test"),
+}
 
 
 def _table(root: Path, name: str, columns: list[str]) -> pd.DataFrame:
@@ -42,11 +50,17 @@ def _table(root: Path, name: str, columns: list[str]) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, sep=" ", header=None, names=columns, dtype=str)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise dataset_error(NAME, path, f"the file cannot be parsed ({err})", LAYOUT,
-                            SOURCE) from err
+        raise dataset_error(
+            NAME, path, f"the file cannot be parsed ({err})", LAYOUT, SOURCE
+        ) from err
     if table.isna().any().any() or table.empty:
-        raise dataset_error(NAME, path, f"every line needs {len(columns)} space-separated "
-                                        f"fields ({' '.join(columns)})", LAYOUT, SOURCE)
+        raise dataset_error(
+            NAME,
+            path,
+            f"every line needs {len(columns)} space-separated fields ({' '.join(columns)})",
+            LAYOUT,
+            SOURCE,
+        )
     return table.set_index("image_id") if "image_id" in columns else table
 
 
@@ -56,8 +70,14 @@ def _class_in_split(index: int, n_classes: int, protocol: str, split: str) -> bo
     return (index < n_classes // 2) == (split == "train")
 
 
-def load_cub(root: str | Path, split: str, image_size: int = 84, normalise: bool = True,
-             protocol: str = "fewshot", masks: str = "auto") -> FileDataset:
+def load_cub(
+    root: str | Path,
+    split: str,
+    image_size: int = 84,
+    normalise: bool = True,
+    protocol: str = "fewshot",
+    masks: str = "auto",
+) -> FileDataset:
     """CUB ``split`` under ``protocol`` ("fewshot" | "retrieval" | "official")."""
     root = Path(root)
     if not (root / "images.txt").is_file() and (root / "CUB_200_2011" / "images.txt").is_file():
@@ -75,44 +95,64 @@ def load_cub(root: str | Path, split: str, image_size: int = 84, normalise: bool
     class_names = _table(root, "classes.txt", ["class_id", "name"])
     table = images.join([labels, is_train, boxes], how="left")
     if table.isna().any().any():
-        raise dataset_error(NAME, root, "some image ids of images.txt are missing from "
-                                        "image_class_labels.txt, train_test_split.txt or "
-                                        "bounding_boxes.txt", LAYOUT, SOURCE)
+        raise dataset_error(
+            NAME,
+            root,
+            "some image ids of images.txt are missing from "
+            "image_class_labels.txt, train_test_split.txt or "
+            "bounding_boxes.txt",
+            LAYOUT,
+            SOURCE,
+        )
     try:
         class_ids = table["class_id"].astype(int)
         box_values = torch.tensor(table[["x", "y", "width", "height"]].astype(float).to_numpy())
     except ValueError as err:
-        raise dataset_error(NAME, root, f"a class id or box value is not a number ({err})",
-                            LAYOUT, SOURCE) from err
+        raise dataset_error(
+            NAME, root, f"a class id or box value is not a number ({err})", LAYOUT, SOURCE
+        ) from err
     ordered = sorted(int(c) for c in class_names["class_id"])
     position = {c: i for i, c in enumerate(ordered)}
     if protocol == "official":
         keep = (table["is_train"] == "1") == (split == "train")
     else:
-        keep = class_ids.map(lambda c: _class_in_split(position[c], len(ordered), protocol,
-                                                       split))
+        keep = class_ids.map(lambda c: _class_in_split(position[c], len(ordered), protocol, split))
     selected = keep.to_numpy(dtype=bool, copy=True)
     table, class_ids = table[selected], class_ids[selected]
     box_values = box_values[torch.from_numpy(selected)]
     paths = [root / "images" / p for p in table["path"]]
     missing = first_missing(paths)
     if missing is not None:
-        raise dataset_error(NAME, root, f"the image {missing} listed in images.txt does not "
-                                        f"exist", LAYOUT, SOURCE)
-    seg_dir = next((d for d in (root / "segmentations", root.parent / "segmentations")
-                    if d.is_dir()), None)
+        raise dataset_error(
+            NAME, root, f"the image {missing} listed in images.txt does not exist", LAYOUT, SOURCE
+        )
+    seg_dir = next(
+        (d for d in (root / "segmentations", root.parent / "segmentations") if d.is_dir()), None
+    )
     if masks == "segmentation" and seg_dir is None:
-        raise dataset_error(NAME, root, "masks='segmentation' but no segmentations/ folder "
-                                        "exists in or next to root", LAYOUT, SOURCE)
+        raise dataset_error(
+            NAME,
+            root,
+            "masks='segmentation' but no segmentations/ folder exists in or next to root",
+            LAYOUT,
+            SOURCE,
+        )
     mask_paths = None
     if masks in ("auto", "segmentation") and seg_dir is not None:
         mask_paths = [seg_dir / Path(p).with_suffix(".png") for p in table["path"]]
         missing = first_missing(mask_paths)
         if missing is not None:
-            raise dataset_error(NAME, root, f"the segmentation {missing} does not exist",
-                                LAYOUT, SOURCE)
+            raise dataset_error(
+                NAME, root, f"the segmentation {missing} does not exist", LAYOUT, SOURCE
+            )
     label_list, keys = contiguous(list(class_ids))
     names = dict(zip(class_names["class_id"].astype(int), class_names["name"], strict=True))
-    return FileDataset(paths, label_list, [names[k] for k in keys], image_size, normalise,
-                       boxes=box_values if masks != "none" else None,
-                       mask_paths=mask_paths if masks != "none" else None)
+    return FileDataset(
+        paths,
+        label_list,
+        [names[k] for k in keys],
+        image_size,
+        normalise,
+        boxes=box_values if masks != "none" else None,
+        mask_paths=mask_paths if masks != "none" else None,
+    )

@@ -21,26 +21,33 @@ SOURCES = {
 }
 
 
-def load_imagefolder(root: str | Path, split: str, image_size: int = 84, normalise: bool = True,
-                     name: str = "imagefolder") -> FileDataset:
+def load_imagefolder(
+    root: str | Path,
+    split: str,
+    image_size: int = 84,
+    normalise: bool = True,
+    name: str = "imagefolder",
+) -> FileDataset:
     """Images under ``root/split/<class>/``; labels follow sorted class-folder names."""
     root = Path(root)
     source = SOURCES.get(name, SOURCES["imagefolder"])
     folder = root / split
     if not folder.is_dir():
-        raise dataset_error(name, root, f"the split folder {folder} does not exist", LAYOUT,
-                            source)
+        raise dataset_error(name, root, f"the split folder {folder} does not exist", LAYOUT, source)
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
     paths, labels = [], []
     for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(
+            p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
         if not files:
-            raise dataset_error(name, root, f"the class folder {class_dir} holds no image files",
-                                LAYOUT, source)
+            raise dataset_error(
+                name, root, f"the class folder {class_dir} holds no image files", LAYOUT, source
+            )
         paths += files
         labels += [label] * len(files)
     if not class_dirs:
-        raise dataset_error(name, root, f"the split folder {folder} has no class folders",
-                            LAYOUT, source)
+        raise dataset_error(
+            name, root, f"the split folder {folder} has no class folders", LAYOUT, source
+        )
     return FileDataset(paths, labels, [p.name for p in class_dirs], image_size, normalise)

@@ -41,8 +41,11 @@ def _from_csv(root: Path, split: str, image_size: int, normalise: bool) -> FileD
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise _error(csv, f"the csv file is malformed ({err})") from err
     if list(table.columns[:2]) != ["filename", "label"] or table.isna().any().any():
-        raise _error(csv, f"the csv needs the columns 'filename,label' with a value in every "
-                          f"row; found columns {list(table.columns)}")
+        raise _error(
+            csv,
+            f"the csv needs the columns 'filename,label' with a value in every "
+            f"row; found columns {list(table.columns)}",
+        )
     paths = [root / "images" / name for name in table["filename"]]
     missing = first_missing(paths)
     if missing is not None:
@@ -57,7 +60,7 @@ def _from_pickle(root: Path, split: str, image_size: int, normalise: bool) -> Ar
         with open(path, "rb") as handle:
             try:
                 cache = pickle.load(handle)
-            except UnicodeDecodeError:   # caches written by Python 2
+            except UnicodeDecodeError:  # caches written by Python 2
                 handle.seek(0)
                 cache = pickle.load(handle, encoding="latin1")
     except (OSError, pickle.UnpicklingError, EOFError) as err:
@@ -66,20 +69,24 @@ def _from_pickle(root: Path, split: str, image_size: int, normalise: bool) -> Ar
         raise _error(path, "the pickle must hold a dict with 'image_data' and 'class_dict'")
     images = np.asarray(cache["image_data"])
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise _error(path, f"'image_data' must be (N, H, W, 3) uint8, got {images.shape} "
-                           f"{images.dtype}")
+        raise _error(
+            path, f"'image_data' must be (N, H, W, 3) uint8, got {images.shape} {images.dtype}"
+        )
     classes = sorted(cache["class_dict"])
     labels = np.full(len(images), -1, dtype=np.int64)
     for label, name in enumerate(classes):
         labels[np.asarray(cache["class_dict"][name], dtype=np.int64)] = label
     if (labels < 0).any():
-        raise _error(path, f"{int((labels < 0).sum())} images of 'image_data' belong to no "
-                           f"class of 'class_dict'")
+        raise _error(
+            path,
+            f"{int((labels < 0).sum())} images of 'image_data' belong to no class of 'class_dict'",
+        )
     return ArrayDataset(images, labels, classes, image_size, normalise)
 
 
-def load_miniimagenet(root: str | Path, split: str, image_size: int = 84,
-                      normalise: bool = True, source: str = "auto") -> ImageDataset:
+def load_miniimagenet(
+    root: str | Path, split: str, image_size: int = 84, normalise: bool = True, source: str = "auto"
+) -> ImageDataset:
     """miniImageNet ``split`` from the csv files (``source="csv"``) or pickles (``"pickle"``)."""
     root = Path(root)
     check_split(NAME, split, SPLITS)

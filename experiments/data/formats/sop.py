@@ -19,8 +19,9 @@ LAYOUT = (
 SOURCE = "cvgl.stanford.edu/projects/lifted_struct (Stanford_Online_Products.zip)"
 
 
-def load_sop(root: str | Path, split: str, image_size: int = 224,
-             normalise: bool = True) -> FileDataset:
+def load_sop(
+    root: str | Path, split: str, image_size: int = 224, normalise: bool = True
+) -> FileDataset:
     """SOP ``split`` ("train" | "test")."""
     root = Path(root)
     check_split(NAME, split, ("train", "test"))
@@ -30,22 +31,35 @@ def load_sop(root: str | Path, split: str, image_size: int = 224,
     try:
         table = pd.read_csv(listing, sep=r"\s+", dtype=str)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise dataset_error(NAME, listing, f"the listing cannot be parsed ({err})", LAYOUT,
-                            SOURCE) from err
+        raise dataset_error(
+            NAME, listing, f"the listing cannot be parsed ({err})", LAYOUT, SOURCE
+        ) from err
     columns = ["image_id", "class_id", "super_class_id", "path"]
     if list(table.columns) != columns or table.isna().any().any():
-        raise dataset_error(NAME, listing, f"the listing needs the header {' '.join(columns)} "
-                                           f"and four fields per line; found columns "
-                                           f"{list(table.columns)}", LAYOUT, SOURCE)
+        raise dataset_error(
+            NAME,
+            listing,
+            f"the listing needs the header {' '.join(columns)} "
+            f"and four fields per line; found columns "
+            f"{list(table.columns)}",
+            LAYOUT,
+            SOURCE,
+        )
     try:
         class_ids = table["class_id"].astype(int).tolist()
     except ValueError as err:
-        raise dataset_error(NAME, listing, f"a class_id is not a number ({err})", LAYOUT,
-                            SOURCE) from err
+        raise dataset_error(
+            NAME, listing, f"a class_id is not a number ({err})", LAYOUT, SOURCE
+        ) from err
     paths = [root / p for p in table["path"]]
     missing = first_missing(paths)
     if missing is not None:
-        raise dataset_error(NAME, root, f"the image {missing} listed in {listing.name} does "
-                                        f"not exist", LAYOUT, SOURCE)
+        raise dataset_error(
+            NAME,
+            root,
+            f"the image {missing} listed in {listing.name} does not exist",
+            LAYOUT,
+            SOURCE,
+        )
     labels, keys = contiguous(class_ids)
     return FileDataset(paths, labels, [str(k) for k in keys], image_size, normalise)

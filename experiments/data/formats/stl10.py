@@ -42,8 +42,13 @@ def _images(path: Path) -> np.ndarray:
         raise dataset_error(NAME, path.parent, f"{path.name} is missing", LAYOUT, SOURCE)
     size = path.stat().st_size
     if size == 0 or size % (3 * SIDE * SIDE):
-        raise dataset_error(NAME, path, f"the file size {size} is not a multiple of one image "
-                                        f"(3 x 96 x 96 bytes)", LAYOUT, SOURCE)
+        raise dataset_error(
+            NAME,
+            path,
+            f"the file size {size} is not a multiple of one image (3 x 96 x 96 bytes)",
+            LAYOUT,
+            SOURCE,
+        )
     data = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 3, SIDE, SIDE)
     # stored (channel, column, row): transposing gives (row, column, channel)
     return data.transpose(0, 3, 2, 1)
@@ -54,14 +59,21 @@ def _labels(path: Path, count: int) -> np.ndarray:
         raise dataset_error(NAME, path.parent, f"{path.name} is missing", LAYOUT, SOURCE)
     labels = np.fromfile(path, dtype=np.uint8).astype(np.int64) - 1
     if len(labels) != count or (labels < 0).any() or (labels > 9).any():
-        raise dataset_error(NAME, path, f"expected {count} labels in 1..10, got {len(labels)} "
-                                        f"values in {labels.min(initial=0) + 1}.."
-                                        f"{labels.max(initial=0) + 1}", LAYOUT, SOURCE)
+        raise dataset_error(
+            NAME,
+            path,
+            f"expected {count} labels in 1..10, got {len(labels)} "
+            f"values in {labels.min(initial=0) + 1}.."
+            f"{labels.max(initial=0) + 1}",
+            LAYOUT,
+            SOURCE,
+        )
     return labels
 
 
-def load_stl10(root: str | Path, split: str, image_size: int = 96,
-               normalise: bool = True) -> ArrayDataset:
+def load_stl10(
+    root: str | Path, split: str, image_size: int = 96, normalise: bool = True
+) -> ArrayDataset:
     """STL-10 ``split`` as memory-mapped uint8 images."""
     root = Path(root)
     check_split(NAME, split, SPLITS)
