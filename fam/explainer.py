@@ -14,7 +14,7 @@ Shared behaviour (tested once, here, for all methods):
 - gradients are taken with ``torch.autograd.grad`` w.r.t. a detached copy of the
   target layer's output, so parameters' ``.grad`` are never touched and gradient
   methods also work when called inside ``torch.no_grad()``;
-- maps stay on the images' device; ``self.degenerate`` ``(N,)`` flags all-zero maps.
+- maps stay on the images' device; ``self.degenerate`` ``(N,)`` flags constant (e.g. all-zero) maps.
 """
 
 from __future__ import annotations
