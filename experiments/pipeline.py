@@ -264,6 +264,57 @@ def _protocol(cfg: DictConfig, task_name: str) -> dict[str, Any]:
     return protocol
 
 
+SUBSTRATES = ("zeros", "blur", "mean")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Check typed settings before anything is trained, so that a typo such as
+    ``eval.n_way=five`` is a clear error now rather than a traceback after training."""
+
+    absent = object()
+
+    def integer(path: str, minimum: int, optional: bool = False) -> None:
+        value = OmegaConf.select(cfg, path, default=absent)
+        if value is absent or (value is None and optional):
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise FamBenchError(
+                f"{path} must be an integer >= {minimum}{' or null' if optional else ''}, "
+                f"got {value!r}. Example: {path}={max(minimum, 1)}."
+            )
+
+    def number(path: str, positive: bool) -> None:
+        value = OmegaConf.select(cfg, path, default=None)
+        if value is None:
+            return
+        bad = isinstance(value, bool) or not isinstance(value, int | float)
+        if bad or (value <= 0 if positive else value < 0):
+            raise FamBenchError(
+                f"{path} must be a number {'> 0' if positive else '>= 0'}, got {value!r}."
+            )
+
+    def choice(path: str, options: tuple[str, ...]) -> None:
+        value = OmegaConf.select(cfg, path, default=None)
+        if value is not None and value not in options:
+            raise FamBenchError(f"{path} must be one of {list(options)}, got {value!r}.")
+
+    integer("seed", 0)
+    for key in ("num_episodes", "n_way", "n_shot", "n_query", "unit_size", "batch_size"):
+        integer(f"eval.{key}", 1)
+    integer("eval.num_queries", 1, optional=True)
+    integer("trainer.max_steps", 0)
+    integer("metric.step", 1, optional=True)
+    integer("metric.batch_size", 1)
+    integer("metric.blur_kernel", 1)
+    integer("metric.sanity_samples", 1)
+    number("metric.blur_sigma", positive=True)
+    number("metric.tolerance", positive=False)
+    number("metric.tolerance_image_size", positive=True)
+    choice("metric.score", ("probability", "similarity"))
+    choice("metric.deletion_substrate", SUBSTRATES)
+    choice("metric.insertion_substrate", SUBSTRATES)
+
+
 def settings_id(settings: dict[str, Any]) -> str:
     text = json.dumps(settings, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
@@ -817,6 +868,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     methods = load_methods(_name_list(cfg, "methods"))
     metrics = check_metrics(_name_list(cfg, "metrics"))
+    check_settings(cfg)
     logger = build_logger(cfg.logger, out, str(cfg.name))
     fingerprint, fingerprinted = config_fingerprint(cfg)
     claim_output_dir(out, fingerprint, fingerprinted)

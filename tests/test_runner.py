@@ -350,3 +350,24 @@ def test_cli_run_writes_into_the_hydra_folder_and_a_rerun_resumes(tmp_path):
     assert run_cli(*tiny, cwd=tmp_path).returncode == 0
     assert shard.stat().st_mtime_ns == written  # nothing recomputed
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "run" / "results.csv"), results)
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("eval.n_way=five", "eval.n_way"),
+        ("eval.n_query=0", "eval.n_query"),
+        ("metric.step=0", "metric.step"),
+        ("metric.blur_sigma=-1", "metric.blur_sigma"),
+        ("metric.deletion_substrate=noise", "metric.deletion_substrate"),
+        ("metric.score=prob", "metric.score"),
+    ],
+)
+def test_mistyped_settings_are_named_before_anything_is_trained(override, named):
+    with pytest.raises(FamBenchError, match=named):
+        pipeline.check_settings(composed(override))
+
+
+def test_the_shipped_experiments_pass_the_settings_check():
+    for experiment in pipeline.available_experiments():
+        pipeline.check_settings(composed(f"experiment={experiment}"))
