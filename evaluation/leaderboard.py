@@ -35,23 +35,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from fam.errors import FamBenchError
+from evaluation.names import LOWER_IS_BETTER, OTHER_OBJECT_METRICS, SAMPLE_METRICS
+from fam.errors import FamBenchError, exit_on_user_error
 
-METRICS: tuple[str, ...] = (
-    "deletion_auc",
-    "insertion_auc",
-    "pointing_game",
-    "energy_pointing_game",
-    "average_drop",
-    "increase_in_confidence",
-    "pointing_game_other",
-    "energy_pointing_game_other",
-)
-# "_other" metrics score the map against the *other* object of a two-object image (synthetic
-# pairs mode): landing there is the failure being measured, so lower is better.
-LOWER_IS_BETTER: frozenset[str] = frozenset(
-    {"deletion_auc", "average_drop", "pointing_game_other", "energy_pointing_game_other"}
-)
+METRICS: tuple[str, ...] = (*SAMPLE_METRICS, *OTHER_OBJECT_METRICS)
 TABLE_KEYS: tuple[str, ...] = ("experiment", "dataset", "model", "task", "settings_id")
 PAIR_KEYS: tuple[str, ...] = ("run", "episode", "sample_id")
 REQUIRED_COLUMNS: tuple[str, ...] = (
@@ -411,8 +398,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except FamBenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(main)

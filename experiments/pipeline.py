@@ -54,6 +54,7 @@ from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from evaluation.names import CONFIDENCE_METRICS, GROUND_TRUTH_METRICS, SAMPLE_METRICS
 from experiments.data.seeding import derive_seed
 from experiments.tasks import FewShotTask, NeighbourTask, Unit, query_order
 from fam.errors import FamBenchError
@@ -64,17 +65,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SHARD_DIR = "shards"
 
 #: metric names accepted in ``metrics``
-METRICS = (
-    "deletion_auc",
-    "insertion_auc",
-    "pointing_game",
-    "energy_pointing_game",
-    "average_drop",
-    "increase_in_confidence",
-    "sanity",
-)
-GROUND_TRUTH_METRICS = ("pointing_game", "energy_pointing_game")
-CONFIDENCE_METRICS = ("average_drop", "increase_in_confidence")
+METRICS = (*SAMPLE_METRICS, "sanity")
 
 #: config entries that change how a run executes but never its numbers; they are left
 #: out of the fingerprint so a run can resume on other hardware or with other batch sizes.
