@@ -33,7 +33,7 @@ class CenterMap(Explainer):
 
     def raw_maps(self, images: Tensor, target: SimilarityTarget) -> Tensor:
         emb, acts = self.forward(images)
-        self.score(emb, target)  # validates the reference's shape like every method
+        self.score(emb, target)  # validates the reference and the similarity's output
         n, _, h, w = acts.shape
         # Pixel centres in units of the side length, 0 at the centre of the map.
         ys = (torch.arange(h, device=images.device) + 0.5) / h - 0.5

@@ -25,7 +25,7 @@ class EigenCAM(Explainer):
 
     def raw_maps(self, images: Tensor, target: SimilarityTarget) -> Tensor:
         emb, acts = self.forward(images)
-        self.score(emb, target)  # validates the reference's shape like every method
+        self.score(emb, target)  # validates the reference and the similarity's output
         acts = as_float(acts)
         n, k, h, w = acts.shape
         x = acts.flatten(2).transpose(1, 2).double()  # (N, h*w, K)

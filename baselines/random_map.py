@@ -33,7 +33,7 @@ class RandomMap(Explainer):
 
     def raw_maps(self, images: Tensor, target: SimilarityTarget) -> Tensor:
         emb, acts = self.forward(images)
-        self.score(emb, target)  # validates the reference's shape like every method
+        self.score(emb, target)  # validates the reference and the similarity's output
         n, _, h, w = acts.shape
         return torch.rand(
             n, h, w, generator=self._generator_on(images.device), device=images.device

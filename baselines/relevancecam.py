@@ -113,7 +113,7 @@ class RelevanceCAM(Explainer):
 
     def _seed(self, emb: Tensor, target: SimilarityTarget) -> Tensor:
         """Each embedding dimension's share of the score, ``(N, D)``."""
-        self.score(emb, target)  # validates the reference's shape
+        self.check_reference(emb, target)
         ref = target.reference
         if target.name is not None:
             return closed_form(emb.detach()[:, :, None], ref[:, :, None], target.name, "product")

@@ -48,7 +48,7 @@ class ScoreCAM(Explainer):
 
     def raw_maps(self, images: Tensor, target: SimilarityTarget) -> Tensor:
         emb, acts = self.forward(images)
-        self.score(emb, target)  # validates the reference's shape
+        self.check_reference(emb, target)
         acts = as_float(acts)
         return weighted_sum(self.channel_weights(images, acts, target), acts)
 

@@ -34,8 +34,9 @@ from torch import Tensor, nn
 from torchvision.models import resnet18
 
 import baselines as bl
+from benchmarks import sync
 from experiments.models.conv4 import Conv4
-from fam import FAM
+from fam import FAM, resolve_target_layer
 from fam.similarity import cosine
 
 # (batch, conv4 px, resnet px, repeats, Score-CAM images: conv4, resnet)
@@ -63,11 +64,6 @@ METHODS: list[tuple[str, Callable, type | None]] = [
 FP32_ONLY = {"relevancecam", "random", "center"}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _interleaved_medians(
     fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: bool = True
 ) -> dict[str, float]:
@@ -82,10 +78,10 @@ def _interleaved_medians(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -116,7 +112,7 @@ def _grad_cam(
         yield None
         return
     targets = [lambda row, r=r: cosine(row[None], r[None])[0] for r in reference]
-    cam = cam_cls(model=model, target_layers=[dict(model.named_modules())[layer]])
+    cam = cam_cls(model=model, target_layers=[resolve_target_layer(model, layer)])
     cam.batch_size = 64
 
     def run() -> object:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet18
 
+from benchmarks import sync
 from evaluation import deletion_insertion, gaussian_blur
 
 REPEATS = 2
@@ -46,19 +47,14 @@ SETTINGS = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, device: torch.device) -> tuple[float, object]:
     # CPU: process time (all threads), which other jobs on a shared machine inflate less
     # than wall time; CUDA: wall time between device syncs.
     clock = time.perf_counter if device.type == "cuda" else time.process_time
-    _sync(device)
+    sync(device)
     start = clock()
     out = fn()
-    _sync(device)
+    sync(device)
     return clock() - start, out
 
 

@@ -80,8 +80,7 @@ class Explainer:
         self.degenerate = degenerate(raw)
         if not upsample:
             return raw
-        maps = minmax_normalise(_upsample(raw, images.shape[-2:]))
-        return torch.where(self.degenerate[:, None, None], 0.0, maps)
+        return minmax_normalise(_upsample(raw, images.shape[-2:]))
 
     def raw_maps(self, images: Tensor, target: SimilarityTarget) -> Tensor:
         """Non-negative maps ``(N, h, w)`` at the target layer's resolution."""
@@ -99,17 +98,24 @@ class Explainer:
         return images
 
     def forward(
-        self, images: Tensor, gradients: bool = False, replace=None
-    ) -> tuple[Tensor, Tensor]:
-        """One hooked forward pass: ``(embedding (N, D), activations (N, K, h, w))``."""
+        self, images: Tensor, gradients: bool = False, replace=None, keep_activations: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """One hooked forward pass: ``(embedding (N, D), activations (N, K, h, w))``.
+
+        ``keep_activations=False`` returns ``None`` for the activations (no copy is made).
+        """
         with (
             capture_layer(
-                self.target_layer, gradients=gradients, replace=replace, model=self.model
+                self.target_layer,
+                gradients=gradients,
+                replace=replace,
+                model=self.model,
+                keep_activations=keep_activations,
             ) as cap,
             self.autocast(images.device),
         ):
             emb = self.model(self.prepare(images))
-        if cap.activations is None:
+        if not cap.ran:
             raise FamBenchError(
                 "The target layer was not run by the model's forward pass; choose a layer "
                 "that the forward pass uses."
@@ -120,7 +126,7 @@ class Explainer:
                 f"The model must map images (N, C, H, W) to embeddings (N, D); it returned "
                 f"{shape}. Wrap it so that forward returns the embedding."
             )
-        if cap.activations.dim() != 4:
+        if cap.activations is not None and cap.activations.dim() != 4:
             raise FamBenchError(
                 f"The target layer's output has shape {tuple(cap.activations.shape)}; it must "
                 "be a feature map (N, K, h, w). Choose a convolutional layer or block."
@@ -128,13 +134,18 @@ class Explainer:
         return as_float(emb), cap.activations
 
     def score(self, emb: Tensor, target: SimilarityTarget) -> Tensor:
+        """``s(emb, reference)`` ``(N,)``, after :meth:`check_reference`."""
+        self.check_reference(emb, target)
+        return target(emb)
+
+    def check_reference(self, emb: Tensor, target: SimilarityTarget) -> None:
+        """Raise a clear error when the reference's width differs from the embedding's."""
         if emb.shape[1] != target.reference.shape[1]:
             raise FamBenchError(
                 f"The reference has {target.reference.shape[1]} dimensions but the model's "
                 f"embedding has {emb.shape[1]}; compute the reference with the same model "
                 "(and the same embedding head)."
             )
-        return target(emb)
 
     def _check_inputs(self, images: Tensor, reference: Tensor) -> Tensor:
         if not isinstance(images, Tensor) or images.dim() != 4:

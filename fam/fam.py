@@ -92,7 +92,7 @@ class FAM(Explainer):
 
     def raw_maps(self, images: Tensor, target: SimilarityTarget) -> Tensor:
         emb, acts = self.forward(images)
-        self.score(emb, target)  # validates the reference's shape
+        self.score(emb, target)  # validates the reference and the similarity's output
         acts = as_float(acts)
         weights = self.channel_weights(images, emb, acts, target)
         return weighted_sum(weights, acts)
@@ -174,7 +174,9 @@ class FAM(Explainer):
             keep = keep.repeat_interleave(n, dim=0)[:, :, None, None]
             repeated = images.repeat(c, 1, 1, 1)
             ablated_emb, _ = self.forward(
-                repeated, replace=lambda out, keep=keep: out * keep.to(out.dtype)
+                repeated,
+                replace=lambda out, keep=keep: out * keep.to(out.dtype),
+                keep_activations=False,
             )
             ref = target.reference.repeat(c, 1)
             ablated = SimilarityTarget(ref, target.fn)(ablated_emb)

@@ -60,6 +60,8 @@ class Capture:
 
     gradients_wanted: bool = False
     replace: object = None
+    keep_activations: bool = True
+    ran: bool = False
     activations: Tensor | None = None
     handles: list = field(default_factory=list)
 
@@ -72,6 +74,7 @@ def _hook(capture: Capture):
                 f"{type(output).__name__}, not a tensor; choose a layer whose output is a "
                 "feature map (N, K, h, w)."
             )
+        capture.ran = True
         if capture.gradients_wanted:
             # A fresh leaf: gradients stop here, so parameters' .grad are never touched
             # and in-place ops downstream act on the clone, not on the captured values.
@@ -81,9 +84,10 @@ def _hook(capture: Capture):
             capture.activations = leaf
             out = leaf.clone()
         else:
-            # A copy: an in-place op after the layer (ReLU(inplace=True) after a BatchNorm)
-            # would otherwise overwrite the captured activations.
-            capture.activations = output.detach().clone()
+            if capture.keep_activations:
+                # A copy: an in-place op after the layer (ReLU(inplace=True) after a
+                # BatchNorm) would otherwise overwrite the captured activations.
+                capture.activations = output.detach().clone()
             out = output
         if capture.replace is not None:
             out = capture.replace(out)
@@ -94,15 +98,24 @@ def _hook(capture: Capture):
 
 @contextmanager
 def capture_layer(
-    layer: nn.Module, gradients: bool = False, replace=None, model: nn.Module | None = None
+    layer: nn.Module,
+    gradients: bool = False,
+    replace=None,
+    model: nn.Module | None = None,
+    keep_activations: bool = True,
 ) -> Iterator[Capture]:
     """Hook ``layer`` for the duration of the block; the hooks are removed on exit.
+
+    ``keep_activations=False`` (only without gradients) records that the layer ran but
+    keeps no copy of its output, for passes that only need the model's output.
 
     With ``gradients=True`` and the enclosing ``model`` given, the layers before the target
     layer run without recording an autograd graph (gradients stop at the target layer
     anyway), which saves their activation memory and the recording time.
     """
-    capture = Capture(gradients_wanted=gradients, replace=replace)
+    capture = Capture(
+        gradients_wanted=gradients, replace=replace, keep_activations=keep_activations
+    )
     handles = [layer.register_forward_hook(_hook(capture))]
     grad_enabled = torch.is_grad_enabled()
     if gradients and model is not None and model is not layer:
