@@ -37,6 +37,11 @@ class Episode:
         return len(self.classes)
 
     @property
+    def indices(self) -> Tensor:
+        """``(n_way * (n_shot + n_query),)`` dataset indices: support then query."""
+        return torch.cat([self.support, self.query])
+
+    @property
     def support_labels(self) -> Tensor:
         """``(n_way * n_shot,)`` episode labels ``0..n_way-1`` of the support images."""
         return torch.arange(self.n_way).repeat_interleave(len(self.support) // self.n_way)
@@ -142,4 +147,4 @@ class EpisodeBatches(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for episode in self.sampler:
-            yield torch.cat([episode.support, episode.query]).tolist()
+            yield episode.indices.tolist()

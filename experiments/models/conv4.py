@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
+
+from experiments.models._pooling import check_pooling, pool_embedding
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
@@ -46,8 +47,7 @@ class Conv4(nn.Module):
         super().__init__()
         if len(pools) != 4:
             raise ValueError(f"pools needs one flag per block (4), got {list(pools)}")
-        if pooling not in ("gap", "flatten"):
-            raise ValueError(f"pooling must be 'gap' or 'flatten', got {pooling!r}")
+        check_pooling(pooling)
         channels = [in_channels, hidden, hidden, hidden, hidden]
         self.encoder = nn.Sequential(
             *(conv_block(channels[i], channels[i + 1], bool(pools[i])) for i in range(4))
@@ -58,6 +58,4 @@ class Conv4(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """``(N, C, H, W) -> (N, D)``."""
         features = self.encoder(images)
-        if self.pooling == "gap":
-            return features.mean(dim=(2, 3))
-        return torch.flatten(features, 1)
+        return pool_embedding(features, self.pooling)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 import torchvision
 from torch import Tensor, nn
+
+from experiments.models._pooling import check_pooling, pool_embedding
 
 ARCHITECTURES = ("resnet18", "resnet50")
 
@@ -41,8 +42,7 @@ class ResNetEncoder(nn.Module):
         super().__init__()
         if arch not in ARCHITECTURES:
             raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
-        if pooling not in ("gap", "flatten"):
-            raise ValueError(f"pooling must be 'gap' or 'flatten', got {pooling!r}")
+        check_pooling(pooling)
         net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
         if cifar_stem:
             self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
@@ -65,6 +65,4 @@ class ResNetEncoder(nn.Module):
         """``(N, 3, H, W) -> (N, D)``."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        if self.pooling == "gap":
-            return x.mean(dim=(2, 3))
-        return torch.flatten(x, 1)
+        return pool_embedding(x, self.pooling)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
+
+from experiments.models._pooling import check_pooling, pool_embedding
 
 
 def _conv_bn(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -69,8 +70,7 @@ class ResNet12(nn.Module):
             raise ValueError(
                 f"ResNet12 needs four blocks: got pools={list(pools)}, channels={list(channels)}"
             )
-        if pooling not in ("gap", "flatten"):
-            raise ValueError(f"pooling must be 'gap' or 'flatten', got {pooling!r}")
+        check_pooling(pooling)
         widths = [in_channels, *channels]
         for i in range(4):
             self.add_module(
@@ -85,6 +85,4 @@ class ResNet12(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """``(N, C, H, W) -> (N, D)``."""
         x = self.layer4(self.layer3(self.layer2(self.layer1(images))))
-        if self.pooling == "gap":
-            return x.mean(dim=(2, 3))
-        return torch.flatten(x, 1)
+        return pool_embedding(x, self.pooling)

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from experiments.data.common import denormalise, normalise_image
+
 
 def labels_of(dataset: Any) -> Tensor:
     """The dataset's labels as a ``(N,)`` int64 tensor (read without decoding images)."""
@@ -74,14 +76,7 @@ class EpisodeImages(Dataset):
         return len(self.sampler)
 
     def __getitem__(self, e: int) -> Tensor:
-        episode = self.sampler.episode(e)
-        index = torch.cat(
-            [
-                torch.as_tensor(episode.support).reshape(-1),
-                torch.as_tensor(episode.query).reshape(-1),
-            ]
-        )
-        return gather(self.dataset, index)
+        return gather(self.dataset, self.sampler.episode(e).indices)
 
 
 def simclr_blur_kernel(image_size: int) -> int:
@@ -148,8 +143,8 @@ class TwoViews(Dataset):
         return len(self.labels)
 
     def _view(self, image: Tensor) -> Tensor:
-        raw = (image * self.std + self.mean).clamp(0.0, 1.0)
-        return (self.transform(raw) - self.mean) / self.std
+        raw = denormalise(image, self.mean, self.std).clamp(0.0, 1.0)
+        return normalise_image(self.transform(raw), self.mean, self.std)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
         image = gather(self.dataset, [index])[0]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from experiments.training.base import TaskModule
+from experiments.training.metrics import pairwise_scores
 from fam.errors import FamBenchError
 
 SIMILARITIES = ("euclidean", "cosine")
@@ -55,10 +56,10 @@ class ProtoNetModule(TaskModule):
 
     def logits(self, query: Tensor, prototypes: Tensor) -> Tensor:
         """``(Q, D), (W, D) -> (Q, W)``."""
+        scores = pairwise_scores(query, prototypes, self.similarity)
         if self.similarity == "euclidean":
-            return -torch.cdist(query, prototypes).pow(2)
-        cos = F.normalize(query, dim=1) @ F.normalize(prototypes, dim=1).T
-        return self.log_temperature.exp() * cos
+            return scores
+        return self.log_temperature.exp() * scores
 
     def loss(self, images: Tensor) -> Tensor:
         emb = self.model(self.images(images)).float()

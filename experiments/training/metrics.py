@@ -75,27 +75,17 @@ def fewshot_accuracy(
     episodes = [sampler.episode(e) for e in range(len(sampler))]
     if not episodes:
         raise FamBenchError("The episode sampler has no episodes; set num_episodes >= 1.")
-    used = torch.unique(
-        torch.cat(
-            [
-                torch.cat(
-                    [torch.as_tensor(ep.support).reshape(-1), torch.as_tensor(ep.query).reshape(-1)]
-                )
-                for ep in episodes
-            ]
-        )
-    )
+    used = torch.unique(torch.cat([ep.indices for ep in episodes]))
     emb = embed(model, dataset, used)
     row = torch.full((int(used.max()) + 1,), -1, dtype=torch.long)
     row[used] = torch.arange(len(used))
     row = row.to(emb.device)
     accuracies = []
     for ep in episodes:
-        n_way = len(ep.classes)
-        support = emb[row[torch.as_tensor(ep.support).reshape(-1).to(emb.device)]]
-        query = emb[row[torch.as_tensor(ep.query).reshape(-1).to(emb.device)]]
-        prototypes = support.view(n_way, -1, support.shape[1]).mean(dim=1)
-        target = torch.arange(n_way, device=emb.device).repeat_interleave(len(query) // n_way)
+        support = emb[row[ep.support.to(emb.device)]]
+        query = emb[row[ep.query.to(emb.device)]]
+        prototypes = support.view(ep.n_way, -1, support.shape[1]).mean(dim=1)
+        target = ep.query_labels.to(emb.device)
         pred = pairwise_scores(query, prototypes, similarity).argmax(dim=1)
         accuracies.append((pred == target).float().mean())
     return mean_ci95(torch.stack(accuracies).cpu())
@@ -118,10 +108,11 @@ def knn_accuracy(
     num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     k = min(k, len(bank))
     correct = torch.zeros((), device=bank.device)
+    bank_t = bank.T.contiguous()
     for start in range(0, len(query), 1024):  # bounds the (B, N) similarity matrix
         pred = knn_predict(
             query[start : start + 1024],
-            bank.T.contiguous(),
+            bank_t,
             bank_labels,
             num_classes,
             knn_k=k,

@@ -205,16 +205,7 @@ def train_loader(
     common = {"num_workers": workers, "persistent_workers": workers > 0}
     batch_size = int(trainer_cfg["batch_size"])
     if task == "fewshot":
-        from experiments.data import EpisodeSampler
-
-        sampler = EpisodeSampler(
-            labels_of(train_set),
-            int(task_cfg["train_way"]),
-            int(task_cfg["train_shot"]),
-            int(task_cfg["train_query"]),
-            int(trainer_cfg["max_steps"]),
-            seed,
-        )
+        sampler = _episode_sampler(train_set, task_cfg, "train", trainer_cfg["max_steps"], seed)
         return DataLoader(EpisodeImages(train_set, sampler), batch_size=None, **common)
     if task == "contrastive":
         if len(train_set) < batch_size:
@@ -320,20 +311,28 @@ def _image_size(dataset: Any) -> int:
     return int(size[-1] if isinstance(size, tuple | list) else size)
 
 
+def _episode_sampler(
+    dataset: Any, task_cfg: Mapping[str, Any], prefix: str, num_episodes: Any, seed: int
+) -> Any:
+    """``EpisodeSampler`` over ``dataset``'s labels with the ``<prefix>_way`` /
+    ``<prefix>_shot`` / ``<prefix>_query`` settings of ``task_cfg``."""
+    from experiments.data import EpisodeSampler
+
+    return EpisodeSampler(
+        labels_of(dataset),
+        int(task_cfg[f"{prefix}_way"]),
+        int(task_cfg[f"{prefix}_shot"]),
+        int(task_cfg[f"{prefix}_query"]),
+        int(num_episodes),
+        seed,
+    )
+
+
 def _monitor(
     task: str, train_set: Any, val_set: Any, task_cfg: Mapping[str, Any], seed: int
 ) -> tuple[str, Callable[[nn.Module], float]]:
     if task == "fewshot":
-        from experiments.data import EpisodeSampler
-
-        sampler = EpisodeSampler(
-            labels_of(val_set),
-            int(task_cfg["monitor_way"]),
-            int(task_cfg["monitor_shot"]),
-            int(task_cfg["monitor_query"]),
-            int(task_cfg["monitor_episodes"]),
-            seed,
-        )
+        sampler = _episode_sampler(val_set, task_cfg, "monitor", task_cfg["monitor_episodes"], seed)
         return "val_fewshot_accuracy", lambda m: fewshot_accuracy(
             m, val_set, sampler, task_cfg["similarity"]
         )["mean"]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from experiments.data.base import FileDataset, dataset_error
-from experiments.data.formats._util import check_option, check_split, first_missing
+from experiments.data.formats._util import check_option, check_split, contiguous, first_missing
 
 NAME = "Cars196"
 LAYOUT = (
@@ -89,12 +89,11 @@ def load_cars196(
         np.concatenate([corners[:, :2] - 1, corners[:, 2:] - corners[:, :2] + 1], 1)
     )
     names = [str(n) for n in np.atleast_1d(mat.get("class_names", []))]
-    keys = sorted(set(class_ids.tolist()))
-    position = {k: i for i, k in enumerate(keys)}
+    labels, keys = contiguous(class_ids.tolist())
     classes = [names[k - 1] if k - 1 < len(names) else str(k) for k in keys]
     return FileDataset(
         paths,
-        [position[c] for c in class_ids.tolist()],
+        labels,
         classes,
         image_size,
         normalise,
