@@ -9,16 +9,17 @@ tree that is not a checkout gives ``None`` entries, never an error.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import socket
 import subprocess
 import sys
-import tempfile
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from experiments.atomic import atomic_write
+from experiments.plain import to_plain
 
 # Label in environment.json -> distribution name on PyPI.
 PACKAGES: dict[str, str] = {
@@ -111,14 +112,7 @@ def device_info(device: Any = None) -> dict[str, Any]:
 
 def _plain(cfg: Any) -> Any:
     """A JSON-safe copy of ``cfg`` (OmegaConf configs resolved; unknown objects as strings)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig | ListConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:
-        pass
-    return json.loads(json.dumps(cfg, default=str))
+    return json.loads(json.dumps(to_plain(cfg), default=str))
 
 
 def collect_environment(
@@ -158,13 +152,11 @@ def write_environment(path: str | Path, **kw: Any) -> dict[str, Any]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     env = collect_environment(**kw)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(env, f, indent=2, sort_keys=False)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
     return env

@@ -43,6 +43,7 @@ import os
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from evaluation.names import CONFIDENCE_METRICS, GROUND_TRUTH_METRICS, SAMPLE_METRICS
+from experiments.atomic import atomic_write, atomic_write_bytes
 from experiments.data.seeding import derive_seed
+from experiments.plain import to_plain
 from experiments.tasks import FewShotTask, NeighbourTask, Unit, query_order
 from fam.errors import FamBenchError
 
@@ -195,7 +198,7 @@ def claim_output_dir(out: Path, fingerprint: str, fingerprinted: dict) -> None:
     # Taking the folder over: outputs of an earlier config must not sit beside ours.
     for stale in ("task_metrics.csv", "settings.json"):
         (out / stale).unlink(missing_ok=True)
-    _write_atomic(
+    atomic_write_bytes(
         path,
         json.dumps(
             {"fingerprint": fingerprint, "config": fingerprinted},
@@ -204,12 +207,6 @@ def claim_output_dir(out: Path, fingerprint: str, fingerprinted: dict) -> None:
             default=str,
         ).encode(),
     )
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # -- metric settings ----------------------------------------------------------------------
@@ -535,10 +532,7 @@ def _worker(
     )
     for u in bar:
         shard = evaluate_unit(ev, u, device)
-        path = shard_path(ev.out, u)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(shard, tmp)
-        os.replace(tmp, path)
+        atomic_write(shard_path(ev.out, u), partial(torch.save, shard))
         if after_unit is not None:
             after_unit(u)
 
@@ -573,10 +567,6 @@ def launch(
 
 
 # -- building the run ---------------------------------------------------------------------
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
 def _device(accelerator: str) -> torch.device:
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return torch.device("cuda")
@@ -599,7 +589,7 @@ def build_datasets(cfg: DictConfig) -> tuple[Any, Any]:
             f"(conf/data/ describes each layout; `{cfg.name}` cannot run without it)."
         )
     root = to_absolute_path(str(d.root)) if d.root is not None else None
-    options = _plain(d.get("options")) or {}
+    options = to_plain(d.get("options")) or {}
     train = build_dataset(str(d.name), root, str(d.train_split), int(d.image_size), **options)
     test = build_dataset(str(d.name), root, str(d.eval_split), int(d.image_size), **options)
     return train, test
@@ -607,28 +597,25 @@ def build_datasets(cfg: DictConfig) -> tuple[Any, Any]:
 
 def training_key(cfg: DictConfig) -> dict[str, Any]:
     """The plain dict hashed into the model cache name (model + data + task + training)."""
-    data = _plain(cfg.data)
+    data = to_plain(cfg.data)
     data.pop("root", None)
     data.get("options", {}).pop("mode", None)  # pairs only change the evaluation queries
     data.pop("eval_split", None)
-    model = _plain(cfg.model)
+    model = to_plain(cfg.model)
     model.pop("checkpoint", None)
     model.pop("target_layer", None)
-    trainer = {
-        k: v
-        for k, v in _plain(cfg.trainer).items()
-        if k not in ("accelerator", "devices", "num_nodes", "strategy", "num_workers")
-    }
-    return {"model": model, "data": data, "task": _plain(cfg.task), "trainer": trainer}
+    execution = {path[1] for path in EXECUTION_KEYS if path[0] == "trainer"}
+    trainer = {k: v for k, v in to_plain(cfg.trainer).items() if k not in execution}
+    return {"model": model, "data": data, "task": to_plain(cfg.task), "trainer": trainer}
 
 
 def build_model(cfg: DictConfig, train_set: Any, device: torch.device) -> nn.Module:
     from experiments.models import build_model as build
     from experiments.training import train_or_load
 
-    options = _plain(cfg.model.get("options")) or {}
+    options = to_plain(cfg.model.get("options")) or {}
     model = build(str(cfg.model.name), **options).to(device)
-    trainer = _plain(cfg.trainer)
+    trainer = to_plain(cfg.trainer)
     if int(trainer["devices"]) * int(trainer["num_nodes"]) == 1:
         trainer["strategy"] = "auto"
     checkpoint = cfg.model.checkpoint
@@ -640,7 +627,7 @@ def build_model(cfg: DictConfig, train_set: Any, device: torch.device) -> nn.Mod
                 "state_dict or Lightning checkpoint, or leave it null to train (or reuse "
                 "the cached model)."
             )
-    task_cfg = _plain(cfg.task)
+    task_cfg = to_plain(cfg.task)
     task_name = task_cfg.pop("name")
     for key in ("bank_size", "recall_ks"):
         task_cfg.pop(key, None)
@@ -671,12 +658,11 @@ def build_task(
         from experiments.data import EpisodeSampler
 
         n_way, n_shot, n_query = int(e.n_way), int(e.n_shot), int(e.n_query)
-        if int(e.num_episodes) < 1:
-            raise FamBenchError(f"eval.num_episodes must be >= 1, got {e.num_episodes}.")
+        num_episodes = int(e.num_episodes)  # >= 1: check_settings
         if n_way < 2:
             raise FamBenchError(f"Episodes need eval.n_way >= 2 to compare classes, got {n_way}.")
         sampler = EpisodeSampler(
-            eval_set.labels, n_way, n_shot, n_query, int(e.num_episodes), int(cfg.seed)
+            eval_set.labels, n_way, n_shot, n_query, num_episodes, int(cfg.seed)
         )
         pairs = getattr(eval_set, "mode", "single") == "pairs"
         return FewShotTask(
@@ -694,9 +680,7 @@ def build_task(
         raise FamBenchError(
             f"Unknown task {task_name!r}; use task=fewshot, contrastive or retrieval."
         )
-    num_queries = e.num_queries
-    if num_queries is not None and int(num_queries) < 1:
-        raise FamBenchError(f"eval.num_queries must be >= 1 or null, got {num_queries}.")
+    num_queries = e.num_queries  # an integer >= 1 or None: check_settings
     queries = query_order(
         len(eval_set), None if num_queries is None else int(num_queries), int(cfg.seed)
     )
@@ -773,14 +757,19 @@ def summarise(results: pd.DataFrame, metric_columns: list[str]) -> pd.DataFrame:
     return frame
 
 
-def merge(ev: Evaluation, num_units: int) -> dict[str, Any]:
-    """Shards -> results.csv, summary.csv, curves.npz, sanity.csv; returns what figures use."""
+def merge(ev: Evaluation, num_units: int, loaded: dict[Path, dict] | None = None) -> dict[str, Any]:
+    """Shards -> results.csv, summary.csv, curves.npz, sanity.csv; returns what figures use.
+
+    ``loaded``: shards already read with :func:`load_shard` (path -> shard), not read again.
+    """
+    loaded = loaded or {}
     rows, sanity, figure = [], [], None
     curves: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     sample_ids = []
     names = list(ev.methods)
     for u in range(num_units):
-        shard = load_shard(shard_path(ev.out, u), ev.fingerprint)
+        path = shard_path(ev.out, u)
+        shard = loaded[path] if path in loaded else load_shard(path, ev.fingerprint)
         rows.extend(shard["rows"])
         sanity.extend(shard.get("sanity", []))
         figure = shard.get("figure", figure)
@@ -793,9 +782,9 @@ def merge(ev: Evaluation, num_units: int) -> dict[str, Any]:
     front = ["sample_id", "episode", "index", "label", "method", *ev.constants]
     rest = [c for c in results.columns if c not in front and c not in metric_columns]
     results = results[front + metric_columns + rest]
-    _write_atomic(ev.out / "results.csv", results.to_csv(index=False).encode())
+    atomic_write_bytes(ev.out / "results.csv", results.to_csv(index=False).encode())
     summary = summarise(results, metric_columns)
-    _write_atomic(ev.out / "summary.csv", summary.to_csv(index=False).encode())
+    atomic_write_bytes(ev.out / "summary.csv", summary.to_csv(index=False).encode())
     merged_curves = {
         name: {kind: torch.cat(parts).numpy() for kind, parts in kinds.items()}
         for name, kinds in curves.items()
@@ -806,11 +795,15 @@ def merge(ev: Evaluation, num_units: int) -> dict[str, Any]:
             for name, kinds in merged_curves.items()
             for kind, arr in kinds.items()
         }
-        tmp = ev.out / f".curves.{os.getpid()}.tmp.npz"
-        np.savez(tmp, sample_id=np.asarray(sample_ids), **arrays)
-        os.replace(tmp, ev.out / "curves.npz")
+
+        def write_curves(tmp: Path) -> None:
+            # A file object: given a path, np.savez would append ".npz" to the tmp name.
+            with open(tmp, "wb") as f:
+                np.savez(f, sample_id=np.asarray(sample_ids), **arrays)
+
+        atomic_write(ev.out / "curves.npz", write_curves)
     if sanity:
-        _write_atomic(ev.out / "sanity.csv", pd.DataFrame(sanity).to_csv(index=False).encode())
+        atomic_write_bytes(ev.out / "sanity.csv", pd.DataFrame(sanity).to_csv(index=False).encode())
     return {"results": results, "summary": summary, "curves": merged_curves, "figure": figure}
 
 
@@ -924,12 +917,12 @@ def run(
         frame = pd.DataFrame([{"metric": k, "value": v} for k, v in values.items()])
         for col, value in ev.constants.items():
             frame[col] = value
-        _write_atomic(task_path, frame.to_csv(index=False).encode())
+        atomic_write_bytes(task_path, frame.to_csv(index=False).encode())
 
-    done = set()
+    done, loaded = set(), {}
     for path in sorted((out / SHARD_DIR).glob("unit_*.pt")):
         unit = int(path.stem.split("_")[1])
-        load_shard(path, fingerprint)
+        loaded[path] = load_shard(path, fingerprint)  # merge reuses it
         done.add(unit)
     todo = [u for u in range(task.num_units) if u not in done]
     if done:
@@ -947,16 +940,16 @@ def run(
             str(cfg.trainer.strategy),
             after_unit,
         )
-    merged = merge(ev, task.num_units)
+    merged = merge(ev, task.num_units, loaded)
     figures = write_figures(ev, merged, eval_set)
-    _write_atomic(
+    atomic_write_bytes(
         out / "settings.json",
         json.dumps({"settings_id": sid, "settings": settings, "notes": notes}, indent=2).encode(),
     )
     write_environment(
         out / "environment.json",
         cfg_dict={
-            "config": _plain(cfg),
+            "config": to_plain(cfg),
             "metric_settings": settings,
             "settings_id": sid,
             "notes": notes,

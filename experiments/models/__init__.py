@@ -23,6 +23,7 @@ from torch import nn
 from experiments.models.conv4 import Conv4
 from experiments.models.resnet import ResNetEncoder
 from experiments.models.resnet12 import ResNet12
+from experiments.plain import to_plain
 from fam.errors import FamBenchError
 
 __all__ = ["MODELS", "Conv4", "ResNet12", "ResNetEncoder", "build_model"]
@@ -33,15 +34,6 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "resnet18": (ResNetEncoder, {"arch": "resnet18"}),
     "resnet50": (ResNetEncoder, {"arch": "resnet50"}),
 }
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers (from Hydra configs) to plain lists/dicts."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def build_model(name: str, **options: Any) -> nn.Module:
@@ -55,7 +47,7 @@ def build_model(name: str, **options: Any) -> nn.Module:
     taken by its constructor) are set on the built module as labels. The returned module
     carries ``model_name`` (used in cache names).
     """
-    options = {k: _plain(v) for k, v in options.items()}
+    options = {k: to_plain(v) for k, v in options.items()}
     if "_target_" in options:
         return _build_target(name, options)
     if name not in MODELS:

@@ -7,12 +7,15 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from experiments.atomic import atomic_write
+from experiments.plain import to_plain
 from fam.errors import FamBenchError
 
 # Lightning checkpoints hold the LightningModule's state_dict; the suite's task modules
@@ -41,10 +44,9 @@ def key_hash(key: Mapping[str, Any]) -> str:
 
 
 def _omegaconf_to_plain(value: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
+    plain = to_plain(value)  # a new object for OmegaConf configs, ``value`` otherwise
+    if plain is not value:
+        return plain
     raise TypeError(f"{type(value).__name__} {value!r} is not JSON data")
 
 
@@ -64,12 +66,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, partial(torch.save, state))
     return path
 
 
