@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
 
 from fam.errors import FamBenchError
 
@@ -30,12 +29,12 @@ class RunLogger:
 
     def log_run(
         self,
-        cfg: DictConfig,
+        cfg: dict[str, Any],
         summary: pd.DataFrame,
         task_metrics: pd.DataFrame,
         figures: Sequence[Path],
     ) -> None:
-        self.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        self.logger.log_hyperparams(cfg)
         metrics = {
             f"{r.method}/{r.metric}": float(r.mean)
             for r in summary.itertuples()
@@ -67,7 +66,7 @@ def _require(module: str, extra: str) -> None:
         ) from err
 
 
-def build_logger(cfg: DictConfig, out: Path, run_name: str) -> RunLogger:
+def build_logger(cfg: dict[str, Any], out: Path, run_name: str) -> RunLogger:
     """The logger named by ``cfg.name`` writing under ``out / "logs"``."""
     kind = str(cfg.get("name", "csv"))
     save_dir = str(Path(out) / "logs")

@@ -12,16 +12,20 @@ from collections.abc import Callable
 from typing import NoReturn
 
 
+#: the one prefix of every user-error message the suite prints
+PREFIX = "fam-bench: error: "
+
+
 class FamBenchError(ValueError):
     """A user-fixable problem; the message names it and the fix."""
 
 
 def exit_on_user_error(main: Callable[[], int]) -> NoReturn:
     """Run a command-line ``main() -> exit status``; a :class:`FamBenchError` is printed as
-    ``error: <message>`` on stderr with exit status 2 and no traceback."""
+    ``fam-bench: error: <message>`` on stderr with exit status 2 and no traceback."""
     try:
         status = main()
     except FamBenchError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{PREFIX}{err}", file=sys.stderr)
         sys.exit(2)
     sys.exit(status)

@@ -80,3 +80,21 @@ class SimilarityTarget:
 def as_float(t: Tensor) -> Tensor:
     """Upcast half/bf16 tensors to float32 (weights are always computed in fp32)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def pairwise(similarity: SimilarityLike, emb: Tensor, refs: Tensor) -> Tensor:
+    """Similarity of every embedding to every reference: ``(B, D), (C, D) -> (B, C)``.
+
+    Named similarities broadcast the same per-row formula as :data:`SIMILARITIES` (so
+    ``pairwise(s, e, r)[i, j] == s(e[i:i+1], r[j:j+1])`` exactly); a callable is applied
+    to all ``B*C`` pairs at once.
+    """
+    name, fn = resolve_similarity(similarity)
+    if name == "euclidean":
+        return -(emb[:, None] - refs[None]).pow(2).sum(dim=-1)
+    if name == "cosine":
+        return F.cosine_similarity(emb[:, None], refs[None], dim=-1, eps=COSINE_EPS)
+    if name == "dot":
+        return (emb[:, None] * refs[None]).sum(dim=-1)
+    b, c = emb.shape[0], refs.shape[0]
+    return fn(emb.repeat_interleave(c, 0), refs.repeat(b, 1)).view(b, c)

@@ -92,11 +92,3 @@ def test_more_ways_than_classes_is_an_error():
         make(n_way=13)
 
 
-def test_batch_sampler_feeds_a_dataloader_support_then_query():
-    sampler = make(num_episodes=3)
-    data = TensorDataset(torch.arange(len(LABELS)))
-    loader = DataLoader(data, batch_sampler=sampler.batch_sampler())
-    assert len(loader) == 3
-    for e, (batch,) in enumerate(loader):
-        ep = sampler.episode(e)
-        assert torch.equal(batch, torch.cat([ep.support, ep.query]))

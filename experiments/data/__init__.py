@@ -21,8 +21,7 @@ API (all samples are dicts ``{"image": (3, S, S) float, "label": int, "index": i
   dataset labels, ``support`` ``(n_way*n_shot,)`` / ``query`` ``(n_way*n_query,)`` dataset
   indices, class-major; episode label = position in ``classes``
   (``episode.support_labels`` / ``episode.query_labels``). Depends on ``(seed, e)`` only.
-  Iterating yields episodes ``0..num_episodes-1``; ``sampler.batch_sampler()`` gives
-  support+query index lists for ``DataLoader(batch_sampler=...)``.
+  Iterating yields episodes ``0..num_episodes-1``.
 - ``build_dataset(name, root, split, image_size, **options)``: names ``synthetic``,
   ``miniimagenet``, ``tieredimagenet``, ``imagefolder``, ``cub``, ``cifar10``, ``stl10``,
   ``sop``, ``cars196`` (see :mod:`experiments.data.formats` for layouts). Options: all
@@ -31,16 +30,13 @@ API (all samples are dicts ``{"image": (3, S, S) float, "label": int, "index": i
   ``masks="auto"|"segmentation"|"box"|"none"``; ``cars196``: ``protocol="retrieval"|
   "official"``, ``masks="box"|"none"``. Masks: synthetic (exact), cub, cars196 only.
   Splits: ``train``/``val``/``test`` (few-shot), ``train``/``test`` (classification,
-  retrieval). Retrieval: ``retrieval_split(test_set, protocol="all"|"half") ->
-  RetrievalSplit(query, gallery, exclude_self)``; the standard SOP/Cars/CUB protocol
-  ("all") is the whole test set as query and gallery, each query excluded from its own
-  ranking (``exclude_self=True``, the two sets are the same object).
+  retrieval). Retrieval uses the standard SOP/Cars/CUB protocol: the whole test set as
+  query and gallery, each query excluded from its own ranking (experiments.tasks).
 """
 
 from experiments.data.common import IMAGENET_MEAN, IMAGENET_STD, denormalise, normalise_image
-from experiments.data.episodes import Episode, EpisodeBatches, EpisodeSampler
+from experiments.data.episodes import Episode, EpisodeSampler
 from experiments.data.factory import LOADERS, build_dataset
-from experiments.data.retrieval import LabelledSubset, RetrievalSplit, retrieval_split
 from experiments.data.synthetic import SyntheticShapes
 
 __all__ = [
@@ -48,13 +44,9 @@ __all__ = [
     "IMAGENET_STD",
     "LOADERS",
     "Episode",
-    "EpisodeBatches",
     "EpisodeSampler",
-    "LabelledSubset",
-    "RetrievalSplit",
     "SyntheticShapes",
     "build_dataset",
     "denormalise",
     "normalise_image",
-    "retrieval_split",
 ]

@@ -7,14 +7,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
 
-from experiments.data.seeding import generator
+from experiments.data.seeding import Stream, generator
 from fam.errors import FamBenchError
-
-# Tags the episode stream so that it never shares a generator with other uses of a seed.
-_EPISODE_STREAM = 3
-
 
 @dataclass(frozen=True)
 class Episode:
@@ -114,7 +109,7 @@ class EpisodeSampler:
 
     def episode(self, e: int) -> Episode:
         """Episode ``e`` (any non-negative integer, also beyond ``num_episodes``)."""
-        g = generator(self.seed, _EPISODE_STREAM, e)
+        g = generator(self.seed, Stream.EPISODE, e)
         chosen = torch.randperm(len(self.classes), generator=g)[: self.n_way]
         support, query = [], []
         for c in chosen.tolist():
@@ -130,21 +125,3 @@ class EpisodeSampler:
 
     def __iter__(self) -> Iterator[Episode]:
         return (self.episode(e) for e in range(self.num_episodes))
-
-    def batch_sampler(self) -> EpisodeBatches:
-        """A DataLoader ``batch_sampler``: each batch is an episode's support then query."""
-        return EpisodeBatches(self)
-
-
-class EpisodeBatches(Sampler[list[int]]):
-    """Index lists (support then query) of a sampler's episodes, for ``DataLoader``."""
-
-    def __init__(self, sampler: EpisodeSampler) -> None:
-        self.sampler = sampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for episode in self.sampler:
-            yield episode.indices.tolist()

@@ -8,6 +8,8 @@ order, in any process.
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -31,3 +33,14 @@ def derive_seed(*parts: int) -> int:
 def generator(*parts: int) -> torch.Generator:
     """A CPU generator seeded from ``derive_seed(*parts)``."""
     return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+class Stream(IntEnum):
+    """Named seed streams: ``derive_seed(seed, Stream.X, ...)`` keeps the draws of one
+    purpose independent of every other's (values fixed: they define published runs)."""
+
+    EPISODE = 3  # which classes and images make few-shot episode e
+    QUERY_ORDER = 7  # which test queries a contrastive / retrieval run explains
+    UNIT = 11  # torch's global RNG at the start of each evaluation unit
+    EXPLAINER = 13  # methods with their own RNG (random maps), per unit
+    TIES = 17  # the random order of tied pixels in deletion / insertion, per unit

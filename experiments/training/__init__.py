@@ -7,19 +7,9 @@ pytorch-metric-learning). The metric helpers score a trained network on its task
 
 from experiments.training.checkpoints import key_hash, load_weights, save_weights
 from experiments.training.metrics import embed, fewshot_accuracy, knn_accuracy, recall_at_k
-from experiments.training.train import (
-    TASK_DEFAULTS,
-    TASKS,
-    TRAINER_DEFAULTS,
-    cached_checkpoint,
-    fit,
-    train_or_load,
-)
+from experiments.training.train import cached_checkpoint, fit, train_or_load
 
 __all__ = [
-    "TASKS",
-    "TASK_DEFAULTS",
-    "TRAINER_DEFAULTS",
     "cached_checkpoint",
     "embed",
     "fewshot_accuracy",

@@ -26,6 +26,14 @@ def labels_of(dataset: Any) -> Tensor:
     return torch.as_tensor(labels, dtype=torch.long)
 
 
+def image_size_of(dataset: Any) -> int:
+    """Side length of the dataset's square images (``image_size`` or the first image)."""
+    size = getattr(dataset, "image_size", None)
+    if size is None:
+        size = dataset[0]["image"].shape[-1]
+    return int(size[-1] if isinstance(size, tuple | list) else size)
+
+
 def gather(dataset: Any, indices: Tensor | Sequence[int]) -> Tensor:
     """Images at ``indices``: ``(B,) -> (B, 3, H, W)`` float, normalised as the dataset
     returns them."""

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from experiments.training.base import TaskModule
-from experiments.training.metrics import pairwise_scores
 from fam.errors import FamBenchError
+from fam.similarity import pairwise
 
 SIMILARITIES = ("euclidean", "cosine")
 
@@ -56,7 +56,7 @@ class ProtoNetModule(TaskModule):
 
     def logits(self, query: Tensor, prototypes: Tensor) -> Tensor:
         """``(Q, D), (W, D) -> (Q, W)``."""
-        scores = pairwise_scores(query, prototypes, self.similarity)
+        scores = pairwise(self.similarity, query, prototypes)
         if self.similarity == "euclidean":
             return scores
         return self.log_temperature.exp() * scores

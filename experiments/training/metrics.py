@@ -14,43 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from experiments.training.batches import gather, labels_of
+from experiments.embedding import embed
+from experiments.training.batches import labels_of
 from fam.errors import FamBenchError
-from fam.layers import eval_mode, model_device
-from fam.similarity import SimilarityLike, resolve_similarity
-
-
-@torch.no_grad()
-def embed(
-    model: nn.Module, dataset: Any, indices: Tensor | None = None, batch_size: int = 256
-) -> Tensor:
-    """Embeddings ``(B, D)`` of ``dataset[indices]`` (all of it by default), in eval mode."""
-    if indices is None:
-        indices = torch.arange(len(dataset))
-    device = model_device(model) or torch.device("cpu")
-    chunks = []
-    with eval_mode(model):
-        for start in range(0, len(indices), batch_size):
-            images = gather(dataset, indices[start : start + batch_size]).to(device)
-            chunks.append(model(images).float())
-    return torch.cat(chunks)
-
-
-def pairwise_scores(query: Tensor, prototypes: Tensor, similarity: SimilarityLike) -> Tensor:
-    """Similarity of every query to every prototype: ``(Q, D), (W, D) -> (Q, W)``.
-
-    Named similarities use their matrix form; a callable ``(emb, ref) -> (N,)`` is applied
-    to all ``Q*W`` pairs at once.
-    """
-    name, fn = resolve_similarity(similarity)
-    if name == "euclidean":
-        return -torch.cdist(query, prototypes).pow(2)
-    if name == "cosine":
-        return F.normalize(query, dim=1) @ F.normalize(prototypes, dim=1).T
-    if name == "dot":
-        return query @ prototypes.T
-    q, w = query.shape[0], prototypes.shape[0]
-    return fn(query.repeat_interleave(w, dim=0), prototypes.repeat(q, 1)).view(q, w)
+from fam.similarity import SimilarityLike, pairwise
 
 
 def mean_ci95(values: Tensor) -> dict[str, float]:
@@ -86,7 +53,7 @@ def fewshot_accuracy(
         query = emb[row[ep.query.to(emb.device)]]
         prototypes = support.view(ep.n_way, -1, support.shape[1]).mean(dim=1)
         target = ep.query_labels.to(emb.device)
-        pred = pairwise_scores(query, prototypes, similarity).argmax(dim=1)
+        pred = pairwise(similarity, query, prototypes).argmax(dim=1)
         accuracies.append((pred == target).float().mean())
     return mean_ci95(torch.stack(accuracies).cpu())
 
