@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 #: method options that change how fast a method runs, never its maps
 METHOD_EXECUTION_OPTIONS = frozenset({"batch_size", "ablation_batch"})
 #: trainer keys that change where and how fast training runs, never the weights
-TRAINER_EXECUTION_KEYS = frozenset({"accelerator", "devices", "num_nodes", "strategy",
-                                    "num_workers", "log_every_n_steps"})
+TRAINER_EXECUTION_KEYS = frozenset(
+    {"accelerator", "devices", "num_nodes", "strategy", "num_workers", "log_every_n_steps"}
+)
 
 
 def to_absolute_path(path: str) -> str:

@@ -243,7 +243,11 @@ def with_method_defaults(overrides: list[str]) -> list[str]:
     return [*overrides, *extra]
 
 
-def compose_config(overrides: list[str] | None = None, config_dir: Path | None = None):
+def compose_config(
+    overrides: list[str] | None = None,
+    config_dir: Path | None = None,
+    return_hydra_config: bool = False,
+):
     """Compose ``conf/config.yaml`` with ``overrides`` as ``run.py`` does (tests, notebooks).
     Errors are :class:`FamBenchError` with the nearest valid key (:func:`explain_error`)."""
     from hydra import compose, initialize_config_dir
@@ -251,12 +255,14 @@ def compose_config(overrides: list[str] | None = None, config_dir: Path | None =
     overrides = with_method_defaults(list(overrides or []))
     try:
         with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=overrides)
+            cfg = compose("config", overrides=overrides, return_hydra_config=return_hydra_config)
     except Exception as err:  # noqa: BLE001 - rewritten as a user error or re-raised
         message = explain_error(err, overrides, config_dir)
         if message is None:
             raise
         raise FamBenchError(message) from None
+    load(cfg)  # `+key=value` bypasses Hydra's key check: the schema catches it here
+    return cfg
 
 
 _KEY_PATTERNS = (

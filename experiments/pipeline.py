@@ -56,8 +56,20 @@ EXECUTION_KEYS = (
 )
 #: the leading columns of results.csv, in order
 FRONT_COLUMNS = [
-    "sample_id", "episode", "index", "label", "method", "experiment", "dataset", "model",
-    "task", "settings_id", "seed", "model_id", "table_id", "method_options",
+    "sample_id",
+    "episode",
+    "index",
+    "label",
+    "method",
+    "experiment",
+    "dataset",
+    "model",
+    "task",
+    "settings_id",
+    "seed",
+    "model_id",
+    "table_id",
+    "method_options",
 ]
 
 
@@ -89,7 +101,9 @@ def applicable_metrics(
     for name in metrics:
         spec = METRICS[name]
         if spec.needs_masks and not getattr(eval_set, "has_masks", False):
-            notes.append(f"{name} skipped: dataset {data_name!r} has no ground-truth masks or boxes.")
+            notes.append(
+                f"{name} skipped: dataset {data_name!r} has no ground-truth masks or boxes."
+            )
         elif spec.needs_confidence and not evaluation.confidence_available:
             notes.append(
                 f"{name} skipped: it needs a non-negative score; the raw "
@@ -259,8 +273,13 @@ def write_figures(job: Job, merged: dict[str, Any], eval_set: Any, evaluation: A
         maps = {name: figure["maps"][k] for k, name in enumerate(job.methods)}
         paths.append(
             plot_map_grid(
-                figure["images"], maps, figure["masks"], out / "maps.png",
-                eval_set.mean, eval_set.std, labels=labels,
+                figure["images"],
+                maps,
+                figure["masks"],
+                out / "maps.png",
+                eval_set.mean,
+                eval_set.std,
+                labels=labels,
             )
         )
     if merged["curves"]:

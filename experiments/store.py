@@ -149,7 +149,11 @@ class OutputStore:
 
     # -- merge ----------------------------------------------------------------------------
     def merge(
-        self, fingerprint: str, num_units: int, methods: list[str], front: list[str],
+        self,
+        fingerprint: str,
+        num_units: int,
+        methods: list[str],
+        front: list[str],
         metric_columns: list[str],
     ) -> dict[str, Any]:
         """Shards -> ``results.csv``, ``curves.npz``, ``sanity.csv``; returns the frames."""

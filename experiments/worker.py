@@ -72,7 +72,9 @@ def explain(job: Job, unit: Unit, u: int) -> tuple[torch.Tensor, torch.Tensor, l
     n = len(unit.images)
     maps, flags, reasons = [], [], []
     for name, method in job.methods.items():
-        explainer = method.make(job.model, job.target_layer, derive_seed(job.seed, Stream.EXPLAINER, u))
+        explainer = method.make(
+            job.model, job.target_layer, derive_seed(job.seed, Stream.EXPLAINER, u)
+        )
         for i in range(0, n, job.explain_batch):
             batch = explainer(
                 unit.images[i : i + job.explain_batch],

@@ -11,7 +11,6 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-
 #: the one prefix of every user-error message the suite prints
 PREFIX = "fam-bench: error: "
 

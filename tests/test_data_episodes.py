@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from experiments.data import EpisodeSampler
 from fam.errors import FamBenchError

@@ -19,9 +19,9 @@ from format_writers import (
     write_sop,
     write_stl10,
 )
-from hydra import compose, initialize_config_dir
 
 from experiments import pipeline
+from experiments.config import compose_config
 from fam.errors import FamBenchError
 
 pytestmark = pytest.mark.slow
@@ -54,16 +54,9 @@ SUBSET = [
 
 
 def config(cache: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                f"cache_dir={cache}",
-                "trainer.accelerator=cpu",
-                "eval.progress=false",
-                *overrides,
-            ],
-        )
+    return compose_config(
+        [f"cache_dir={cache}", "trainer.accelerator=cpu", "eval.progress=false", *overrides]
+    )
 
 
 def assert_same_results(a: Path, b: Path) -> None:
@@ -122,7 +115,11 @@ def test_a_run_writes_every_output_for_all_methods_and_metrics(cache, tmp_path):
     assert results["energy_pointing_game"].dropna().between(0, 1).all()
     assert results[["deletion_auc", "insertion_auc"]].stack().between(0, 1).all()
     settings = json.loads((out / "settings.json").read_text())
-    assert results["settings_id"].unique().tolist() == [settings["settings_id"]]
+    by_method = results.groupby("method")["settings_id"].unique()
+    assert {m: ids.tolist() for m, ids in by_method.items()} == {
+        m: [sid] for m, sid in settings["settings_ids"].items()
+    }
+    assert results["table_id"].nunique() == 1 and results["model"].unique().tolist() == ["conv4_32"]
     assert settings["settings"]["step"] == 16 and settings["settings"]["score"] == "probability"
 
     summary = pd.read_csv(out / "summary.csv")
@@ -151,7 +148,7 @@ def test_a_run_writes_every_output_for_all_methods_and_metrics(cache, tmp_path):
     for name in ("maps.png", "curves.png", "environment.json", "logs/metrics.csv"):
         assert (out / name).is_file(), name
     env = json.loads((out / "environment.json").read_text())
-    assert env["seed"] == 0 and env["settings"]["settings_id"] == settings["settings_id"]
+    assert env["seed"] == 0 and env["settings"]["settings_ids"] == settings["settings_ids"]
 
 
 def test_an_interrupted_run_resumes_to_the_same_results(reference, cache, tmp_path):

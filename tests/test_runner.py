@@ -7,14 +7,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 from scipy import stats
 
-from experiments import pipeline
+from evaluation.summary import summarise
+from experiments import builders, config, pipeline
+from experiments.store import OutputStore
+from experiments.tasks import family_for
 from fam.errors import FamBenchError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +39,26 @@ METHODS = [
 
 
 def composed(*overrides: str, hydra_node: bool = False):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra_node)
+    return config.compose_config(list(overrides), return_hydra_config=hydra_node)
+
+
+def typed(*overrides: str) -> config.RunConfig:
+    return config.load(composed(*overrides))
+
+
+def settings_of(run: config.RunConfig, score: str = "probability") -> dict:
+    family = family_for(run.task)
+    evaluation = SimpleNamespace(
+        score=score if family.name == "fewshot" else "similarity",
+        similarity=family.config.similarity,
+    )
+    return builders.metric_settings(run, family, evaluation)
+
+
+def fingerprint(*overrides: str) -> tuple[str, dict]:
+    run = typed(*overrides)
+    run.task = config.plain(family_for(run.task).config)
+    return pipeline.fingerprint_of(run, builders.build_methods(run))
 
 
 def test_the_ten_experiments_exist_and_compose_with_their_protocol_settings():
@@ -79,9 +100,7 @@ def test_the_ten_experiments_exist_and_compose_with_their_protocol_settings():
         )
         assert got == expected[name], name
         assert set(cfg.methods) == set(METHODS)
-        settings = pipeline.metric_settings(
-            cfg, cfg.data.image_size, cfg.task.name, cfg.task.similarity
-        )
+        settings = settings_of(config.load(cfg))
         # RISE: 224 px per step at 224 px; TorchRay: 15 px tolerance at 224 px.
         assert settings["step"] == cfg.data.image_size
         assert settings["tolerance_px"] == pytest.approx(15 * cfg.data.image_size / 224, abs=1e-4)
@@ -153,20 +172,20 @@ def test_launchers_and_loggers_compose():
 
 
 def test_every_method_config_builds_an_explainer_factory():
-    factories = pipeline.load_methods(METHODS)
-    assert list(factories) == METHODS
-    assert all(callable(f) for f in factories.values())
+    methods = builders.build_methods(typed())
+    assert list(methods) == METHODS
+    assert all(callable(m.factory) for m in methods.values())
 
 
 def test_unknown_method_and_metric_names_list_the_valid_ones():
     with pytest.raises(FamBenchError, match="Valid methods.*gradcam"):
-        pipeline.load_methods(["fam", "gradkam"])
+        builders.build_methods(typed("methods=[fam,gradkam]"))
     with pytest.raises(FamBenchError, match="Valid metrics.*deletion_auc"):
         pipeline.check_metrics(["pointing_gme"])
 
 
 def test_fingerprint_ignores_execution_settings_but_not_result_settings():
-    base, _ = pipeline.config_fingerprint(composed())
+    base, _ = fingerprint()
     for same in (
         "trainer.devices=2",
         "trainer.accelerator=cpu",
@@ -175,7 +194,7 @@ def test_fingerprint_ignores_execution_settings_but_not_result_settings():
         "logger=tensorboard",
         "eval.progress=false",
     ):
-        assert pipeline.config_fingerprint(composed(same))[0] == base, same
+        assert fingerprint(same)[0] == base, same
     for different in (
         "seed=1",
         "eval.n_shot=1",
@@ -183,14 +202,14 @@ def test_fingerprint_ignores_execution_settings_but_not_result_settings():
         "methods=[fam]",
         "trainer.max_steps=5",
         "metric.score=similarity",
+        "method.fam.contribution=product",
     ):
-        assert pipeline.config_fingerprint(composed(different))[0] != base, different
+        assert fingerprint(different)[0] != base, different
 
 
 def test_settings_id_changes_with_every_metric_setting():
-    cfg = composed()
-    base = pipeline.metric_settings(cfg, 32, "fewshot", "euclidean")
-    ids = {pipeline.settings_id(base)}
+    base = settings_of(typed())
+    ids = {builders.settings_id(base)}
     for key, value in (
         ("step", 8),
         ("blur_sigma", 2.0),
@@ -198,10 +217,8 @@ def test_settings_id_changes_with_every_metric_setting():
         ("score", "similarity"),
         ("insertion_substrate", "zeros"),
     ):
-        ids.add(pipeline.settings_id({**base, key: value}))
+        ids.add(builders.settings_id({**base, key: value}))
     assert len(ids) == 6
-    # contrastive/retrieval always read the similarity, whatever metric.score says
-    assert pipeline.metric_settings(cfg, 32, "retrieval", "cosine")["score"] == "similarity"
 
 
 def test_summary_gives_t_interval_and_excludes_nan():
@@ -217,7 +234,7 @@ def test_summary_gives_t_interval_and_excludes_nan():
             "settings_id": "x",
         }
     )
-    summary = pipeline.summarise(frame, ["pointing_game"]).set_index("metric")
+    summary = summarise(frame).set_index("metric")
     row = summary.loc["pointing_game"]
     low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
     assert (row["n"], row["n_excluded"]) == (12, 2)
@@ -226,19 +243,23 @@ def test_summary_gives_t_interval_and_excludes_nan():
     assert summary.loc["degenerate", "mean"] == pytest.approx(1 / 14)
     class_means = [np.nanmean(values_with_nan[0::2]), np.nanmean(values_with_nan[1::2])]
     assert summary.loc["pointing_game_class_mean", "mean"] == pytest.approx(np.mean(class_means))
-    assert math.isnan(pipeline.summarise(frame.iloc[:1], ["pointing_game"])["ci95_low"][0])
+    assert math.isnan(summarise(frame.iloc[:1])["ci95_low"][0])
 
 
 def test_output_folder_of_another_config_is_refused(tmp_path):
-    fp, plain = pipeline.config_fingerprint(composed())
-    fp2, plain2 = pipeline.config_fingerprint(composed("eval.n_query=7"))
-    pipeline.claim_output_dir(tmp_path, fp2, plain2)
-    pipeline.claim_output_dir(tmp_path, fp, plain)  # no results yet: the folder is taken over
+    fp, plain = fingerprint()
+    fp2, plain2 = fingerprint("eval.n_query=7")
+    fp3, plain3 = fingerprint("method.fam.contribution=product")
+    store = OutputStore(tmp_path)
+    store.claim(fp2, plain2)
+    store.claim(fp, plain)  # no results yet: the folder is taken over
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "unit_000000.pt").write_bytes(b"")
-    pipeline.claim_output_dir(tmp_path, fp, plain)  # same config: resume is fine
+    store.claim(fp, plain)  # same config: resume is fine
     with pytest.raises(FamBenchError, match="eval.n_query"):
-        pipeline.claim_output_dir(tmp_path, fp2, plain2)
+        store.claim(fp2, plain2)
+    with pytest.raises(FamBenchError, match="method.fam.contribution"):
+        store.claim(fp3, plain3)
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -294,8 +315,8 @@ def test_each_logger_records_the_summary_and_figures(kind, tmp_path, monkeypatch
     imsave(figure, np.zeros((4, 4, 3)))
     summary = pd.DataFrame({"method": ["fam"], "metric": ["deletion_auc"], "mean": [0.25]})
     task = pd.DataFrame({"metric": ["fewshot_accuracy"], "value": [0.9]})
-    cfg = composed(f"logger={kind}")
-    build_logger(cfg.logger, tmp_path, "run").log_run(cfg, summary, task, [figure])
+    run = typed(f"logger={kind}")
+    build_logger(run.logger, tmp_path, "run").log_run(config.plain(run), summary, task, [figure])
     logs = tmp_path / "logs"
     if kind == "csv":
         metrics = pd.read_csv(logs / "metrics.csv")
@@ -313,12 +334,10 @@ def test_each_logger_records_the_summary_and_figures(kind, tmp_path, monkeypatch
 
 
 def test_unknown_logger_is_a_clear_error(tmp_path):
-    from omegaconf import OmegaConf
-
     from experiments.loggers import build_logger
 
     with pytest.raises(FamBenchError, match="Unknown logger 'mlflow'"):
-        build_logger(OmegaConf.create({"name": "mlflow"}), tmp_path, "run")
+        build_logger({"name": "mlflow"}, tmp_path, "run")
 
 
 @pytest.mark.slow
@@ -361,13 +380,18 @@ def test_cli_run_writes_into_the_hydra_folder_and_a_rerun_resumes(tmp_path):
         ("metric.blur_sigma=-1", "metric.blur_sigma"),
         ("metric.deletion_substrate=noise", "metric.deletion_substrate"),
         ("metric.score=prob", "metric.score"),
+        ("trainer.devices=0", "trainer.devices"),
+        ("task.similarity=manhattan", "task.similarity"),
     ],
 )
 def test_mistyped_settings_are_named_before_anything_is_trained(override, named):
     with pytest.raises(FamBenchError, match=named):
-        pipeline.check_settings(composed(override))
+        run = typed(override)
+        family_for(run.task)
 
 
 def test_the_shipped_experiments_pass_the_settings_check():
-    for experiment in pipeline.available_experiments():
-        pipeline.check_settings(composed(f"experiment={experiment}"))
+    for experiment in sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")):
+        run = typed(f"experiment={experiment}")
+        family_for(run.task)
+        builders.build_methods(run)

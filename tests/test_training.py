@@ -171,20 +171,15 @@ def test_two_views_without_augmentation_reproduce_the_image():
 
 def test_retrieval_batches_are_class_balanced():
     data = ToyShapes()
-    loader = train_module.train_loader(
-        data,
-        "retrieval",
-        {"samples_per_class": 4},
-        train_module.resolve_trainer_cfg({"batch_size": 16}),
-        seed=0,
-    )
+    family = train_module.as_family("retrieval", {"samples_per_class": 4})
+    loader = family.train_loader(data, train_module.as_trainer({"batch_size": 16}), seed=0)
     images, labels = next(iter(loader))
     assert images.shape == (16, 3, 16, 16)
     assert sorted(torch.bincount(labels).tolist())[-4:] == [4, 4, 4, 4]
     torch.testing.assert_close(images, data.images[_indices_of(data, images)])
-    with pytest.raises(FamBenchError, match="multiple of samples_per_class"):
-        train_module.train_loader(
-            data, "retrieval", {"samples_per_class": 3}, {"batch_size": 16, "num_workers": 0}, 0
+    with pytest.raises(FamBenchError, match="multiple of task.samples_per_class"):
+        train_module.as_family("retrieval", {"samples_per_class": 3}).train_loader(
+            data, train_module.as_trainer({"batch_size": 16}), 0
         )
 
 

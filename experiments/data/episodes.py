@@ -11,6 +11,7 @@ from torch import Tensor
 from experiments.data.seeding import Stream, generator
 from fam.errors import FamBenchError
 
+
 @dataclass(frozen=True)
 class Episode:
     """One few-shot episode.

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from experiments.data.seeding import Stream, generator
-from experiments.embedding import embed
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 

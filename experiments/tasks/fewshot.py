@@ -53,8 +53,15 @@ class FewShotConfig:
                 raise FamBenchError(f"task.{key} must be >= 1, got {getattr(self, key)}.")
 
 
-def episode_sampler(dataset: Any, way: int, shot: int, query: int, episodes: int, seed: int,
-                    keys: tuple[str, str, str]):
+def episode_sampler(
+    dataset: Any,
+    way: int,
+    shot: int,
+    query: int,
+    episodes: int,
+    seed: int,
+    keys: tuple[str, str, str],
+):
     """``EpisodeSampler`` over ``dataset``; an impossible shape names the config keys."""
     from experiments.data import EpisodeSampler
     from experiments.training.batches import labels_of
@@ -87,8 +94,13 @@ class FewShot(TaskFamily):
 
         c = self.config
         sampler = episode_sampler(
-            train_set, c.train_way, c.train_shot, c.train_query, trainer.max_steps,
-            seed, ("task.train_way", "task.train_shot", "task.train_query"),
+            train_set,
+            c.train_way,
+            c.train_shot,
+            c.train_query,
+            trainer.max_steps,
+            seed,
+            ("task.train_way", "task.train_shot", "task.train_query"),
         )
         workers = trainer.num_workers
         return DataLoader(
@@ -103,7 +115,12 @@ class FewShot(TaskFamily):
 
         c = self.config
         sampler = episode_sampler(
-            val_set, c.monitor_way, c.monitor_shot, c.monitor_query, c.monitor_episodes, seed,
+            val_set,
+            c.monitor_way,
+            c.monitor_shot,
+            c.monitor_query,
+            c.monitor_episodes,
+            seed,
             ("task.monitor_way", "task.monitor_shot", "task.monitor_query"),
         )
         return "val_fewshot_accuracy", lambda m: fewshot_accuracy(
@@ -118,13 +135,25 @@ class FewShot(TaskFamily):
         if e.n_way < 2:
             raise FamBenchError(f"Episodes need eval.n_way >= 2 to compare classes, got {e.n_way}.")
         sampler = episode_sampler(
-            eval_set, e.n_way, e.n_shot, e.n_query, e.num_episodes, run.seed,
+            eval_set,
+            e.n_way,
+            e.n_shot,
+            e.n_query,
+            e.num_episodes,
+            run.seed,
             ("eval.n_way", "eval.n_shot", "eval.n_query"),
         )
         pairs = getattr(eval_set, "mode", "single") == "pairs"
         return FewShotEvaluation(
-            eval_set, sampler, e.n_way, e.n_shot, e.n_query, self.config.similarity,
-            run.metric.score, run.seed, pairs,
+            eval_set,
+            sampler,
+            e.n_way,
+            e.n_shot,
+            e.n_query,
+            self.config.similarity,
+            run.metric.score,
+            run.seed,
+            pairs,
         )
 
 
@@ -136,13 +165,15 @@ class FewShotEvaluation(Evaluation):
     query)``); the first is the ground truth, the second goes into ``other_masks``.
     """
 
-    def __init__(self, dataset, sampler, n_way, n_shot, n_query, similarity, score, seed,
-                 pairs=False) -> None:
+    def __init__(
+        self, dataset, sampler, n_way, n_shot, n_query, similarity, score, seed, pairs=False
+    ) -> None:
         self.dataset, self.sampler = dataset, sampler
         self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
         self.similarity, self.score, self.seed, self.pairs = similarity, score, seed, pairs
         self.score_label = (
-            "class probability (episode softmax)" if score == "probability"
+            "class probability (episode softmax)"
+            if score == "probability"
             else f"{similarity} similarity to the prototype"
         )
 

@@ -14,7 +14,6 @@ The metrics read the cosine similarity; Average Drop / Increase in Confidence re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,14 +85,23 @@ class Contrastive(TaskFamily):
             )
         c = self.config
         views = TwoViews(
-            train_set, image_size_of(train_set), min_scale=c.min_scale, cj_prob=c.cj_prob,
-            cj_strength=c.cj_strength, random_gray_scale=c.random_gray_scale,
-            gaussian_blur=c.gaussian_blur, hf_prob=c.hf_prob,
+            train_set,
+            image_size_of(train_set),
+            min_scale=c.min_scale,
+            cj_prob=c.cj_prob,
+            cj_strength=c.cj_strength,
+            random_gray_scale=c.random_gray_scale,
+            gaussian_blur=c.gaussian_blur,
+            hf_prob=c.hf_prob,
         )
         w = trainer.num_workers
         return DataLoader(
-            views, batch_size=trainer.batch_size, shuffle=True, drop_last=True,
-            num_workers=w, persistent_workers=w > 0,
+            views,
+            batch_size=trainer.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=w,
+            persistent_workers=w > 0,
         )
 
     def monitor(self, train_set, val_set, seed):
@@ -107,11 +115,16 @@ class Contrastive(TaskFamily):
         # the bank draws from the next seed's query stream (fixed: it defines earlier runs)
         bank = None if bank_size is None else query_order(len(train_set), bank_size, run.seed + 1)
         ev = NeighbourEvaluation(
-            "contrastive", eval_set, train_set, queries, run.eval.unit_size,
+            "contrastive",
+            eval_set,
+            train_set,
+            queries,
+            run.eval.unit_size,
             self.config.similarity,
         )
-        ev.find_neighbours(model, device, run.eval.batch_size, exclude_self=False,
-                           bank_indices=bank)
+        ev.find_neighbours(
+            model, device, run.eval.batch_size, exclude_self=False, bank_indices=bank
+        )
         knn_k = self.config.knn_k
 
         def task_metrics(net: nn.Module) -> dict[str, float]:
@@ -152,13 +165,20 @@ class Retrieval(TaskFamily):
                 "task.samples_per_class."
             )
         sampler = MPerClassSampler(
-            view.labels, per_class, batch_size=batch_size,
+            view.labels,
+            per_class,
+            batch_size=batch_size,
             length_before_new_iter=max(len(view), batch_size),
         )
         w = trainer.num_workers
         return DataLoader(
-            view, batch_size=batch_size, sampler=sampler, collate_fn=pass_through,
-            drop_last=True, num_workers=w, persistent_workers=w > 0,
+            view,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=pass_through,
+            drop_last=True,
+            num_workers=w,
+            persistent_workers=w > 0,
         )
 
     def monitor(self, train_set, val_set, seed):

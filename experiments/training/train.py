@@ -70,7 +70,14 @@ def train_or_load(
             return load_weights(model, path).eval()
     device = model_device(model)
     _, trainer = fit(
-        model, train_set, family, None, trainer_cfg, seed, val_set, logger=logger,
+        model,
+        train_set,
+        family,
+        None,
+        trainer_cfg,
+        seed,
+        val_set,
+        logger=logger,
         progress=progress,
     )
     if device is not None:  # Lightning may leave it elsewhere after teardown

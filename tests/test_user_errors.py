@@ -1,0 +1,202 @@
+"""User mistakes end with one paragraph naming the key to change, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from experiments import builders, config, pipeline
+from experiments.store import OutputStore
+from fam.errors import FamBenchError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.image_size=16",
+    "model.options.hidden=8",
+    "data.options.images_per_class=6",
+    "trainer.max_steps=2",
+    "trainer.batch_size=8",
+    "task.train_way=3",
+    "task.train_shot=2",
+    "task.train_query=2",
+    "eval.num_episodes=1",
+    "eval.n_way=3",
+    "eval.n_shot=2",
+    "eval.n_query=1",
+    "methods=[fam,center]",
+    "metrics=[pointing_game]",
+    "trainer.accelerator=cpu",
+    "eval.progress=false",
+]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["FAM_BENCH_CACHE"] = str(cwd / "cache")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def one_paragraph_error(done: subprocess.CompletedProcess, *named: str) -> None:
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr + done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("fam-bench: error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    for name in named:
+        assert name in errors[0], errors[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [
+        ("eval.num_episode=1", "eval.num_episodes"),
+        ("+eval.num_episode=1", "eval.num_episodes"),
+        ("trainer.max_step=5", "trainer.max_steps"),
+        ("method.fam.contrib=product", "method.fam.contribution"),
+    ],
+)
+def test_a_mistyped_key_names_the_nearest_valid_key_and_never_a_plus_key(override, suggestion):
+    with pytest.raises(FamBenchError) as err:
+        config.compose_config([override])
+    message = str(err.value)
+    assert f"`{suggestion}`" in message
+    assert "+" not in message.replace(override, "")
+
+
+def test_an_unknown_task_key_added_with_plus_is_refused_when_the_run_starts():
+    from experiments.tasks import family_for
+
+    run = config.load(config.compose_config(["+task.train_wya=3"]))
+    with pytest.raises(FamBenchError, match="task.train_way"):
+        family_for(run.task)
+
+
+def test_an_unknown_method_option_lists_the_valid_ones():
+    run = config.load(config.compose_config(["+method.fam.contribtion=product"]))
+    with pytest.raises(FamBenchError, match=r"method\.fam\.contribution.*ablation_batch"):
+        builders.build_methods(run)
+
+
+def test_episode_shape_errors_name_the_training_keys(tmp_path):
+    cfg = config.compose_config([*TINY, f"cache_dir={tmp_path}", "task.train_shot=9"])
+    with pytest.raises(FamBenchError, match="task.train_shot=9"):
+        pipeline.run(cfg, tmp_path / "run")
+    cfg = config.compose_config([*TINY, f"cache_dir={tmp_path}", "eval.n_shot=9"])
+    with pytest.raises(FamBenchError, match="eval.n_shot=9"):
+        pipeline.run(cfg, tmp_path / "run2")
+
+
+def test_an_image_too_small_for_the_pooling_is_named_before_training(tmp_path, monkeypatch):
+    from experiments.training import train as train_module
+
+    monkeypatch.setattr(train_module, "fit", lambda *a, **k: pytest.fail("trained"))
+    cfg = config.compose_config(
+        ["model=conv4", "data.image_size=8", f"cache_dir={tmp_path}", "trainer.accelerator=cpu"]
+    )
+    with pytest.raises(FamBenchError, match="data.image_size"):
+        pipeline.run(cfg, tmp_path / "run")
+
+
+class FeatureMap(nn.Module):
+    """Returns a 4-D feature map instead of an embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_model_whose_output_is_not_n_by_d_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(builders, "build_network", lambda run: FeatureMap())
+    cfg = config.compose_config([*TINY, f"cache_dir={tmp_path}"])
+    with pytest.raises(FamBenchError, match=r"returns \(2, 4, 16, 16\).*\(N, D\)"):
+        pipeline.run(cfg, tmp_path / "run")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_a_read_only_output_folder_is_a_clear_error(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    with pytest.raises(FamBenchError, match="hydra.run.dir"):
+        OutputStore(folder / "run").__enter__()
+
+
+def test_an_unwritable_output_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(FamBenchError, match="cannot be written.*hydra.run.dir"):
+        OutputStore(blocker / "run").__enter__()
+
+
+def test_a_second_run_on_the_same_folder_is_refused_and_the_lock_dies_with_it(tmp_path):
+    with OutputStore(tmp_path / "run"):
+        with pytest.raises(FamBenchError, match="Another run is writing"):
+            OutputStore(tmp_path / "run").__enter__()
+    with OutputStore(tmp_path / "run"):  # released: the next run takes it
+        pass
+    code = (
+        "import sys, time; from experiments.store import OutputStore; "
+        f"s = OutputStore({str(tmp_path / 'run2')!r}).__enter__(); print('locked', flush=True); "
+        "time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        with pytest.raises(FamBenchError, match="Another run"):
+            OutputStore(tmp_path / "run2").__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    with OutputStore(tmp_path / "run2"):  # the killed process left no stale lock
+        pass
+
+
+def test_an_unwritable_cache_keeps_the_trained_model_in_the_run_folder(tmp_path):
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("")
+    cfg = config.compose_config([*TINY, f"cache_dir={blocker}"])
+    result = pipeline.run(cfg, tmp_path / "run")
+    kept = tmp_path / "run" / "model.pt"
+    assert kept.is_file()
+    assert any(str(kept) in note for note in result["notes"])
+    state = torch.load(kept, weights_only=True)
+    assert "encoder.0.0.weight" in state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["eval.num_episode=1"], ["eval.num_episodes"]),
+        (["eval.n_way=five"], ["eval.n_way"]),
+        (["trainer.devices=0"], ["trainer.devices"]),
+        (["model=conv4", "data.image_size=8"], ["data.image_size"]),
+        (["task.train_way=300", "trainer.max_steps=1"], ["task.train_way=300"]),
+    ],
+)
+def test_cli_user_mistakes_exit_2_with_one_paragraph(args, named, tmp_path):
+    done = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    one_paragraph_error(done, *named)
+
+
+@pytest.mark.slow
+def test_cli_a_busy_output_folder_exits_2(tmp_path):
+    with OutputStore(tmp_path / "run"):
+        done = run_cli(*TINY, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    one_paragraph_error(done, "Another run")
