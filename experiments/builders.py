@@ -94,16 +94,19 @@ def build_network(run: RunConfig) -> nn.Module:
     return models.build_model(run.model.name, **run.model.options)
 
 
-def probe(model: nn.Module, run: RunConfig, device: torch.device) -> int:
-    """Check that the model maps a batch of data-size images to ``(N, D)``; returns D."""
+def probe(model: nn.Module, run: RunConfig, device: torch.device) -> tuple[int, int] | None:
+    """Check that the model maps a batch of data-size images to ``(N, D)``; returns the
+    target layer's spatial shape ``(h, w)`` (``None`` if it is not a 4-D map)."""
+    from fam.layers import eval_mode, resolve_target_layer
+
     size = run.data.image_size
     x = torch.zeros(2, 3, size, size, device=device)
+    layer = resolve_target_layer(model, run.model.target_layer)
+    seen: list[tuple[int, ...]] = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
     try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
+        with torch.no_grad(), eval_mode(model):
             out = model(x)
-            model.train(was)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise FamBenchError(
@@ -111,6 +114,8 @@ def probe(model: nn.Module, run: RunConfig, device: torch.device) -> int:
             "is too small for the model's pooling: raise data.image_size, or pool less (e.g. "
             "model.options.pools=[true,true,false,false] for Conv-4)."
         ) from None
+    finally:
+        handle.remove()
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise FamBenchError(
@@ -119,7 +124,12 @@ def probe(model: nn.Module, run: RunConfig, device: torch.device) -> int:
             "flatten (or model.strip_head=true for a classifier), or wrap it so that forward "
             "returns the embedding."
         )
-    return int(out.shape[1])
+    if not bool(torch.isfinite(out).all()):
+        raise FamBenchError(
+            f"Model {model_label(run)!r} returns non-finite embeddings (nan or inf) for a "
+            "blank batch; check its weights (model.checkpoint) and its forward pass."
+        )
+    return tuple(seen[0][-2:]) if seen and len(seen[0]) == 4 else None
 
 
 def training_key(run: RunConfig) -> dict[str, Any]:
@@ -162,7 +172,7 @@ def build_model(
     from experiments.training import train_or_load
 
     network = build_network(run).to(device)
-    probe(network, run, device)
+    network.target_shape = probe(network, run, device)
     checkpoint = run.model.checkpoint
     if checkpoint is not None:
         checkpoint = to_absolute_path(checkpoint)

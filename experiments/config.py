@@ -30,7 +30,18 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fam.errors import FamBenchError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+def _conf_dir() -> Path:
+    """``conf/`` of the checkout, or the ``fam_bench_conf`` data package of an install."""
+    checkout = Path(__file__).resolve().parents[1] / "conf"
+    if (checkout / "config.yaml").is_file():
+        return checkout
+    from importlib.resources import files
+
+    return Path(str(files("fam_bench_conf")))
+
+
+CONF_DIR = _conf_dir()
 SUBSTRATES = ("zeros", "blur", "mean")
 
 
@@ -352,8 +363,16 @@ def flatten(d: Any) -> dict[str, Any]:
 # -- typed conversion ---------------------------------------------------------------------
 def load(cfg: DictConfig | dict) -> RunConfig:
     """The composed config as a typed :class:`RunConfig` (checked; ``hydra`` dropped)."""
-    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
-    container = {k: v for k, v in container.items() if k != "hydra"}
+    if isinstance(cfg, dict):
+        container = {k: v for k, v in cfg.items() if k != "hydra"}
+    else:  # children resolve against the root; `hydra` (run-time values) is left out
+        container = {
+            k: OmegaConf.to_container(cfg[k], resolve=True)
+            if OmegaConf.is_config(cfg[k])
+            else cfg[k]
+            for k in cfg
+            if k != "hydra"
+        }
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), container)
         typed = OmegaConf.to_object(merged)

@@ -213,6 +213,7 @@ def _job(run_cfg, family, evaluation, model, methods, metrics, settings, fingerp
 
 def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path) -> dict:
     from evaluation.summary import summarise
+    from experiments.checks import run_warnings
     from experiments.environment import write_environment
 
     columns = metric_columns(job.metrics, other=True)
@@ -221,6 +222,13 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
     )
     summary = summarise(merged["results"], merged["sanity"])
     store.write_frame("summary.csv", summary)
+    warnings = run_warnings(
+        merged["results"],
+        pd.read_csv(task_path),
+        evaluation.chance(),
+        getattr(job.model, "target_shape", None),
+    )
+    store.write_json("warnings.json", warnings)
     figures = write_figures(job, merged, eval_set, evaluation)
     settings_ids = {name: cols["settings_id"] for name, cols in job.method_columns.items()}
     store.write_json(
@@ -257,6 +265,7 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
         "figures": figures,
         "notes": job.notes,
         "settings_ids": settings_ids,
+        "warnings": warnings,
     }
 
 

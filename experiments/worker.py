@@ -101,6 +101,12 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
     """All methods and metrics on unit ``u``: the shard's content (CPU tensors)."""
     torch.manual_seed(derive_seed(job.seed, Stream.UNIT, u))
     unit = job.evaluation.unit(u, job.model, device)
+    if not bool(torch.isfinite(unit.reference).all()):
+        raise FamBenchError(
+            f"The model outputs non-finite embeddings (nan or inf) on the clean images of "
+            f"unit {u}, so nothing can be explained; check its weights (model.checkpoint), "
+            "its training (trainer.lr, trainer.precision) and its forward pass."
+        )
     n = len(unit.images)
     names = list(job.methods)
     all_maps, degenerate, reasons = explain(job, unit, u)

@@ -321,5 +321,5 @@ def test_cli_error_is_one_line_exit_2_without_traceback(tmp_path):
         check=False,
     )
     assert done.returncode == 2
-    assert done.stderr.startswith("error: no results.csv under")
+    assert done.stderr.startswith("fam-bench: error: no results.csv under")
     assert "Traceback" not in done.stderr
