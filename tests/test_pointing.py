@@ -125,7 +125,7 @@ def test_boxes_give_the_same_result_as_the_equivalent_masks():
 def test_energy_is_the_share_of_mass_inside_the_mask():
     weights = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]])
     masks = torch.tensor([[[True, False], [False, True]], [[True, False], [False, False]]])
-    energy = energy_pointing_game(weights, masks)
+    energy = energy_pointing_game(weights, masks, region="mask")
     assert energy[0].item() == pytest.approx(0.5)
     assert math.isnan(energy[1].item())  # zero map: nothing to share
     with pytest.raises(FamBenchError, match="non-negative"):
