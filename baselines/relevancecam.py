@@ -178,8 +178,10 @@ class RelevanceCAM(Explainer):
         if self.seed == "share":
             return share
         energy = e.pow(2)
-        dual = share.sum(1, keepdim=True) * energy / energy.sum(1, keepdim=True).clamp_min(
-            torch.finfo(energy.dtype).tiny
+        dual = (
+            share.sum(1, keepdim=True)
+            * energy
+            / energy.sum(1, keepdim=True).clamp_min(torch.finfo(energy.dtype).tiny)
         )
         return share - dual
 

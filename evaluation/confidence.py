@@ -119,9 +119,7 @@ def confidence_change(
 SPACES = ("image", "normalised")
 
 
-def _normalisation(
-    space: str, mean, std, images: Tensor
-) -> tuple[Tensor | None, Tensor | None]:
+def _normalisation(space: str, mean, std, images: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """``(mean, std)`` as ``(C, 1, 1)`` tensors for ``space="image"``, else ``(None, None)``."""
     if space not in SPACES:
         raise FamBenchError(f"space must be one of {list(SPACES)}, got {space!r}.")

@@ -34,7 +34,6 @@ from fam.layers import capture_layer, eval_mode, model_device, resolve_target_la
 from fam.maps import degenerate, minmax_normalise, non_finite, upsample, weighted_sum
 from fam.similarity import SimilarityLike, SimilarityTarget, as_float
 
-
 #: ``degenerate_reason`` strings by code
 DEGENERATE_REASONS = ("", "constant", "non-finite")
 

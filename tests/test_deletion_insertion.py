@@ -334,7 +334,9 @@ def test_a_non_finite_map_gives_nan_for_its_sample_only():
     bad[2, 0, 0] = float("inf")
     result = deletion_insertion(score_fn, images, bad, step=8)
     clean = deletion_insertion(score_fn, images[:1], maps[:1], step=8)
-    assert torch.isnan(result.deletion_auc[1:]).all() and torch.isnan(result.insertion_auc[1:]).all()
+    assert (
+        torch.isnan(result.deletion_auc[1:]).all() and torch.isnan(result.insertion_auc[1:]).all()
+    )
     assert torch.isnan(result.deletion_curve[1:]).all()
     torch.testing.assert_close(result.deletion_auc[:1], clean.deletion_auc)
     torch.testing.assert_close(result.insertion_curve[:1], clean.insertion_curve)

@@ -7,7 +7,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-
 from zennit.layer import Sum
 
 from experiments.models._pooling import EmbeddingPool, check_pooling
