@@ -24,7 +24,7 @@ Options from the official Relevance-CAM code (github.com/mongeoroo/Relevance-CAM
 - ``composite="zplus"``: its rule, z+ (alpha=1, beta=0) on every convolution and linear
   layer, the first one included, biases ignored; BatchNorm merged into the convolution
   before it, sums and average pools by ``Norm``;
-- ``seed="contrastive"``: its CLRP seed (Gu, Yang & Tresp, ACCV 2018): the relevance of
+- ``relevance_seed="contrastive"``: its CLRP seed (Gu, Yang & Tresp, ACCV 2018): the relevance of
   the explained output minus that of a "dual" output that stands for everything else. A
   similarity has no class list, so the dual is the score's mass spread over the
   embedding's own energy, ``q_d = (sum_j p_j) e_d^2 / sum_j e_j^2`` (the share a
@@ -59,7 +59,7 @@ from fam.similarity import SimilarityLike, SimilarityTarget, as_float
 
 CompositeLike = str | Composite
 CanonizersLike = str | Sequence[Canonizer] | None
-Seed = Literal["share", "contrastive"]
+RelevanceSeed = Literal["share", "contrastive"]
 
 #: composite class names accepted next to zennit's registry keys ("epsilon_plus_flat")
 _BY_CLASS_NAME = {cls.__name__: cls for cls in COMPOSITES.values()}
@@ -82,8 +82,9 @@ class RelevanceCAM(Explainer):
             ``SequentialMergeBatchNorm``; plus :class:`TrunkPoolCanonizer` for a
             torchvision trunk that pools with a function), ``None`` for none, or a list of
             zennit canonizers. A composite instance keeps its own canonizers.
-        seed: ``"share"`` (default; each embedding dimension's share of the score) or
-            ``"contrastive"`` (CLRP-style, module docstring).
+        relevance_seed: the relevance put on the embedding: ``"share"`` (default; each
+            dimension's share of the score) or ``"contrastive"`` (CLRP-style, module
+            docstring).
         zero_bias: for a zennit composite given by name: ignore biases (zennit's
             ``zero_params=["bias"]``), so the rules conserve relevance exactly; ``False``
             (default) keeps zennit's defaults, where biases absorb some relevance.
@@ -99,7 +100,7 @@ class RelevanceCAM(Explainer):
         *,
         composite: CompositeLike = "EpsilonPlusFlat",
         canonizers: CanonizersLike = "auto",
-        seed: Seed = "share",
+        relevance_seed: RelevanceSeed = "share",
         zero_bias: bool = False,
     ) -> None:
         super().__init__(model, target_layer)
@@ -120,11 +121,14 @@ class RelevanceCAM(Explainer):
                 f"canonizers must be 'auto', None or a list of zennit canonizers, got "
                 f"{canonizers!r}."
             )
-        if seed not in SEEDS:
-            raise FamBenchError(f"Unknown Relevance-CAM seed {seed!r}; use one of {list(SEEDS)}.")
+        if relevance_seed not in SEEDS:
+            raise FamBenchError(
+                f"Unknown Relevance-CAM relevance_seed {relevance_seed!r}; use one of "
+                f"{list(SEEDS)}."
+            )
         self.composite = composite
         self.canonizers = canonizers
-        self.seed = seed
+        self.relevance_seed = relevance_seed
         self.zero_bias = bool(zero_bias)
 
     def raw_maps(self, images: Tensor, target: SimilarityTarget) -> Tensor:
@@ -166,7 +170,7 @@ class RelevanceCAM(Explainer):
         return relevance.float(), as_float(acts.detach())
 
     def _seed(self, emb: Tensor, target: SimilarityTarget) -> Tensor:
-        """The relevance seeded on the embedding, ``(N, D)`` (``seed`` option)."""
+        """The relevance seeded on the embedding, ``(N, D)`` (``relevance_seed`` option)."""
         self.check_reference(emb, target)
         ref = target.reference
         e = emb.detach()
@@ -175,7 +179,7 @@ class RelevanceCAM(Explainer):
         else:
             (grad,) = torch.autograd.grad(target(emb).sum(), emb, retain_graph=True)
             share = (e * grad).detach()
-        if self.seed == "share":
+        if self.relevance_seed == "share":
             return share
         energy = e.pow(2)
         dual = (

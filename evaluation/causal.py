@@ -161,17 +161,25 @@ TIES = ("random", "stable")
 
 
 def pixel_ranks(
-    maps: Tensor, ties: str = "stable", generator: torch.Generator | None = None
+    maps: Tensor, ties: str = "stable", seed: int | torch.Generator | Tensor | None = None
 ) -> Tensor:
     """Rank of each pixel in the descending order of its map: ``(N, H*W)`` int32.
 
     ``ties="stable"``: tied pixels in row-major order. ``"random"``: tied pixels in a
-    uniformly random order from ``generator`` (on the maps' device): the pixels are
-    shuffled by a random permutation, stably sorted, and the order mapped back.
+    random order: the pixels are shuffled by a random permutation, stably sorted, and the
+    order mapped back. ``seed`` (see :func:`deletion_insertion`): a generator or an int
+    draws the permutations from a stream; a ``(N,)`` integer tensor gives each sample its
+    own seed and a permutation that depends on that seed alone (a counter-based hash of
+    ``(seed, pixel)``, on the device), so a sample's order does not depend on which
+    samples share its call (shards, resumed runs, chunk sizes).
     """
     flat = maps.flatten(1)
     if ties == "random":
-        noise = torch.rand(flat.shape, device=flat.device, generator=generator)
+        if isinstance(seed, Tensor):
+            noise = _hash_keys(seed.to(flat.device), flat.shape[1])
+        else:
+            generator = _generator(0 if seed is None else seed, flat.device)
+            noise = torch.rand(flat.shape, device=flat.device, generator=generator)
         shuffle = noise.argsort(dim=1)
         order = shuffle.gather(
             1, torch.argsort(flat.gather(1, shuffle), dim=1, descending=True, stable=True)
@@ -199,7 +207,7 @@ def deletion_insertion(
     model: nn.Module | None = None,
     amp: bool = False,
     ties: str = "random",
-    seed: int | torch.Generator = 0,
+    seed: int | torch.Generator | Tensor = 0,
 ) -> DeletionInsertionResult:
     """Deletion and insertion curves and AUCs for each image (module docstring).
 
@@ -220,8 +228,10 @@ def deletion_insertion(
             the model with ``model.to(memory_format=torch.channels_last)`` for full speed).
         ties: ``"random"`` (default) or ``"stable"`` order of tied pixels (module docstring).
         seed: for ``ties="random"``: an int seeding a fresh generator on the images'
-            device (the same call gives the same curves), or a ``torch.Generator`` on that
-            device whose stream the call continues.
+            device (the same call gives the same curves), a ``torch.Generator`` on that
+            device whose stream the call continues, or a ``(N,)`` integer tensor of
+            per-sample seeds (e.g. dataset indices): each sample's tie order then depends
+            only on its own seed, whatever else is in the call.
 
     Samples whose map is not finite everywhere get nan AUCs and curves (the others are
     unaffected).
@@ -233,7 +243,14 @@ def deletion_insertion(
     maps = check_images_maps(images, maps)
     if ties not in TIES:
         raise FamBenchError(f"ties must be one of {list(TIES)}, got {ties!r}.")
-    generator = _generator(seed, images.device) if ties == "random" else None
+    if ties == "random" and isinstance(seed, Tensor):
+        if seed.shape != (images.shape[0],) or seed.is_floating_point():
+            raise FamBenchError(
+                f"A seed tensor needs one integer per sample ({images.shape[0]},), got "
+                f"{tuple(seed.shape)} {seed.dtype}."
+            )
+    elif ties == "random":
+        seed = _generator(seed, images.device)
     # A map with nan or inf has no pixel order: its sample is scored on a zero map (any
     # order would do) and its results are set to nan below, without a host sync.
     finite = torch.isfinite(maps).flatten(1).all(dim=1)
@@ -255,7 +272,7 @@ def deletion_insertion(
         # Pool of whole images a job picks its start and source from: [image | deletion
         # substrate | insertion substrate], indexed kind * N + sample.
         pool = torch.cat([images, deleted, inserted]).flatten(2)
-        ranks = pixel_ranks(maps, ties, generator)
+        ranks = pixel_ranks(maps, ties, seed)
 
     shared_substrate = (
         isinstance(deletion_substrate, str) and deletion_substrate == insertion_substrate
@@ -293,6 +310,25 @@ def deletion_insertion(
         step=step,
         n_steps=n_steps,
     )
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _hash_keys(seeds: Tensor, n_pixels: int) -> Tensor:
+    """``(N, n_pixels)`` pseudo-random sort keys, a function of ``(seed_i, pixel)`` only."""
+    seeds = _mix32(seeds.long()[:, None] & _MASK32)
+    pixels = torch.arange(n_pixels, device=seeds.device, dtype=torch.long)[None]
+    return _mix32(_mix32((seeds + pixels * 0x9E3779B9) & _MASK32) ^ seeds)
 
 
 def _generator(seed: int | torch.Generator, device: torch.device) -> torch.Generator:

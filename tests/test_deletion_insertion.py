@@ -311,6 +311,31 @@ def test_random_ties_are_seeded_and_only_break_ties():
     torch.testing.assert_close(r.insertion_curve, s.insertion_curve)
 
 
+def test_per_sample_seeds_make_tie_orders_independent_of_the_batch():
+    """With a (N,) seed tensor a sample's curve is the same alone or in any batch (shards,
+    resumed runs), and a constant map still scores as a uniform order in expectation."""
+    h, w = 6, 10
+    score_fn = _row_weighted_score(h, w)
+    images = torch.rand(5, 3, h, w, generator=torch.Generator().manual_seed(0))
+    maps = (torch.rand(5, h, w, generator=torch.Generator().manual_seed(1)) * 3).floor()
+    seeds = torch.tensor([10, 11, 12, 13, 14])
+    full = deletion_insertion(score_fn, images, maps, step=5, seed=seeds)
+    part = deletion_insertion(score_fn, images[3:], maps[3:], step=5, seed=seeds[3:])
+    torch.testing.assert_close(full.deletion_curve[3:], part.deletion_curve)
+    torch.testing.assert_close(full.insertion_curve[3:], part.insertion_curve)
+    other = deletion_insertion(score_fn, images, maps, step=5, seed=seeds + 100)
+    assert not torch.equal(full.deletion_curve, other.deletion_curve)
+    n = 512
+    ones = torch.ones(n, 3, 8, 8)
+    tied = deletion_insertion(
+        _row_weighted_score(8, 8), ones, torch.zeros(n, 8, 8), step=4, seed=torch.arange(n)
+    )
+    se = float(tied.deletion_auc.std() / math.sqrt(n))
+    assert se > 0 and abs(float(tied.deletion_auc.mean()) - 0.5) < 4 * se
+    with pytest.raises(FamBenchError, match="one integer per sample"):
+        deletion_insertion(score_fn, images, maps, seed=torch.zeros(3, dtype=torch.long))
+
+
 def test_random_tie_order_keeps_the_maps_order_between_values():
     from evaluation.causal import pixel_ranks
 
