@@ -96,6 +96,17 @@ def test_confidence_change_rejects_negative_scores_and_maps_outside_0_1():
         confidence_change(lambda x, i: x.mean(dim=(1, 2, 3)), images, maps * 2)
 
 
+def test_spearman_is_nan_for_a_non_finite_row_only():
+    a = torch.rand(3, 10)
+    b = torch.rand(3, 10)
+    bad = a.clone()
+    bad[1, 4] = float("nan")
+    bad[2, 0] = float("inf")
+    rho = spearman(bad, b)
+    assert torch.isnan(rho[1:]).all()
+    assert rho[0].item() == pytest.approx(spearmanr(a[0], b[0]).statistic, abs=1e-6)
+
+
 def test_spearman_matches_scipy_with_ties():
     torch.manual_seed(0)
     a = (torch.rand(6, 5, 7) * 5).floor()
