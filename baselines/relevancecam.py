@@ -38,6 +38,7 @@ are removed on exit, also when the call raises.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Literal
 
@@ -126,6 +127,13 @@ class RelevanceCAM(Explainer):
                 f"Unknown Relevance-CAM relevance_seed {relevance_seed!r}; use one of "
                 f"{list(SEEDS)}."
             )
+        if zero_bias and isinstance(composite, str) and composite != ZPLUS:
+            cls = COMPOSITES.get(composite) or _BY_CLASS_NAME[composite]
+            if "zero_params" not in inspect.signature(cls).parameters:
+                raise FamBenchError(
+                    f"zero_bias=True needs a composite with zero_params; {composite!r} has "
+                    "none (it is not an LRP composite)."
+                )
         self.composite = composite
         self.canonizers = canonizers
         self.relevance_seed = relevance_seed

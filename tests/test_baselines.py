@@ -264,11 +264,11 @@ def test_relevancecam_conserves_relevance_at_any_depth(layer, similarity):
 def test_relevancecam_at_last_layer_equals_fam_product_with_dot(cases, model_name):
     """With a GAP embedding read at the last layer, ``w_k = e_k r_k``.
 
-    Between the target layer and the embedding there is only the global average: the
-    ResNet's AdaptiveAvgPool2d gets zennit's Norm rule, which redistributes each seed
-    ``R_k = e_k r_k`` over the positions of channel k in proportion to A_kij, and Conv-4's
-    functional mean passes ``R_k / (h w)`` to every position. Either way
-    ``sum_ij R_kij = e_k r_k``, FAM's ``product`` contribution for the dot similarity,
+    Between the target layer and the embedding there is only the global average, an
+    AdaptiveAvgPool2d in both models (Conv-4's ``EmbeddingPool``), which gets zennit's Norm
+    rule: it redistributes each seed ``R_k = e_k r_k`` over the positions of channel k in
+    proportion to A_kij, so ``sum_ij R_kij = e_k r_k``, FAM's ``product`` contribution for
+    the dot similarity,
     so the two raw maps differ only by FAM's normalisation ``sum_k |c_k|``.
     """
     model, layer, images, reference = cases[model_name]

@@ -161,3 +161,15 @@ def test_contrastive_seed_is_the_share_minus_the_reference_free_dual(similarity)
     weights = explainer.layer_relevance(images, reference, similarity).sum((2, 3))
     scale = float((share - dual).abs().max())
     torch.testing.assert_close(weights, share - dual, rtol=1e-3, atol=1e-5 * scale)
+
+
+def test_bad_relevance_options_raise_clear_errors():
+    from fam.errors import FamBenchError
+
+    model = _model("conv4")
+    with pytest.raises(FamBenchError, match="relevance_seed"):
+        RelevanceCAM(model, "encoder.3", relevance_seed="dual")
+    with pytest.raises(FamBenchError, match="zero_params"):
+        RelevanceCAM(model, "encoder.3", composite="guided_backprop", zero_bias=True)
+    with pytest.raises(FamBenchError, match="zplus"):
+        RelevanceCAM(model, "encoder.3", composite="zplus_everywhere")
