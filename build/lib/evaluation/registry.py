@@ -1,0 +1,326 @@
+"""The one metric registry: each metric's name, direction, needs and function.
+
+The runner (which metrics a task can compute, how to compute them), the summary (which
+interval a metric gets) and the leaderboard (ranking direction, which paired test) all
+read :data:`METRICS`; nothing else lists metric names. A new metric costs its module and
+one :func:`register` call here (or in the user's own module, imported before the run).
+
+A metric's ``compute(inputs) -> {column: (M*N,) tensor}`` receives :class:`MetricInputs`:
+every method's maps of one evaluation unit stacked method-major, so one call scores all
+methods of a unit together. Metrics that share work (deletion and insertion come from
+one streamed pass) share it through :meth:`MetricInputs.cached`.
+
+Ground-truth metrics on a two-object image (synthetic ``pairs`` mode) also produce an
+``<name>_other`` column, scored against the *other* object's mask: landing there is the
+failure being measured, so its direction is the opposite of the metric's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fam.errors import FamBenchError
+
+OTHER_SUFFIX = "_other"
+
+
+@dataclass
+class MetricInputs:
+    """What a metric sees for one unit: ``M`` methods x ``N`` samples, method-major.
+
+    ``images (N, 3, H, W)`` (the unit's images, not repeated per method); ``maps
+    (M*N, H, W)``; ``score_fn(x (B,3,H,W), index (B,) into N) -> (B,)``; ``confidence_fn``
+    the non-negative score (``None``: not available); ``masks``/``other_masks`` ``(N, H, W)``
+    bool or ``None``; ``boxes (N, 4)`` or ``None``; ``settings`` the run's resolved metric
+    settings; ``model`` whose mode the metric restores.
+    """
+
+    images: Tensor
+    maps: Tensor
+    score_fn: Callable[[Tensor, Tensor], Tensor]
+    confidence_fn: Callable[[Tensor, Tensor], Tensor] | None
+    masks: Tensor | None
+    other_masks: Tensor | None
+    settings: dict[str, Any]
+    model: nn.Module | None
+    batch_size: int
+    boxes: Tensor | None = None
+    other_boxes: Tensor | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.images)
+
+    @property
+    def m(self) -> int:
+        return len(self.maps) // self.n
+
+    def repeated(self, t: Tensor | None) -> Tensor | None:
+        """A per-sample tensor ``(N, ...)`` repeated for every method ``(M*N, ...)``."""
+        return None if t is None else t.repeat(self.m, *([1] * (t.dim() - 1)))
+
+    def cached(self, key: str, fn: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric's metadata and function (module docstring).
+
+    ``direction``: ``"lower"`` or ``"higher"`` is better. ``binary``: per-sample values are
+    0/1 hits (Wilson intervals, exact McNemar tests) scaled by ``scale`` (1 or 100).
+    ``needs_masks``: needs ground truth (skipped with a note on data without masks).
+    ``needs_confidence``: needs a non-negative score. ``has_other``: also scored against
+    the other object of a pairs image. ``curves``: the curve kinds it leaves in
+    ``curves.npz``. ``per_sample``: ``False`` for run-level checks (``sanity``).
+    """
+
+    name: str
+    direction: Literal["lower", "higher"]
+    description: str
+    compute: Callable[[MetricInputs], dict[str, Tensor]] | None = None
+    binary: bool = False
+    scale: float = 1.0
+    needs_masks: bool = False
+    needs_confidence: bool = False
+    has_other: bool = False
+    per_sample: bool = True
+    curves: tuple[str, ...] = ()
+
+
+METRICS: dict[str, MetricSpec] = {}
+
+
+def register(spec: MetricSpec) -> MetricSpec:
+    """Add ``spec`` to :data:`METRICS` (a name may be registered once)."""
+    if spec.name in METRICS:
+        raise FamBenchError(f"metric {spec.name!r} is registered twice.")
+    if spec.direction not in ("lower", "higher"):
+        raise FamBenchError(f"metric {spec.name!r}: direction must be 'lower' or 'higher'.")
+    METRICS[spec.name] = spec
+    return spec
+
+
+def spec_of(column: str) -> MetricSpec:
+    """The spec behind a result column (``pointing_game`` or ``pointing_game_other``)."""
+    if column in METRICS:
+        return METRICS[column]
+    base = column.removesuffix(OTHER_SUFFIX)
+    if base != column and base in METRICS and METRICS[base].has_other:
+        return METRICS[base]
+    raise KeyError(column)
+
+
+def is_metric_column(column: str) -> bool:
+    try:
+        return spec_of(column).per_sample
+    except KeyError:
+        return False
+
+
+def direction(column: str) -> Literal["lower", "higher"]:
+    """Better direction of a result column; ``*_other`` columns are reversed."""
+    spec = spec_of(column)
+    if column.endswith(OTHER_SUFFIX) and column != spec.name:
+        return "higher" if spec.direction == "lower" else "lower"
+    return spec.direction
+
+
+def is_binary(column: str) -> bool:
+    return spec_of(column).binary
+
+
+def metric_columns(names: list[str], other: bool) -> list[str]:
+    """Result columns of the per-sample metrics ``names`` in registry order."""
+    cols = []
+    for name, spec in METRICS.items():
+        if name in names and spec.per_sample:
+            cols.append(name)
+    if other:
+        cols += [f"{n}{OTHER_SUFFIX}" for n in list(cols) if METRICS[n].has_other]
+    return cols
+
+
+def available() -> list[str]:
+    return list(METRICS)
+
+
+# -- the suite's metrics ------------------------------------------------------------------
+def _causal(inputs: MetricInputs) -> Any:
+    from evaluation.causal import deletion_insertion
+
+    s = inputs.settings
+    n = inputs.n
+
+    def run():
+        return deletion_insertion(
+            lambda x, i: inputs.score_fn(x, i % n),
+            inputs.repeated(inputs.images),
+            inputs.maps,
+            step=s["step"],
+            deletion_substrate=s["deletion_substrate"],
+            insertion_substrate=s["insertion_substrate"],
+            batch_size=inputs.batch_size,
+            blur_kernel_size=s["blur_kernel"],
+            blur_sigma=s["blur_sigma"],
+            model=inputs.model,
+            amp=s["amp"],
+        )
+
+    return inputs.cached("causal", run)
+
+
+def _deletion(inputs: MetricInputs) -> dict[str, Tensor]:
+    result = _causal(inputs)
+    return {"deletion_auc": result.deletion_auc, "curve:deletion": result.deletion_curve}
+
+
+def _insertion(inputs: MetricInputs) -> dict[str, Tensor]:
+    result = _causal(inputs)
+    return {"insertion_auc": result.insertion_auc, "curve:insertion": result.insertion_curve}
+
+
+def _ground_truth(
+    inputs: MetricInputs, name: str, fn: Callable[[Tensor, Tensor], Tensor]
+) -> dict[str, Tensor]:
+    out = {name: fn(inputs.maps, inputs.repeated(inputs.masks))}
+    if inputs.other_masks is not None:
+        out[f"{name}{OTHER_SUFFIX}"] = fn(inputs.maps, inputs.repeated(inputs.other_masks))
+    return out
+
+
+def _pointing(inputs: MetricInputs) -> dict[str, Tensor]:
+    from evaluation.pointing import pointing_game
+
+    tol = inputs.settings["tolerance_px"]
+    return _ground_truth(inputs, "pointing_game", lambda m, t: pointing_game(m, t, tol))
+
+
+def _energy(inputs: MetricInputs) -> dict[str, Tensor]:
+    from evaluation.pointing import energy_pointing_game
+
+    return _ground_truth(inputs, "energy_pointing_game", energy_pointing_game)
+
+
+def _confidence(inputs: MetricInputs) -> Any:
+    from evaluation.confidence import confidence_change
+
+    n = inputs.n
+
+    def run():
+        return confidence_change(
+            lambda x, i: inputs.confidence_fn(x, i % n),
+            inputs.repeated(inputs.images),
+            inputs.maps,
+            batch_size=inputs.batch_size,
+            model=inputs.model,
+            amp=inputs.settings["amp"],
+        )
+
+    return inputs.cached("confidence", run)
+
+
+def _drop(inputs: MetricInputs) -> dict[str, Tensor]:
+    return {"average_drop": _confidence(inputs).drop}
+
+
+def _increase(inputs: MetricInputs) -> dict[str, Tensor]:
+    return {"increase_in_confidence": _confidence(inputs).increase}
+
+
+register(
+    MetricSpec(
+        "deletion_auc",
+        "lower",
+        "RISE deletion: AUC of the score as pixels are removed in map order",
+        _deletion,
+        curves=("deletion",),
+    )
+)
+register(
+    MetricSpec(
+        "insertion_auc",
+        "higher",
+        "RISE insertion: AUC of the score as pixels are restored in map order",
+        _insertion,
+        curves=("insertion",),
+    )
+)
+register(
+    MetricSpec(
+        "pointing_game",
+        "higher",
+        "TorchRay pointing game: the map's maximum lies within tolerance of the object",
+        _pointing,
+        binary=True,
+        needs_masks=True,
+        has_other=True,
+    )
+)
+register(
+    MetricSpec(
+        "energy_pointing_game",
+        "higher",
+        "Score-CAM energy pointing game: share of map mass on the object",
+        _energy,
+        needs_masks=True,
+        has_other=True,
+    )
+)
+register(
+    MetricSpec(
+        "average_drop",
+        "lower",
+        "Grad-CAM++ Average Drop (%): relative score drop on image x map",
+        _drop,
+        needs_confidence=True,
+    )
+)
+register(
+    MetricSpec(
+        "increase_in_confidence",
+        "higher",
+        "Grad-CAM++ Increase in Confidence (%): share of image x map scoring higher",
+        _increase,
+        binary=True,
+        scale=100.0,
+        needs_confidence=True,
+    )
+)
+register(
+    MetricSpec(
+        "sanity",
+        "lower",
+        "Adebayo et al. model randomisation: rank correlation of maps, trained vs randomised",
+        None,
+        needs_masks=False,
+        per_sample=False,
+    )
+)
+
+
+def compute_all(names: list[str], inputs: MetricInputs) -> tuple[dict[str, Tensor], dict]:
+    """Per-sample values ``{column: (M*N,)}`` and curves ``{kind: (M*N, T)}`` of ``names``."""
+    values, curves = {}, {}
+    for name in names:
+        spec = METRICS[name]
+        if spec.compute is None:
+            continue
+        with torch.no_grad():
+            out = spec.compute(inputs)
+        for key, value in out.items():
+            if key.startswith("curve:"):
+                curves[key.removeprefix("curve:")] = value
+            else:
+                values[key] = value
+    return values, curves

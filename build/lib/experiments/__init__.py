@@ -1,0 +1,1 @@
+"""Experiments: data, models, training and the pipeline that ties them (no heavy imports here)."""

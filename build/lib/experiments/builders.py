@@ -1,0 +1,304 @@
+"""Builders: the run's datasets, model (trained or loaded), task family and methods.
+
+Each builder takes the typed :class:`~experiments.config.RunConfig` and either returns
+exactly what was asked for or raises :class:`~fam.errors.FamBenchError` naming the key to
+change; nothing falls back to something else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from experiments.config import (
+    CONF_DIR,
+    RunConfig,
+    check_keys,
+    plain,
+    short_hash,
+    signature_options,
+)
+from fam.errors import FamBenchError
+
+log = logging.getLogger(__name__)
+
+#: method options that change how fast a method runs, never its maps
+METHOD_EXECUTION_OPTIONS = frozenset({"batch_size", "ablation_batch"})
+#: trainer keys that change where and how fast training runs, never the weights
+TRAINER_EXECUTION_KEYS = frozenset(
+    {"accelerator", "devices", "num_nodes", "strategy", "num_workers", "log_every_n_steps"}
+)
+
+
+def to_absolute_path(path: str) -> str:
+    from hydra.utils import to_absolute_path as absolute
+
+    return absolute(path)
+
+
+def device_for(accelerator: str) -> torch.device:
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if accelerator in ("gpu", "cuda"):
+        raise FamBenchError(
+            "trainer.accelerator asks for a GPU but CUDA is not available; use "
+            "trainer.accelerator=cpu (or auto)."
+        )
+    return torch.device("cpu")
+
+
+# -- data ---------------------------------------------------------------------------------
+def build_datasets(run: RunConfig) -> tuple[Any, Any]:
+    """``(train_set, eval_set)`` of ``run.data`` (FamBenchError when missing/malformed)."""
+    from experiments.data import build_dataset
+
+    d = run.data
+    if d.root == "???":
+        raise FamBenchError(
+            f"Dataset {d.name!r} is read from disk: set data.root=<folder> on the command line "
+            f"(conf/data/ describes each layout; `{run.name}` cannot run without it)."
+        )
+    root = to_absolute_path(d.root) if d.root is not None else None
+    try:
+        train = build_dataset(d.name, root, d.train_split, d.image_size, **d.options)
+        test = build_dataset(d.name, root, d.eval_split, d.image_size, **d.options)
+    except TypeError as err:
+        raise FamBenchError(
+            f"data.options do not fit dataset {d.name!r} ({err}); see conf/data/{d.name}.yaml."
+        ) from None
+    return train, test
+
+
+# -- model --------------------------------------------------------------------------------
+def model_label(run: RunConfig) -> str:
+    """The model's name in results: its config name, or a custom target's dotted path."""
+    m = run.model
+    return m.target or m.label or m.name
+
+
+def build_network(run: RunConfig) -> nn.Module:
+    """The untrained embedding network ``run.model`` describes."""
+    from experiments import models
+
+    builder = getattr(models, "build_model_from_config", None)
+    if builder is not None:
+        network, _ = builder(plain(run.model))
+        return network
+    return models.build_model(run.model.name, **run.model.options)
+
+
+def probe(model: nn.Module, run: RunConfig, device: torch.device) -> tuple[int, int] | None:
+    """Check that the model maps a batch of data-size images to ``(N, D)``; returns the
+    target layer's spatial shape ``(h, w)`` (``None`` if it is not a 4-D map)."""
+    from fam.layers import eval_mode, resolve_target_layer
+
+    size = run.data.image_size
+    x = torch.zeros(2, 3, size, size, device=device)
+    layer = resolve_target_layer(model, run.model.target_layer)
+    seen: list[tuple[int, ...]] = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = model(x)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise FamBenchError(
+            f"Model {model_label(run)!r} cannot take {size}x{size} images ({first}). The image "
+            "is too small for the model's pooling: raise data.image_size, or pool less (e.g. "
+            "model.options.pools=[true,true,false,false] for Conv-4)."
+        ) from None
+    finally:
+        handle.remove()
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise FamBenchError(
+            f"Model {model_label(run)!r} returns {shape} for a batch of 2 images; the suite "
+            "explains embeddings of shape (N, D). End the model with global pooling and "
+            "flatten (or model.strip_head=true for a classifier), or wrap it so that forward "
+            "returns the embedding."
+        )
+    if not bool(torch.isfinite(out).all()):
+        raise FamBenchError(
+            f"Model {model_label(run)!r} returns non-finite embeddings (nan or inf) for a "
+            "blank batch; check its weights (model.checkpoint) and its forward pass."
+        )
+    return tuple(seen[0][-2:]) if seen and len(seen[0]) == 4 else None
+
+
+def training_key(run: RunConfig) -> dict[str, Any]:
+    """The plain dict the model cache is keyed on (model + data + task + training)."""
+    data = plain(run.data)
+    data.pop("root", None)
+    data.get("options", {}).pop("mode", None)  # pairs only change the evaluation queries
+    data.pop("eval_split", None)
+    model = plain(run.model)
+    for key in ("checkpoint", "target_layer", "label"):
+        model.pop(key, None)
+    trainer = {k: v for k, v in plain(run.trainer).items() if k not in TRAINER_EXECUTION_KEYS}
+    return {"model": model, "data": data, "task": dict(run.task), "trainer": trainer}
+
+
+def model_id(run: RunConfig) -> str:
+    """Identifies the weights: the checkpoint file's content, or the training key."""
+    if run.model.checkpoint:
+        digest = hashlib.sha256()
+        with open(to_absolute_path(run.model.checkpoint), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        model = plain(run.model)
+        model.pop("checkpoint", None)
+        return short_hash({"checkpoint": digest.hexdigest(), "model": model}, 12)
+    return short_hash(training_key(run), 12)
+
+
+def build_model(
+    run: RunConfig,
+    family: Any,
+    train_set: Any,
+    device: torch.device,
+    out: Path,
+    logger: Any,
+    notes: list[str],
+) -> nn.Module:
+    """The embedding network with weights: loaded from ``model.checkpoint``, reused from
+    the cache, or trained (and cached; kept in the run folder if the cache is read-only)."""
+    from experiments.training import train_or_load
+
+    network = build_network(run).to(device)
+    network.target_shape = probe(network, run, device)
+    checkpoint = run.model.checkpoint
+    if checkpoint is not None:
+        checkpoint = to_absolute_path(checkpoint)
+        if not Path(checkpoint).is_file():
+            raise FamBenchError(
+                f"model.checkpoint={checkpoint} does not exist; pass the path to a saved "
+                "state_dict or Lightning checkpoint, or leave it null to train (or reuse "
+                "the cached model)."
+            )
+    model = train_or_load(
+        network,
+        train_set,
+        family,
+        None,
+        run.trainer,
+        checkpoint,
+        to_absolute_path(run.cache_dir),
+        training_key(run),
+        run.seed,
+        fallback_dir=out,
+        logger=logger,
+        progress=run.eval.progress,
+        notes=notes,
+    )
+    return model.to(device).eval()
+
+
+# -- methods ------------------------------------------------------------------------------
+@dataclass
+class Method:
+    """A listed method: its explainer factory ``(model, target_layer) -> explainer`` and
+    the options that define its maps (written into results and ``settings_id``)."""
+
+    name: str
+    factory: Callable[..., Any]
+    options: dict[str, Any]
+    takes_seed: bool
+
+    def make(self, model: nn.Module, target_layer: str | None, seed: int):
+        if self.takes_seed:
+            return self.factory(model, target_layer, seed=seed)
+        return self.factory(model, target_layer)
+
+
+def method_node(name: str, run: RunConfig, searched: list[str]) -> dict[str, Any]:
+    if name in run.method:
+        return dict(run.method[name])
+    path = CONF_DIR / "method" / f"{name}.yaml"
+    if path.is_file():  # composed without run.py's method defaults: the same file
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    raise FamBenchError(
+        f"Unknown method {name!r}. Valid methods: {searched}. A method is one module in "
+        "baselines/ and one conf/method/<name>.yaml (or a method/<name>.yaml in your own "
+        "config directory, hydra.searchpath=[file://DIR])."
+    )
+
+
+def build_methods(run: RunConfig) -> dict[str, Method]:
+    """``name -> Method`` for ``run.methods``; unknown methods and options are errors."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_object, instantiate
+
+    searched = sorted(set(run.method) | {p.stem for p in (CONF_DIR / "method").glob("*.yaml")})
+    methods = {}
+    for name in run.methods:
+        node = method_node(name, run, searched)
+        target = node.get("_target_")
+        if not target:
+            raise FamBenchError(
+                f"method {name!r} has no `_target_` (the dotted path of its explainer class)."
+            )
+        try:
+            cls = get_object(target)
+        except Exception as err:  # noqa: BLE001 - any import failure is the user's path
+            raise FamBenchError(
+                f"method.{name}._target_={target!r} cannot be imported ({err})."
+            ) from None
+        options = {k: v for k, v in node.items() if not k.startswith("_")}
+        valid = signature_options(cls, skip=("self", "model", "target_layer", "seed"))
+        if valid is not None:
+            check_keys(f"method.{name}", options, valid)
+        try:
+            factory = instantiate(node, _partial_=True)
+        except InstantiationException as err:
+            raise FamBenchError(
+                f"method {name!r}: cannot build {target!r} ({' '.join(str(err).split())})."
+            ) from None
+        takes_seed = "seed" in (signature_options(cls, skip=()) or [])
+        shown = {k: v for k, v in options.items() if k not in METHOD_EXECUTION_OPTIONS}
+        methods[name] = Method(name, factory, {"_target_": target, **shown}, takes_seed)
+    return methods
+
+
+# -- metric settings ----------------------------------------------------------------------
+def metric_settings(run: RunConfig, family: Any, evaluation: Any) -> dict[str, Any]:
+    """The resolved settings every number depends on (step and tolerance in pixels) and
+    the evaluation protocol (``protocol``): they make up ``settings_id``."""
+    m = run.metric
+    size = run.data.image_size
+    step = m.step if m.step is not None else size
+    tolerance = m.tolerance * size / m.tolerance_image_size
+    return {
+        "step": int(step),
+        "deletion_substrate": m.deletion_substrate,
+        "insertion_substrate": m.insertion_substrate,
+        "blur_kernel": m.blur_kernel,
+        "blur_sigma": float(m.blur_sigma),
+        "tolerance_px": round(tolerance, 4),
+        "score": getattr(evaluation, "score", "similarity"),
+        "similarity": evaluation.similarity,
+        "amp": bool(m.amp),
+        "sanity_samples": m.sanity_samples,
+        "image_size": size,
+        # The evaluation protocol and the explained layer change the numbers as much as the
+        # metric settings do (1-shot vs 5-shot, another layer), so they share the id.
+        "protocol": {
+            "target_layer": run.model.target_layer,
+            "model_options": dict(run.model.options),
+            **family.protocol(run.eval),
+        },
+    }
+
+
+def settings_id(settings: dict[str, Any], method: Method | None = None) -> str:
+    """Short hash of the metric settings and protocol, plus one method's options."""
+    value = settings if method is None else {**settings, "method": method.options}
+    return short_hash(value, 8)

@@ -1,0 +1,296 @@
+"""The evaluation pipeline behind ``run.py``: data, model, every method x every metric.
+
+``run(cfg, output_dir)`` reads top to bottom:
+
+1. the config becomes a typed :class:`~experiments.config.RunConfig` (unknown keys and
+   wrong values are errors before anything runs); the task family, the methods (with
+   their options) and the metrics are resolved and checked;
+2. the output folder is locked and claimed (:class:`~experiments.store.OutputStore`):
+   ``run.json`` records the fingerprint of everything that changes a number, and a
+   folder holding results of another config is refused;
+3. the datasets and the model are built, and the model trained or loaded
+   (:mod:`experiments.builders`; cached outside the run folder);
+4. the task's own accuracy goes to ``task_metrics.csv``;
+5. every unit not yet on disk is evaluated (:mod:`experiments.worker`), in this process
+   or sharded over ``trainer.devices x trainer.num_nodes`` processes, each unit written
+   atomically as a shard;
+6. the shards are merged into ``results.csv``, ``curves.npz`` and ``sanity.csv``; the
+   summary (:mod:`evaluation.summary`), the figures, ``settings.json``,
+   ``environment.json`` and the logger follow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from evaluation.registry import METRICS, metric_columns
+from experiments import builders, config
+from experiments.store import OutputStore
+from experiments.tasks import family_for
+from experiments.worker import Job, launch
+from fam.errors import FamBenchError
+
+log = logging.getLogger(__name__)
+
+#: config entries that change how a run executes but never its numbers; they are left
+#: out of the fingerprint so a run can resume on other hardware or with other batch sizes.
+EXECUTION_KEYS = (
+    *(("trainer", k) for k in sorted(builders.TRAINER_EXECUTION_KEYS)),
+    ("logger",),
+    ("cache_dir",),
+    ("output_dir",),
+    ("eval", "progress"),
+    ("eval", "batch_size"),
+    ("eval", "figure_samples"),
+    ("metric", "batch_size"),
+    ("data", "root"),
+)
+#: the leading columns of results.csv, in order
+FRONT_COLUMNS = [
+    "sample_id",
+    "episode",
+    "index",
+    "label",
+    "method",
+    "experiment",
+    "dataset",
+    "model",
+    "task",
+    "settings_id",
+    "seed",
+    "model_id",
+    "table_id",
+    "method_options",
+]
+
+
+def check_metrics(names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise FamBenchError(f"Unknown metric(s) {unknown}. Valid metrics: {list(METRICS)}.")
+    return names
+
+
+def fingerprint_of(run: config.RunConfig, methods: dict[str, builders.Method]) -> tuple[str, dict]:
+    """``(sha256[:16], the fingerprinted config)``: every entry that can change a number,
+    including each listed method's options."""
+    container = config.plain(run)
+    for path in EXECUTION_KEYS:
+        node = container
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    container["method"] = {name: m.options for name, m in methods.items()}
+    return config.short_hash(container), container
+
+
+def applicable_metrics(
+    metrics: list[str], eval_set: Any, evaluation: Any, data_name: str, notes: list[str]
+) -> list[str]:
+    """Drop (with a note) metrics the data or the task's score cannot support."""
+    keep = []
+    for name in metrics:
+        spec = METRICS[name]
+        if spec.needs_masks and not getattr(eval_set, "has_masks", False):
+            notes.append(
+                f"{name} skipped: dataset {data_name!r} has no ground-truth masks or boxes."
+            )
+        elif spec.needs_confidence and not evaluation.confidence_available:
+            notes.append(
+                f"{name} skipped: it needs a non-negative score; the raw "
+                f"{evaluation.similarity} similarity is not (use metric.score=probability)."
+            )
+        else:
+            keep.append(name)
+    for note in notes:
+        log.warning(note)
+    return keep
+
+
+def run(
+    cfg: DictConfig | dict,
+    output_dir: str | os.PathLike,
+    *,
+    after_unit: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run one experiment into ``output_dir`` (module docstring); resumes what is there.
+
+    ``after_unit(u)`` is called after unit ``u`` was written (single-process runs only;
+    tests use it to interrupt a run). Returns the merged frames and the output paths.
+    """
+    from experiments.loggers import build_logger
+
+    run_cfg = config.load(cfg)
+    family = family_for(run_cfg.task)
+    run_cfg.task = config.plain(family.config)  # with the family's defaults filled in
+    methods = builders.build_methods(run_cfg)
+    metrics = check_metrics(list(run_cfg.metrics))
+    fingerprint, fingerprinted = fingerprint_of(run_cfg, methods)
+    out = Path(output_dir)
+    with OutputStore(out) as store:
+        store.claim(fingerprint, fingerprinted)
+        logger = build_logger(run_cfg.logger, out, run_cfg.name)
+        torch.manual_seed(run_cfg.seed)
+        device = builders.device_for(run_cfg.trainer.accelerator)
+        train_set, eval_set = builders.build_datasets(run_cfg)
+        notes: list[str] = []
+        model = builders.build_model(run_cfg, family, train_set, device, out, logger.logger, notes)
+        evaluation = family.evaluation(run_cfg, train_set, eval_set, model, device)
+        metrics = applicable_metrics(metrics, eval_set, evaluation, run_cfg.data.name, notes)
+        settings = builders.metric_settings(run_cfg, family, evaluation)
+        job = _job(run_cfg, family, evaluation, model, methods, metrics, settings, fingerprint, out)
+        job.notes = notes
+
+        task_path = out / "task_metrics.csv"
+        if not task_path.is_file():
+            values = evaluation.task_metrics(model)
+            frame = pd.DataFrame([{"metric": k, "value": v} for k, v in values.items()])
+            for col, value in job.constants.items():
+                frame[col] = value
+            store.write_frame("task_metrics.csv", frame)
+
+        done = store.done_units() & set(range(evaluation.num_units))
+        todo = [u for u in range(evaluation.num_units) if u not in done]
+        if done:
+            log.info("resuming: %d of %d units already done", len(done), evaluation.num_units)
+        if todo:
+            t = run_cfg.trainer
+            launch(job, todo, t.devices, t.num_nodes, t.strategy, after_unit)
+        return _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path)
+
+
+def _job(run_cfg, family, evaluation, model, methods, metrics, settings, fingerprint, out) -> Job:
+    model_id = builders.model_id(run_cfg)
+    data = config.plain(run_cfg.data)
+    data.pop("root", None)
+    table_id = config.short_hash(
+        {"data": data, "model": model_id, "task": dict(run_cfg.task), "settings": settings}, 12
+    )
+    constants = {
+        "experiment": run_cfg.name,
+        "dataset": run_cfg.data.name,
+        "model": builders.model_label(run_cfg),
+        "task": family.name,
+        "seed": run_cfg.seed,
+        "model_id": model_id,
+        "table_id": table_id,
+    }
+    method_columns = {
+        name: {
+            "settings_id": builders.settings_id(settings, m),
+            "method_options": json.dumps(m.options, sort_keys=True, default=str),
+        }
+        for name, m in methods.items()
+    }
+    return Job(
+        evaluation=evaluation,
+        model=model,
+        methods=methods,
+        metrics=metrics,
+        settings=settings,
+        fingerprint=fingerprint,
+        out=out,
+        seed=run_cfg.seed,
+        target_layer=run_cfg.model.target_layer,
+        constants=constants,
+        method_columns=method_columns,
+        explain_batch=run_cfg.eval.batch_size,
+        metric_batch=run_cfg.metric.batch_size,
+        figure_samples=run_cfg.eval.figure_samples,
+        progress=run_cfg.eval.progress,
+        accelerator=run_cfg.trainer.accelerator,
+    )
+
+
+def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path) -> dict:
+    from evaluation.summary import summarise
+    from experiments.checks import run_warnings
+    from experiments.environment import write_environment
+
+    columns = metric_columns(job.metrics, other=True)
+    merged = store.merge(
+        job.fingerprint, evaluation.num_units, list(job.methods), FRONT_COLUMNS, columns
+    )
+    summary = summarise(merged["results"], merged["sanity"])
+    store.write_frame("summary.csv", summary)
+    warnings = run_warnings(
+        merged["results"],
+        pd.read_csv(task_path),
+        evaluation.chance(),
+        getattr(job.model, "target_shape", None),
+    )
+    store.write_json("warnings.json", warnings)
+    figures = write_figures(job, merged, eval_set, evaluation)
+    settings_ids = {name: cols["settings_id"] for name, cols in job.method_columns.items()}
+    store.write_json(
+        "settings.json",
+        {
+            "settings": job.settings,
+            "methods": {name: m.options for name, m in job.methods.items()},
+            "settings_ids": settings_ids,
+            "table_id": job.constants["table_id"],
+            "model_id": job.constants["model_id"],
+            "notes": job.notes,
+        },
+    )
+    write_environment(
+        store.out / "environment.json",
+        cfg_dict={
+            "config": config.plain(run_cfg),
+            "model": job.constants["model"],
+            "metric_settings": job.settings,
+            "settings_ids": settings_ids,
+            "notes": job.notes,
+        },
+        device=device,
+        seed=run_cfg.seed,
+    )
+    logger.log_run(config.plain(run_cfg), summary, pd.read_csv(task_path), figures)
+    table = summary.pivot(index="method", columns="metric", values="mean")
+    log.info("mean per method and metric:\n%s", table.round(3).to_string())
+    log.info("results in %s", store.out.resolve())
+    return {
+        **merged,
+        "summary": summary,
+        "out": store.out,
+        "figures": figures,
+        "notes": job.notes,
+        "settings_ids": settings_ids,
+        "warnings": warnings,
+    }
+
+
+def write_figures(job: Job, merged: dict[str, Any], eval_set: Any, evaluation: Any) -> list[Path]:
+    """``maps.png`` (images x methods, ground truth outlined) and ``curves.png``."""
+    from experiments.figures import plot_curves, plot_map_grid
+
+    paths = []
+    figure = merged["figure"]
+    out = job.out
+    if figure is not None:
+        classes = list(getattr(eval_set, "classes", []) or [])
+        labels = [classes[int(c)] if int(c) < len(classes) else str(c) for c in figure["labels"]]
+        maps = {name: figure["maps"][k] for k, name in enumerate(job.methods)}
+        paths.append(
+            plot_map_grid(
+                figure["images"],
+                maps,
+                figure["masks"],
+                out / "maps.png",
+                eval_set.mean,
+                eval_set.std,
+                labels=labels,
+            )
+        )
+    if merged["curves"]:
+        paths.append(plot_curves(merged["curves"], out / "curves.png"))
+    return [Path(p) for p in paths]

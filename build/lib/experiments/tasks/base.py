@@ -1,0 +1,139 @@
+"""The task-family protocol: one class per family owns everything task-specific.
+
+A *task family* (few-shot, contrastive, retrieval, or a user's own) is one subclass of
+:class:`TaskFamily` registered with :func:`experiments.tasks.register`. It owns
+
+- its config: the dataclass ``Config`` that ``conf/task/<name>.yaml`` is checked against
+  (the one set of defaults; an unknown key is an error naming the nearest one);
+- training: :meth:`training_module` (its LightningModule), :meth:`train_loader`,
+  :meth:`monitor` (the validation metric logged during training);
+- evaluation: :meth:`evaluation` returns an :class:`Evaluation` that cuts the run into
+  *units* (a few-shot episode, a block of queries). A unit is a pure function of the
+  config, the model and its index, so any unit can be recomputed on its own, in any
+  process and order (resume and sharding are exact);
+- its own accuracy: :meth:`Evaluation.task_metrics`.
+
+The pipeline and training dispatch through the registry only; nothing compares task
+names. A new family costs a task module (the subclass), a training module (its
+LightningModule) and ``conf/task/<name>.yaml`` (``name: <name>``, plus ``family:
+<dotted path of the class>`` when it lives outside this package).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from experiments.data.seeding import Stream, generator
+
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Unit:
+    """One evaluation unit on the model's device.
+
+    ``images (N, 3, H, W)``; ``reference (N, D)``; ``masks``/``other_masks`` ``(N, H, W)``
+    bool or ``None``; ``score_fn(perturbed (B, 3, H, W), index (B,)) -> (B,)`` the score
+    the faithfulness metrics read; ``confidence_fn`` the non-negative score for Average
+    Drop / Increase in Confidence (``None``: not available); ``reference_fn(net) -> (N, D)``
+    recomputes the references with another network (randomisation sanity check);
+    ``columns`` per-sample values written into each result row (lists of length N);
+    ``similarity`` what the explainers explain (a name or a callable ``(emb, ref) -> (N,)``).
+    """
+
+    unit: int
+    images: Tensor
+    reference: Tensor
+    score_fn: ScoreFn
+    confidence_fn: ScoreFn | None
+    reference_fn: Callable[[nn.Module], Tensor]
+    similarity: Any = "cosine"
+    masks: Tensor | None = None
+    other_masks: Tensor | None = None
+    boxes: Tensor | None = None
+    reference_images: Tensor | None = None
+    columns: dict[str, list] = field(default_factory=dict)
+
+
+class Evaluation:
+    """What a task family explains on a run (see :meth:`TaskFamily.evaluation`)."""
+
+    #: the score the causal metrics read, in words (figure axes, README)
+    score_label: str = "score"
+    #: the similarity explained (a name for the summary and settings)
+    similarity: str = "cosine"
+
+    @property
+    def num_units(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def confidence_available(self) -> bool:
+        """Whether Average Drop / Increase in Confidence have a non-negative score."""
+        raise NotImplementedError
+
+    def unit(self, u: int, model: nn.Module, device: torch.device) -> Unit:
+        raise NotImplementedError
+
+    def task_metrics(self, model: nn.Module) -> dict[str, float]:
+        raise NotImplementedError
+
+    def chance(self) -> float | None:
+        """Chance level of the first task metric (for the 'near chance' warning)."""
+        return None
+
+
+class TaskFamily:
+    """Base class of a task family (module docstring). ``config`` is a ``Config``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    # -- training -------------------------------------------------------------------------
+    def training_module(self, model: nn.Module, train_set: Any, optim: dict[str, Any]):
+        """The LightningModule (an ``experiments.training.base.TaskModule``)."""
+        raise NotImplementedError
+
+    def train_loader(self, train_set: Any, trainer: Any, seed: int):
+        raise NotImplementedError
+
+    def monitor(
+        self, train_set: Any, val_set: Any, seed: int
+    ) -> tuple[str, Callable[[nn.Module], float]]:
+        raise NotImplementedError
+
+    # -- evaluation -----------------------------------------------------------------------
+    def protocol(self, eval_cfg: Any) -> dict[str, Any]:
+        """The evaluation-protocol values that change numbers (go into ``settings_id``)."""
+        return {}
+
+    def evaluation(
+        self, run: Any, train_set: Any, eval_set: Any, model: nn.Module, device: torch.device
+    ) -> Evaluation:
+        raise NotImplementedError
+
+
+def stack_items(
+    dataset, indices: Sequence[int], device: torch.device
+) -> tuple[Tensor, Tensor | None, list[int]]:
+    """Images ``(N, 3, H, W)``, masks ``(N, H, W)`` (or ``None``) and labels of items."""
+    items = [dataset[int(i)] for i in indices]
+    images = torch.stack([it["image"] for it in items]).to(device)
+    masks = None
+    if getattr(dataset, "has_masks", False):
+        masks = torch.stack([torch.as_tensor(it["mask"]) for it in items]).bool().to(device)
+    return images, masks, [int(it["label"]) for it in items]
+
+
+def query_order(n_items: int, num_queries: int | None, seed: int) -> Tensor:
+    """The evaluation-split indices explained: a seeded permutation, first ``num_queries``."""
+    order = torch.randperm(n_items, generator=generator(seed, Stream.QUERY_ORDER))
+    return order if num_queries is None else order[:num_queries]

@@ -1,0 +1,279 @@
+"""Few-shot classification with prototypes (ProtoNet, Snell et al. 2017).
+
+Each query of an episode is explained against the prototype (mean support embedding) of
+its true class with the task similarity. The metrics read, with
+``metric.score=probability`` (default), the episode softmax of that class over the
+similarities to all prototypes (prototypes from the unperturbed support, at the model's
+own temperature), or with ``similarity`` the raw similarity. Average Drop / Increase in
+Confidence read the probability (or ``max(cos, 0)`` for a cosine model under
+``metric.score=similarity``; skipped with a note for the raw negative distance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from experiments.data.seeding import derive_seed
+from experiments.embedding import embed
+from experiments.tasks.base import Evaluation, TaskFamily, Unit, stack_items
+from fam.errors import FamBenchError
+from fam.layers import eval_mode
+from fam.similarity import pairwise
+
+
+@dataclass
+class FewShotConfig:
+    """``conf/task/fewshot.yaml``."""
+
+    name: str = "fewshot"
+    similarity: str = "euclidean"
+    temperature: float | None = None
+    train_way: int = 5
+    train_shot: int = 5
+    train_query: int = 15
+    monitor_way: int = 5
+    monitor_shot: int = 5
+    monitor_query: int = 15
+    monitor_episodes: int = 50
+    monitor_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.similarity not in ("euclidean", "cosine"):
+            raise FamBenchError(
+                f"task.similarity must be 'euclidean' or 'cosine' for ProtoNet, got "
+                f"{self.similarity!r}."
+            )
+        if self.temperature is not None and self.temperature <= 0:
+            raise FamBenchError(f"task.temperature must be > 0 or null, got {self.temperature}.")
+        for key in ("train_way", "train_shot", "train_query", "monitor_way", "monitor_shot"):
+            if getattr(self, key) < 1:
+                raise FamBenchError(f"task.{key} must be >= 1, got {getattr(self, key)}.")
+
+
+def episode_sampler(
+    dataset: Any,
+    way: int,
+    shot: int,
+    query: int,
+    episodes: int,
+    seed: int,
+    keys: tuple[str, str, str],
+):
+    """``EpisodeSampler`` over ``dataset``; an impossible shape names the config keys."""
+    from experiments.data import EpisodeSampler
+    from experiments.training.batches import labels_of
+
+    try:
+        return EpisodeSampler(labels_of(dataset), way, shot, query, episodes, seed)
+    except FamBenchError as err:
+        raise FamBenchError(
+            f"{err} Change {keys[0]}={way}, {keys[1]}={shot} or {keys[2]}={query} so that "
+            "every episode fits the split."
+        ) from None
+
+
+class FewShot(TaskFamily):
+    name = "fewshot"
+    Config = FewShotConfig
+
+    def training_module(self, model: nn.Module, train_set: Any, optim: dict[str, Any]):
+        from experiments.training.fewshot import ProtoNetModule
+
+        c = self.config
+        return ProtoNetModule(
+            model, c.train_way, c.train_shot, c.train_query, c.similarity, c.temperature, **optim
+        )
+
+    def train_loader(self, train_set: Any, trainer: Any, seed: int):
+        from torch.utils.data import DataLoader
+
+        from experiments.training.batches import EpisodeImages
+
+        c = self.config
+        sampler = episode_sampler(
+            train_set,
+            c.train_way,
+            c.train_shot,
+            c.train_query,
+            trainer.max_steps,
+            seed,
+            ("task.train_way", "task.train_shot", "task.train_query"),
+        )
+        workers = trainer.num_workers
+        return DataLoader(
+            EpisodeImages(train_set, sampler),
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+
+    def monitor(self, train_set: Any, val_set: Any, seed: int):
+        from experiments.training.metrics import fewshot_accuracy
+
+        c = self.config
+        sampler = episode_sampler(
+            val_set,
+            c.monitor_way,
+            c.monitor_shot,
+            c.monitor_query,
+            c.monitor_episodes,
+            seed,
+            ("task.monitor_way", "task.monitor_shot", "task.monitor_query"),
+        )
+        return "val_fewshot_accuracy", lambda m: fewshot_accuracy(
+            m, val_set, sampler, c.similarity
+        )["mean"]
+
+    def protocol(self, eval_cfg: Any) -> dict[str, Any]:
+        return {"n_way": eval_cfg.n_way, "n_shot": eval_cfg.n_shot, "n_query": eval_cfg.n_query}
+
+    def evaluation(self, run, train_set, eval_set, model, device) -> FewShotEvaluation:
+        e = run.eval
+        if e.n_way < 2:
+            raise FamBenchError(f"Episodes need eval.n_way >= 2 to compare classes, got {e.n_way}.")
+        sampler = episode_sampler(
+            eval_set,
+            e.n_way,
+            e.n_shot,
+            e.n_query,
+            e.num_episodes,
+            run.seed,
+            ("eval.n_way", "eval.n_shot", "eval.n_query"),
+        )
+        pairs = getattr(eval_set, "mode", "single") == "pairs"
+        return FewShotEvaluation(
+            eval_set,
+            sampler,
+            e.n_way,
+            e.n_shot,
+            e.n_query,
+            self.config.similarity,
+            run.metric.score,
+            run.seed,
+            pairs,
+        )
+
+
+class FewShotEvaluation(Evaluation):
+    """Episodes of the evaluation split, one unit per episode.
+
+    In ``pairs`` mode (``SyntheticShapes(mode="pairs")``) each query image shows its own
+    class's object and one of another episode class (picked from ``(seed, episode,
+    query)``); the first is the ground truth, the second goes into ``other_masks``.
+    """
+
+    def __init__(
+        self, dataset, sampler, n_way, n_shot, n_query, similarity, score, seed, pairs=False
+    ) -> None:
+        self.dataset, self.sampler = dataset, sampler
+        self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
+        self.similarity, self.score, self.seed, self.pairs = similarity, score, seed, pairs
+        self.score_label = (
+            "class probability (episode softmax)"
+            if score == "probability"
+            else f"{similarity} similarity to the prototype"
+        )
+
+    @property
+    def num_units(self) -> int:
+        return int(self.sampler.num_episodes)
+
+    @property
+    def confidence_available(self) -> bool:
+        return self.score == "probability" or self.similarity == "cosine"
+
+    def chance(self) -> float:
+        return 1.0 / self.n_way
+
+    def unit(self, e: int, model: nn.Module, device: torch.device) -> Unit:
+        episode = self.sampler.episode(e)
+        classes = torch.as_tensor(episode.classes).long()
+        support, _, _ = stack_items(self.dataset, torch.as_tensor(episode.support).tolist(), device)
+        query_idx = torch.as_tensor(episode.query).tolist()
+        # Queries are class-major: query j belongs to episode class j // n_query.
+        position = torch.arange(self.n_way).repeat_interleave(self.n_query)
+        other_masks = None
+        if self.pairs:
+            # the other object's class: a stream of its own, keyed by (seed, episode, query)
+            offset = torch.tensor(
+                [derive_seed(self.seed, e, j) % (self.n_way - 1) for j in range(len(position))]
+            )
+            other_position = (position + 1 + offset) % self.n_way
+            keys = e * len(position) + torch.arange(len(position))
+            batch = self.dataset.pairs(classes[position], classes[other_position], keys)
+            images = batch["image"].to(device)
+            masks = batch["mask"].bool().to(device)
+            other_masks = batch["other_mask"].bool().to(device)
+            labels = classes[position].tolist()
+            other_labels = classes[other_position].tolist()
+            query_idx = keys.tolist()  # pair images are identified by their render key
+        else:
+            images, masks, labels = stack_items(self.dataset, query_idx, device)
+            other_labels = None
+        position = position.to(device)
+
+        def prototypes_of(net: nn.Module) -> Tensor:
+            return embed(net, support).view(self.n_way, self.n_shot, -1).mean(1)
+
+        prototypes = prototypes_of(model)
+        similarity = self.similarity
+
+        def logits(x: Tensor) -> Tensor:
+            return pairwise(similarity, model(x).float(), prototypes)
+
+        def probability(x: Tensor, index: Tensor) -> Tensor:
+            probs = torch.softmax(logits(x), dim=1)
+            return probs.gather(1, position[index][:, None])[:, 0]
+
+        def raw_similarity(x: Tensor, index: Tensor) -> Tensor:
+            return logits(x).gather(1, position[index][:, None])[:, 0]
+
+        def shifted_cosine(x: Tensor, index: Tensor) -> Tensor:
+            return raw_similarity(x, index).clamp_min(0)
+
+        score_fn = probability if self.score == "probability" else raw_similarity
+        confidence_fn = None
+        if self.score == "probability":
+            confidence_fn = probability
+        elif similarity == "cosine":
+            confidence_fn = shifted_cosine
+        with torch.no_grad(), eval_mode(model):
+            predicted = torch.cat(
+                [logits(images[i : i + 256]) for i in range(0, len(images), 256)]
+            ).argmax(1)
+        n = len(position)
+        columns = {
+            "sample_id": [e * n + j for j in range(n)],
+            "episode": [e] * n,
+            "index": query_idx,
+            "label": labels,
+            "correct": (predicted == position).tolist(),
+        }
+        if other_labels is not None:
+            columns["other_label"] = other_labels
+        return Unit(
+            unit=e,
+            images=images,
+            reference=prototypes[position],
+            score_fn=score_fn,
+            confidence_fn=confidence_fn,
+            reference_fn=lambda net: prototypes_of(net)[position],
+            similarity=similarity,
+            masks=masks,
+            other_masks=other_masks,
+            columns=columns,
+        )
+
+    def task_metrics(self, model: nn.Module) -> dict[str, float]:
+        from experiments.training.metrics import fewshot_accuracy
+
+        acc = fewshot_accuracy(model, self.dataset, self.sampler, self.similarity)
+        return {
+            "fewshot_accuracy": float(acc["mean"]),
+            "fewshot_accuracy_ci95": float(acc["ci95"]),
+            "episodes": int(acc["n"]),
+        }

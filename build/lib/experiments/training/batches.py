@@ -1,0 +1,159 @@
+"""Cheap batch access to the suite's datasets and the loaders the task modules train on.
+
+Datasets return dict samples (``{"image": (3, H, W), "label": int, ...}``) and expose
+``labels``. Batches are fetched through :func:`gather`, which takes a whole index tensor
+at once: a dataset that implements ``images_at(indices) -> (B, 3, H, W)`` (e.g. one held
+in memory as a tensor) is indexed directly, any other is read sample by sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from experiments.data.common import denormalise, normalise_image
+
+
+def labels_of(dataset: Any) -> Tensor:
+    """The dataset's labels as a ``(N,)`` int64 tensor (read without decoding images)."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        return torch.as_tensor([int(dataset[i]["label"]) for i in range(len(dataset))])
+    return torch.as_tensor(labels, dtype=torch.long)
+
+
+def image_size_of(dataset: Any) -> int:
+    """Side length of the dataset's square images (``image_size`` or the first image)."""
+    size = getattr(dataset, "image_size", None)
+    if size is None:
+        size = dataset[0]["image"].shape[-1]
+    return int(size[-1] if isinstance(size, tuple | list) else size)
+
+
+def gather(dataset: Any, indices: Tensor | Sequence[int]) -> Tensor:
+    """Images at ``indices``: ``(B,) -> (B, 3, H, W)`` float, normalised as the dataset
+    returns them."""
+    indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    if hasattr(dataset, "images_at"):
+        return dataset.images_at(indices)
+    return torch.stack([dataset[i]["image"] for i in indices.tolist()])
+
+
+class IndexedBatches(Dataset):
+    """Map-style view whose ``__getitems__`` fetches a whole batch with :func:`gather`.
+
+    With ``DataLoader(view, batch_size=B, sampler=...)`` the loader hands the batch's
+    index list to ``__getitems__`` (one gather instead of B sample reads); the collate
+    function :func:`pass_through` keeps the ``(images, labels)`` pair as it is.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.labels = labels_of(dataset)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return gather(self.dataset, [index])[0], self.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return gather(self.dataset, index), self.labels[index]
+
+
+def pass_through(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Collate for :class:`IndexedBatches`: the batch is already stacked."""
+    return batch
+
+
+class EpisodeImages(Dataset):
+    """Episode ``e`` of an ``EpisodeSampler`` as one batch: images ``(W*(S+Q), 3, H, W)``,
+    support then query, each class-major (the episode label of a row is its class's
+    position in ``episode.classes``). Use with ``DataLoader(batch_size=None)``."""
+
+    def __init__(self, dataset: Any, sampler: Any) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getitem__(self, e: int) -> Tensor:
+        return gather(self.dataset, self.sampler.episode(e).indices)
+
+
+def simclr_blur_kernel(image_size: int) -> int:
+    """SimCLR blurs with a kernel of 10% of the image side (odd, at least 3)."""
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
+def _normalisation(dataset: Any) -> tuple[Tensor, Tensor]:
+    """``(mean, std)`` as ``(3, 1, 1)`` of the dataset's output; identity for a dataset
+    built to return raw ``[0, 1]`` images (``normalise=False``)."""
+    if not getattr(dataset, "normalise", True):
+        return torch.zeros(3, 1, 1), torch.ones(3, 1, 1)
+    mean = torch.as_tensor(getattr(dataset, "mean", (0.0, 0.0, 0.0)), dtype=torch.float)
+    std = torch.as_tensor(getattr(dataset, "std", (1.0, 1.0, 1.0)), dtype=torch.float)
+    return mean.view(-1, 1, 1), std.view(-1, 1, 1)
+
+
+class TwoViews(Dataset):
+    """Two SimCLR augmentations of each image: ``(view_a, view_b, label)``.
+
+    The datasets return normalised tensors while lightly's ``SimCLRTransform`` works on PIL
+    images, so the same augmentation is built from ``torchvision.transforms.v2`` on tensors
+    with lightly's ``SimCLRTransform`` defaults: RandomResizedCrop(scale=(min_scale, 1)),
+    horizontal flip 0.5, ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p=0.8 (s = cj_strength),
+    grayscale p=0.2, Gaussian blur sigma in (0.1, 2) with p=gaussian_blur (kernel 10% of
+    the side). ``gaussian_blur=None`` means 0.5 above 32 px and 0 at 32 px and below (the
+    SimCLR paper drops the blur for CIFAR, as lightly's CIFAR examples do). Each view is
+    un-normalised to [0, 1], augmented per sample, and normalised again, so views look like
+    the dataset's own images (raw ones stay raw).
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        image_size: int,
+        min_scale: float = 0.08,
+        cj_prob: float = 0.8,
+        cj_strength: float = 1.0,
+        random_gray_scale: float = 0.2,
+        gaussian_blur: float | None = None,
+        hf_prob: float = 0.5,
+    ) -> None:
+        from torchvision.transforms import v2
+
+        self.dataset = dataset
+        self.labels = labels_of(dataset)
+        self.mean, self.std = _normalisation(dataset)
+        if gaussian_blur is None:
+            gaussian_blur = 0.5 if image_size > 32 else 0.0
+        s = cj_strength
+        self.transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True),
+                v2.RandomHorizontalFlip(hf_prob),
+                v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=cj_prob),
+                v2.RandomGrayscale(random_gray_scale),
+                v2.RandomApply(
+                    [v2.GaussianBlur(simclr_blur_kernel(image_size), (0.1, 2.0))], p=gaussian_blur
+                ),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _view(self, image: Tensor) -> Tensor:
+        raw = denormalise(image, self.mean, self.std).clamp(0.0, 1.0)
+        return normalise_image(self.transform(raw), self.mean, self.std)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        image = gather(self.dataset, [index])[0]
+        return self._view(image), self._view(image), self.labels[index]

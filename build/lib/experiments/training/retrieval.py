@@ -1,0 +1,74 @@
+"""Deep metric learning for retrieval with pytorch-metric-learning's losses and miners."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from experiments.training.base import TaskModule
+from fam.errors import FamBenchError
+
+# loss name -> (pml loss class, its margin keyword, the miner used when none is named)
+LOSSES: dict[str, tuple[str, str | None, str]] = {
+    "multi_similarity": ("MultiSimilarityLoss", None, "multi_similarity"),
+    "contrastive": ("ContrastiveLoss", "neg_margin", "none"),
+    "triplet": ("TripletMarginLoss", "margin", "triplet"),
+}
+MINERS = ("multi_similarity", "triplet", "none")
+
+
+def build_loss_and_miner(
+    loss: str = "multi_similarity", miner: str | None = None, margin: float | None = None
+) -> tuple[nn.Module, Any]:
+    """pml loss and miner by name; ``margin=None`` keeps pml's defaults.
+
+    ``multi_similarity``: MultiSimilarityLoss(alpha=2, beta=50, base=0.5) with
+    MultiSimilarityMiner(epsilon=0.1) (Wang et al., CVPR 2019). ``contrastive``:
+    ContrastiveLoss(pos_margin=0, neg_margin=margin or 1), no miner. ``triplet``:
+    TripletMarginLoss(margin or 0.05) with a semi-hard TripletMarginMiner at the same
+    margin. ``miner="none"`` uses all pairs/triplets of the batch.
+    """
+    from pytorch_metric_learning import losses, miners
+
+    if loss not in LOSSES:
+        raise FamBenchError(f"Unknown retrieval loss {loss!r}; use one of {sorted(LOSSES)}.")
+    cls_name, margin_kw, default_miner = LOSSES[loss]
+    kwargs = {margin_kw: margin} if (margin is not None and margin_kw) else {}
+    criterion = getattr(losses, cls_name)(**kwargs)
+    miner = default_miner if miner is None else miner
+    if miner not in MINERS:
+        raise FamBenchError(f"Unknown retrieval miner {miner!r}; use one of {MINERS}.")
+    if miner == "multi_similarity":
+        return criterion, miners.MultiSimilarityMiner()
+    if miner == "triplet":
+        mining_margin = margin if margin is not None else criterion.margin
+        return criterion, miners.TripletMarginMiner(
+            margin=mining_margin, type_of_triplets="semihard"
+        )
+    return criterion, None
+
+
+class MetricLearningModule(TaskModule):
+    """pml loss on the embeddings of a class-balanced batch (``MPerClassSampler``).
+
+    The embedding the loss sees is the model's output (no head): pml's default distances
+    for these losses are cosine-like (normalised embeddings), matching cosine retrieval.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: str = "multi_similarity",
+        miner: str | None = None,
+        margin: float | None = None,
+        **optim,
+    ) -> None:
+        super().__init__(model, **optim)
+        self.criterion, self.miner = build_loss_and_miner(loss, miner, margin)
+
+    def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        images, labels = batch
+        emb = self.model(self.images(images)).float()
+        pairs = self.miner(emb, labels) if self.miner is not None else None
+        return self.criterion(emb, labels, pairs)

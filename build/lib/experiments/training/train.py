@@ -1,0 +1,212 @@
+"""``train_or_load``: load a checkpoint, reuse a cached one, or train with Lightning.
+
+Training dispatches through the task family (:mod:`experiments.tasks`): the family builds
+its LightningModule, its loader and its monitor; this module only runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from experiments.config import TrainerConfig, typed_node
+from experiments.tasks import TaskFamily, family_for
+from experiments.training.base import TaskModule
+from experiments.training.checkpoints import cache_path, load_weights, save_weights
+from fam.errors import FamBenchError
+from fam.layers import model_device
+
+log = logging.getLogger(__name__)
+
+
+def train_or_load(
+    model: nn.Module,
+    train_set: Any,
+    task: str | TaskFamily,
+    task_cfg: Mapping[str, Any] | None,
+    trainer_cfg: Mapping[str, Any] | TrainerConfig,
+    checkpoint: str | os.PathLike | None,
+    cache_dir: str | os.PathLike | None,
+    key: Mapping[str, Any],
+    seed: int = 0,
+    val_set: Any | None = None,
+    *,
+    fallback_dir: str | os.PathLike | None = None,
+    logger: Any = False,
+    progress: bool = False,
+    notes: list[str] | None = None,
+) -> nn.Module:
+    """Return ``model`` with trained weights, in eval mode, on the device it came on.
+
+    1. ``checkpoint`` given: load it (``weights_only=True``; see :func:`load_weights`);
+       nothing is trained.
+    2. Else, if ``cache_dir/<task>-<model>-<hash>.pt`` exists, load it. The hash is
+       sha256[:16] of the canonical JSON of ``{"key": key, "seed": seed}``: ``key`` is the
+       plain dict of model + data + training config the caller builds, and the seed is
+       added because it changes the trained weights too.
+    3. Else train (:func:`fit`) and write the embedding network's state_dict to that path
+       atomically (``cache_dir=None`` trains without caching). If the cache cannot be
+       written (read-only, full), the weights go to ``fallback_dir/model.pt`` instead and
+       a note says where; a trained model is never thrown away.
+
+    ``task``: a registered family name plus ``task_cfg``, or a ``TaskFamily``.
+    ``val_set`` with the family's ``monitor_every > 0`` logs its task metric during
+    training (``monitor_history`` of the task module).
+    """
+    family = as_family(task, task_cfg)
+    if checkpoint:
+        return load_weights(model, checkpoint).eval()
+    path = None
+    if cache_dir is not None:
+        path = cached_checkpoint(cache_dir, family.name, model, key, seed)
+        if path.is_file():
+            return load_weights(model, path).eval()
+    device = model_device(model)
+    _, trainer = fit(
+        model,
+        train_set,
+        family,
+        None,
+        trainer_cfg,
+        seed,
+        val_set,
+        logger=logger,
+        progress=progress,
+    )
+    if device is not None:  # Lightning may leave it elsewhere after teardown
+        model.to(device)
+    if trainer.is_global_zero and (path is not None or fallback_dir is not None):
+        _keep(model, path, fallback_dir, notes)
+    return model.eval()
+
+
+def _keep(model: nn.Module, path: Path | None, fallback_dir, notes: list[str] | None) -> None:
+    """Save the trained weights to the cache, or to the run folder when that fails."""
+    error = None
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_weights(model, path)
+            return
+        except OSError as err:
+            error = err
+    if fallback_dir is None:
+        raise FamBenchError(
+            f"The trained model could not be written to the cache {path} ({error}); set "
+            "cache_dir=<a writable folder>."
+        )
+    kept = Path(fallback_dir) / "model.pt"
+    save_weights(model, kept)
+    note = (
+        f"the model cache {path.parent if path else None} is not writable ({error}); the "
+        f"trained model was saved to {kept} instead (reuse it with model.checkpoint={kept})."
+    )
+    log.warning(note)
+    if notes is not None:
+        notes.append(note)
+
+
+def as_family(task: str | TaskFamily, task_cfg: Mapping[str, Any] | None) -> TaskFamily:
+    """A task family from the registry: an instance as it is, or a name plus its config."""
+    if isinstance(task, TaskFamily):
+        return task
+    return family_for({"name": task, **dict(task_cfg or {})})
+
+
+def as_trainer(trainer_cfg: Mapping[str, Any] | TrainerConfig) -> TrainerConfig:
+    """``trainer_cfg`` checked against :class:`TrainerConfig` (the one set of defaults)."""
+    if isinstance(trainer_cfg, TrainerConfig):
+        return trainer_cfg
+    return typed_node("trainer", TrainerConfig, dict(trainer_cfg))
+
+
+def fit(
+    model: nn.Module,
+    train_set: Any,
+    task: str | TaskFamily,
+    task_cfg: Mapping[str, Any] | None,
+    trainer_cfg: Mapping[str, Any] | TrainerConfig,
+    seed: int = 0,
+    val_set: Any | None = None,
+    *,
+    logger: Any = False,
+    progress: bool = False,
+) -> tuple[TaskModule, L.Trainer]:
+    """Train ``model`` in place for ``trainer.max_steps`` steps; returns the task module
+    (its ``train_losses``, ``monitor_history``) and the trainer.
+
+    ``task``: a registered family name (with ``task_cfg``) or a ``TaskFamily``; the family
+    builds the LightningModule and the loader. ``logger``: a Lightning logger that gets
+    the training curves (``train_loss`` every ``log_every_n_steps`` steps, the monitor);
+    ``progress``: a progress bar with the current loss.
+    """
+    family = as_family(task, task_cfg)
+    trainer = as_trainer(trainer_cfg)
+    L.seed_everything(seed, workers=True, verbose=False)
+    optim = {
+        "lr": trainer.lr,
+        "weight_decay": trainer.weight_decay,
+        "optimizer": trainer.optimizer,
+        "channels_last": trainer.channels_last,
+    }
+    module = family.training_module(model, train_set, optim)
+    loader = family.train_loader(train_set, trainer, seed)
+    if trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
+    callbacks = []
+    every = int(getattr(family.config, "monitor_every", 0) or 0)
+    if val_set is not None and every > 0:
+        callbacks.append(Monitor(every, *family.monitor(train_set, val_set, seed)))
+    strategy = trainer.strategy if trainer.world_size > 1 else "auto"
+    lightning_trainer = L.Trainer(
+        max_steps=trainer.max_steps,
+        max_epochs=-1,
+        accelerator=trainer.accelerator,
+        devices=trainer.devices,
+        num_nodes=trainer.num_nodes,
+        strategy=strategy,
+        precision=trainer.precision,
+        deterministic=trainer.deterministic,
+        gradient_clip_val=trainer.gradient_clip_val,
+        enable_progress_bar=progress,
+        logger=logger,
+        log_every_n_steps=trainer.log_every_n_steps,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    module.train()  # a model that comes back from train_or_load is in eval mode
+    lightning_trainer.fit(module, loader)
+    return module, lightning_trainer
+
+
+class Monitor(L.Callback):
+    """Every ``every`` steps (and after the last), evaluate ``fn(model)`` and log it."""
+
+    def __init__(self, every: int, name: str, fn: Callable[[nn.Module], float]) -> None:
+        self.every, self.name, self.fn = every, name, fn
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: TaskModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every == 0 or step >= trainer.max_steps:
+            value = self.fn(pl_module.model)
+            pl_module.monitor_history.append((step, value))
+            pl_module.log(self.name, value, prog_bar=True)
+
+
+def cached_checkpoint(
+    cache_dir: str | os.PathLike, task: str, model: nn.Module, key: Mapping[str, Any], seed: int = 0
+) -> Path:
+    """Where ``train_or_load`` caches (or finds) the weights for these arguments."""
+    return cache_path(cache_dir, task, model, {"key": key, "seed": seed})

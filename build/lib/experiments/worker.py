@@ -1,0 +1,235 @@
+"""The worker: evaluate units (every method, every metric) and write their shards.
+
+A unit is evaluated the same way in any process: torch's RNG and the methods' own
+generators are seeded from ``(seed, stream, unit)``, so a run sharded over processes
+(Lightning Fabric, ``trainer.devices * trainer.num_nodes > 1``, units round-robin)
+equals a one-process run. All methods explain the same samples; their maps go through
+each metric together (one deletion/insertion pass packs every method's perturbed images
+into full batches).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from evaluation.registry import MetricInputs, compute_all
+from experiments.data.seeding import Stream, derive_seed
+from experiments.store import OutputStore
+from experiments.tasks import Evaluation as TaskEvaluation
+from experiments.tasks import Unit
+from fam.errors import FamBenchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """Everything a (possibly spawned) worker needs to evaluate units; picklable."""
+
+    evaluation: TaskEvaluation
+    model: nn.Module
+    methods: dict[str, Any]  # name -> builders.Method
+    metrics: list[str]
+    settings: dict[str, Any]
+    fingerprint: str
+    out: Any  # the run folder (a Path)
+    seed: int
+    target_layer: str | None
+    constants: dict[str, Any]
+    method_columns: dict[str, dict[str, Any]]
+    explain_batch: int
+    metric_batch: int
+    figure_samples: int
+    progress: bool
+    accelerator: str
+    data_stats: tuple[Any, Any] = (None, None)
+    notes: list[str] = field(default_factory=list)
+
+
+_FALLBACK_NOTED: set[str] = set()
+
+
+def _note_fallback(name: str, explainer: Any) -> None:
+    """One line when FAM takes the forward-ablation path (K passes per image)."""
+    if getattr(explainer, "last_path", None) == "forward_ablation" and name not in _FALLBACK_NOTED:
+        _FALLBACK_NOTED.add(name)
+        log.info(
+            "%s: the embedding is not a plain pooling of the target layer, so FAM uses exact "
+            "forward ablation (one forward pass per channel and image)",
+            name,
+        )
+
+
+def explain(job: Job, unit: Unit, u: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Maps ``(M*N, H, W)``, degenerate flags ``(M*N,)`` and reasons of every method."""
+    n = len(unit.images)
+    maps, flags, reasons = [], [], []
+    for name, method in job.methods.items():
+        explainer = method.make(
+            job.model, job.target_layer, derive_seed(job.seed, Stream.EXPLAINER, u)
+        )
+        for i in range(0, n, job.explain_batch):
+            batch = explainer(
+                unit.images[i : i + job.explain_batch],
+                unit.reference[i : i + job.explain_batch],
+                unit.similarity,
+            ).detach()
+            maps.append(batch)
+            flag = getattr(explainer, "degenerate", None)
+            flag = (
+                flag.bool().to(batch.device)
+                if flag is not None
+                else torch.zeros(len(batch), dtype=torch.bool, device=batch.device)
+            )
+            flags.append(flag)
+            reason = getattr(explainer, "degenerate_reason", None)
+            if reason is None:
+                reason = ["constant" if f else "" for f in flag.tolist()]
+            reasons.extend(reason)
+        _note_fallback(name, explainer)
+    return torch.cat(maps).float(), torch.cat(flags), reasons
+
+
+def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
+    """All methods and metrics on unit ``u``: the shard's content (CPU tensors)."""
+    torch.manual_seed(derive_seed(job.seed, Stream.UNIT, u))
+    unit = job.evaluation.unit(u, job.model, device)
+    if not bool(torch.isfinite(unit.reference).all()):
+        raise FamBenchError(
+            f"The model outputs non-finite embeddings (nan or inf) on the clean images of "
+            f"unit {u}, so nothing can be explained; check its weights (model.checkpoint), "
+            "its training (trainer.lr, trainer.precision) and its forward pass."
+        )
+    n = len(unit.images)
+    names = list(job.methods)
+    all_maps, degenerate, reasons = explain(job, unit, u)
+    mean, std = job.data_stats
+    inputs = MetricInputs(
+        images=unit.images,
+        maps=all_maps,
+        score_fn=unit.score_fn,
+        confidence_fn=unit.confidence_fn,
+        masks=unit.masks,
+        other_masks=unit.other_masks,
+        boxes=unit.boxes,
+        settings=job.settings,
+        model=job.model,
+        batch_size=job.metric_batch,
+        mean=mean,
+        std=std,
+    )
+    values, curves = compute_all(job.metrics, inputs)
+    values = {k: v.double().cpu().view(len(names), n) for k, v in values.items()}
+    degenerate_flags = degenerate.cpu().view(len(names), n)
+
+    rows = []
+    for k, name in enumerate(names):
+        for j in range(n):
+            row = {col: unit.columns[col][j] for col in ("sample_id", "episode", "index", "label")}
+            row["method"] = name
+            row.update(job.constants)
+            row.update(job.method_columns[name])
+            row.update({metric: float(v[k, j]) for metric, v in values.items()})
+            row["degenerate"] = bool(degenerate_flags[k, j])
+            row["degenerate_reason"] = reasons[k * n + j]
+            row.update({col: vals[j] for col, vals in unit.columns.items() if col not in row})
+            rows.append(row)
+    shard: dict[str, Any] = {
+        "fingerprint": job.fingerprint,
+        "unit": u,
+        "rows": rows,
+        "curves": {kind: c.float().cpu().view(len(names), n, -1) for kind, c in curves.items()},
+        "sample_ids": list(unit.columns["sample_id"]),
+    }
+    if u == 0 and job.figure_samples > 0:
+        k = min(job.figure_samples, n)
+        shard["figure"] = {
+            "images": unit.images[:k].cpu(),
+            "masks": unit.masks[:k].cpu() if unit.masks is not None else None,
+            "maps": all_maps.view(len(names), n, *all_maps.shape[1:])[:, :k].cpu(),
+            "labels": list(unit.columns["label"][:k]),
+            "references": (
+                unit.reference_images[:k].cpu() if unit.reference_images is not None else None
+            ),
+        }
+    if u == 0 and "sanity" in job.metrics:
+        shard["sanity"] = sanity_rows(job, unit)
+    return shard
+
+
+def sanity_rows(job: Job, unit: Unit) -> list[dict]:
+    """Model-randomisation cascade on the first samples of unit 0, per method."""
+    from evaluation import randomisation_sanity
+
+    k = min(job.settings["sanity_samples"], len(unit.images))
+    rows = []
+    for name, method in job.methods.items():
+
+        def make(net: nn.Module, method=method):
+            return method.make(net, job.target_layer, derive_seed(job.seed, Stream.EXPLAINER, 0))
+
+        result = randomisation_sanity(
+            job.model,
+            make,
+            unit.images[:k],
+            lambda net: unit.reference_fn(net)[:k],
+            unit.similarity,
+            seed=job.seed,
+        )
+        frame = result.to_frame()
+        frame.insert(0, "method", name)
+        frame["sample_id"] = [unit.columns["sample_id"][i] for i in frame["sample"]]
+        rows.extend(frame.to_dict("records"))
+    return rows
+
+
+def _worker(fabric, job: Job, todo: list[int], after_unit: Callable[[int], None] | None) -> None:
+    """Evaluate this rank's share of ``todo`` (round-robin) and write each shard."""
+    from tqdm.auto import tqdm
+
+    world, rank = fabric.world_size, fabric.global_rank
+    device = fabric.device
+    if device.type == "cpu" and world > 1:
+        # Processes share the CPU cores instead of each spawning a full thread pool.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    job.model.to(device).eval()
+    store = OutputStore(job.out)  # the parent process holds the folder's lock
+    mine = todo[rank::world]
+    bar = tqdm(mine, desc="explain+score", unit="unit", disable=not job.progress or rank != 0)
+    for u in bar:
+        shard = evaluate_unit(job, u, device)
+        store.write_shard(u, shard)
+        if after_unit is not None:
+            after_unit(u)
+
+
+def launch(
+    job: Job,
+    todo: list[int],
+    devices: int,
+    num_nodes: int,
+    strategy: str,
+    after_unit: Callable[[int], None] | None = None,
+) -> None:
+    """Run :func:`_worker` in this process, or on ``devices x num_nodes`` processes."""
+    from lightning.fabric import Fabric
+
+    world = devices * num_nodes
+    if world > 1:
+        if after_unit is not None:
+            raise FamBenchError("after_unit hooks run only in single-process evaluation.")
+        job.model.cpu()  # workers receive a pickled copy and move it to their own device
+        fabric = Fabric(
+            accelerator=job.accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy
+        )
+        fabric.launch(_worker, job, todo, None)
+    else:
+        fabric = Fabric(accelerator=job.accelerator, devices=1, strategy="auto")
+        fabric.launch(_worker, job, todo, after_unit)

@@ -1,0 +1,228 @@
+"""Feature Activation Map (FAM; Liao, Gao & Zhang, arXiv 2307.05017).
+
+Channel contributions come from the similarity score itself. With ``contribution=
+"ablation"`` (the default) ``c_k`` is the drop in similarity when channel ``k`` is
+removed from the embedding::
+
+    c_k = s(e, r) - s(e with channel k zeroed, r)
+
+``contribution="product"`` uses the first-order split ``e_k r_k`` (dot),
+``e_k r_k / (|e| |r|)`` (cosine) and ``2 e_k r_k - e_k^2`` (euclidean). The first two sum
+exactly to the score; the euclidean split sums to ``s + |r|^2`` (the constant ``|r|^2``
+does not depend on the image). Weights are ``w = c / sum_j |c_j|`` and the map is
+``ReLU(sum_k w_k A_k)``.
+
+Two exact paths compute ``c``:
+
+- **closed form** — when the embedding is the global average (GAP) or the flattening of
+  the target layer's output, zeroing channel ``k`` of ``A`` zeroes a known group of
+  embedding dimensions, so ``c`` follows from per-channel sums of ``e*r`` and ``e^2``.
+  Cost: the one forward pass that computes ``e`` plus ``O(N D)`` arithmetic; no
+  gradients. The pooling is detected on the batch by comparing the model's output to
+  ``A.mean((2, 3))`` and ``A.flatten(1)`` (one host sync per call); ``path=
+  "closed_form"`` skips the check and assumes GAP/flatten from the shapes.
+- **forward ablation** (the general fallback) — for any other model (a head after the
+  layer, an intermediate layer) channel ``k`` is zeroed in the target layer's output
+  and the model re-run, ``ablation_batch`` channels per batched forward. Cost: ``K``
+  forward passes of the model per image (``K`` = number of channels). This is
+  Ablation-CAM applied to the similarity score; at the last layer with a GAP embedding
+  the closed form is its exact value.
+
+For a user-supplied similarity callable the closed-form path evaluates the callable on
+the ``K`` ablated embeddings (no extra forward passes); ``product`` needs a named
+similarity.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from fam.errors import FamBenchError
+from fam.explainer import Explainer
+from fam.maps import weighted_sum
+from fam.similarity import COSINE_EPS, SimilarityTarget, as_float
+
+Contribution = Literal["ablation", "product"]
+Path = Literal["auto", "closed_form", "forward_ablation"]
+
+
+class FAM(Explainer):
+    """Feature Activation Map for similarity scores.
+
+    Args:
+        model, target_layer, amp: see :class:`fam.explainer.Explainer`.
+        contribution: ``"ablation"`` (default) or ``"product"`` (module docstring).
+        path: ``"auto"`` (closed form when the embedding is GAP/flatten of the target
+            layer, else forward ablation), ``"closed_form"`` or ``"forward_ablation"``.
+        ablation_batch: channels ablated per batched forward pass on the fallback path.
+        detect_tol: relative tolerance of the GAP/flatten check.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | nn.Module | None = None,
+        *,
+        contribution: Contribution = "ablation",
+        path: Path = "auto",
+        ablation_batch: int = 16,
+        detect_tol: float = 1e-4,
+        amp: bool = False,
+    ) -> None:
+        super().__init__(model, target_layer, amp=amp)
+        if contribution not in ("ablation", "product"):
+            raise FamBenchError(
+                f"Unknown FAM contribution {contribution!r}; use 'ablation' or 'product'."
+            )
+        if path not in ("auto", "closed_form", "forward_ablation"):
+            raise FamBenchError(
+                f"Unknown FAM path {path!r}; use 'auto', 'closed_form' or 'forward_ablation'."
+            )
+        if ablation_batch < 1:
+            raise FamBenchError(f"ablation_batch must be >= 1, got {ablation_batch}.")
+        self.contribution = contribution
+        self.path = path
+        self.ablation_batch = ablation_batch
+        self.detect_tol = detect_tol
+        #: the path the last call took: "gap", "flatten" or "forward_ablation"
+        self.last_path: str | None = None
+
+    def raw_maps(self, images: Tensor, target: SimilarityTarget) -> Tensor:
+        emb, acts = self.forward(images)
+        self.score(emb, target)  # validates the reference and the similarity's output
+        acts = as_float(acts)
+        weights = self.channel_weights(images, emb, acts, target)
+        return weighted_sum(weights, acts)
+
+    def channel_weights(
+        self, images: Tensor, emb: Tensor, acts: Tensor, target: SimilarityTarget
+    ) -> Tensor:
+        """Normalised weights ``w = c / sum|c|``, ``(N, K)``."""
+        contributions = self.contributions(images, emb, acts, target)
+        return contributions / contributions.abs().sum(1, keepdim=True).clamp_min(1e-30)
+
+    def contributions(
+        self, images: Tensor, emb: Tensor, acts: Tensor, target: SimilarityTarget
+    ) -> Tensor:
+        """Unnormalised channel contributions ``c`` ``(N, K)``."""
+        pooling = self._pooling(emb, acts)
+        self.last_path = pooling or "forward_ablation"
+        if pooling is None:
+            if self.contribution == "product":
+                raise FamBenchError(
+                    "contribution='product' needs an embedding that is the GAP or flattening "
+                    "of the target layer's output; use contribution='ablation' for this "
+                    "model/layer."
+                )
+            return self._forward_ablation(images, emb, acts, target)
+        n, k = acts.shape[:2]
+        e = emb.view(n, k, -1)
+        r = target.reference.view(n, k, -1)
+        if target.name is None:
+            if self.contribution == "product":
+                raise FamBenchError(
+                    "contribution='product' has closed forms only for the named similarities "
+                    "('cosine', 'dot', 'euclidean'); use contribution='ablation' with a "
+                    "similarity callable."
+                )
+            return _ablate_embedding(e, r, target)
+        return closed_form(e, r, target.name, self.contribution)
+
+    def _pooling(self, emb: Tensor, acts: Tensor) -> str | None:
+        if self.path == "forward_ablation":
+            return None
+        n, k, h, w = acts.shape
+        candidates = [
+            ("gap", k, lambda: acts.mean((2, 3))),
+            ("flatten", k * h * w, lambda: acts.flatten(1)),
+        ]
+        for name, dim, pooled in candidates:
+            if emb.shape[1] != dim:
+                continue
+            if self.path == "closed_form":
+                return name
+            ref = pooled().float()
+            scale = ref.abs().amax().clamp_min(1e-12)
+            # Under bf16/fp16 autocast the model's own pooling rounds at that precision.
+            tol = max(self.detect_tol, 4 * torch.finfo(torch.bfloat16).eps if self.amp else 0.0)
+            if bool(((emb - ref).abs() <= tol * scale + 1e-7).all()):
+                return name
+        if self.path == "closed_form":
+            raise FamBenchError(
+                f"path='closed_form' needs an embedding of size K={k} (GAP) or K*h*w={k * h * w} "
+                f"(flatten) for a target layer output {tuple(acts.shape)}; the model returns "
+                f"{emb.shape[1]} dimensions. Use path='auto' or 'forward_ablation'."
+            )
+        return None
+
+    def _forward_ablation(
+        self, images: Tensor, emb: Tensor, acts: Tensor, target: SimilarityTarget
+    ) -> Tensor:
+        n, k = acts.shape[:2]
+        base = target(emb)
+        drops = []
+        for start in range(0, k, self.ablation_batch):
+            stop = min(k, start + self.ablation_batch)
+            c = stop - start
+            keep = torch.ones(c, k, device=acts.device, dtype=acts.dtype)
+            rows = torch.arange(c, device=acts.device)
+            keep[rows, torch.arange(start, stop, device=acts.device)] = 0
+            # Batch layout: channel-major, (c * n) images: chunk j ablates channel start+j.
+            keep = keep.repeat_interleave(n, dim=0)[:, :, None, None]
+            repeated = images.repeat(c, 1, 1, 1)
+            ablated_emb, _ = self.forward(
+                repeated,
+                replace=lambda out, keep=keep: out * keep.to(out.dtype),
+                keep_activations=False,
+            )
+            ref = target.reference.repeat(c, 1)
+            ablated = SimilarityTarget(ref, target.fn)(ablated_emb)
+            drops.append(base[None] - ablated.view(c, n))
+        return torch.cat(drops, 0).T.contiguous()
+
+
+def closed_form(e: Tensor, r: Tensor, similarity: str, contribution: str) -> Tensor:
+    """Exact channel contributions for embeddings grouped by channel.
+
+    ``e, r``: ``(N, K, G)``: embedding and reference with the ``G`` dimensions that
+    channel ``k`` feeds (``G = 1`` for GAP, ``h*w`` for flatten). Returns ``(N, K)``.
+    """
+    p = (e * r).sum(-1)  # per-channel share of e.r
+    if similarity == "dot":
+        return p
+    q = e.pow(2).sum(-1)  # per-channel share of |e|^2
+    if similarity == "euclidean":
+        # -|e - r|^2 changes by sum_g (e_g - r_g)^2 - r_g^2 = q - 2p when the group is zeroed
+        return 2 * p - q
+    if similarity != "cosine":
+        raise FamBenchError(f"No closed form for similarity {similarity!r}.")
+    e_sq = q.sum(1, keepdim=True)
+    e_norm = e_sq.sqrt()
+    r_norm = r.pow(2).sum((1, 2)).sqrt()[:, None]
+    if contribution == "product":
+        return p / (e_norm * r_norm).clamp_min(COSINE_EPS)
+    er = p.sum(1, keepdim=True)
+    cos = er / (e_norm * r_norm).clamp_min(COSINE_EPS)
+    rest_norm = (e_sq - q).clamp_min(0).sqrt()
+    ablated = (er - p) / (rest_norm * r_norm).clamp_min(COSINE_EPS)
+    return cos - ablated
+
+
+def _ablate_embedding(e: Tensor, r: Tensor, target: SimilarityTarget, chunk: int = 64) -> Tensor:
+    """Generic path for a similarity callable: evaluate it on each ablated embedding."""
+    n, k, g = e.shape
+    flat_e, flat_r = e.reshape(n, k * g), r.reshape(n, k * g)
+    base = target.fn(flat_e, flat_r)
+    out = []
+    for start in range(0, k, chunk):
+        stop = min(k, start + chunk)
+        c = stop - start
+        keep = torch.ones(c, k, 1, device=e.device, dtype=e.dtype)
+        keep[torch.arange(c), torch.arange(start, stop)] = 0
+        ablated = (e[:, None] * keep[None]).reshape(n * c, k * g)
+        s = target.fn(ablated, flat_r.repeat_interleave(c, dim=0)).view(n, c)
+        out.append(base[:, None] - s)
+    return torch.cat(out, 1)
