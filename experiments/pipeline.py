@@ -610,23 +610,24 @@ def training_key(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_model(cfg: DictConfig, train_set: Any, device: torch.device) -> nn.Module:
-    from experiments.models import build_model as build
-    from experiments.training import train_or_load
+    from experiments.models import build_model_from_config
+    from experiments.training import load_weights, train_or_load
 
-    options = to_plain(cfg.model.get("options")) or {}
-    model = build(str(cfg.model.name), **options).to(device)
+    model, _ = build_model_from_config(to_plain(cfg.model))
+    model = model.to(device)
     trainer = to_plain(cfg.trainer)
     if int(trainer["devices"]) * int(trainer["num_nodes"]) == 1:
         trainer["strategy"] = "auto"
     checkpoint = cfg.model.checkpoint
     if checkpoint is not None:
-        checkpoint = to_absolute_path(str(checkpoint))
-        if not Path(checkpoint).is_file():
-            raise FamBenchError(
-                f"model.checkpoint={checkpoint} does not exist; pass the path to a saved "
-                "state_dict or Lightning checkpoint, or leave it null to train (or reuse "
-                "the cached model)."
-            )
+        # a given checkpoint is loaded, never trained on (any layout, see load_weights)
+        load_weights(
+            model,
+            to_absolute_path(str(checkpoint)),
+            key=cfg.model.get("checkpoint_key"),
+            prefix=cfg.model.get("checkpoint_prefix"),
+        )
+        return model.to(device).eval()
     task_cfg = to_plain(cfg.task)
     task_name = task_cfg.pop("name")
     for key in ("bank_size", "recall_ks"):
@@ -638,7 +639,7 @@ def build_model(cfg: DictConfig, train_set: Any, device: torch.device) -> nn.Mod
             task_name,
             task_cfg,
             trainer,
-            checkpoint,
+            None,
             to_absolute_path(str(cfg.cache_dir)),
             training_key(cfg),
             int(cfg.seed),
