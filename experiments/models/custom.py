@@ -91,7 +91,7 @@ def _check_kwargs(target: str, factory: Any, kwargs: Mapping[str, Any]) -> None:
         ]
         raise FamBenchError(
             f"model.kwargs {sorted(kwargs)} do not fit {target}: {err}. It takes {accepted}; "
-            "pass them as model.kwargs.<name>=<value>."
+            "pass them as +model.kwargs.<name>=<value>."
         ) from err
 
 
