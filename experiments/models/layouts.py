@@ -109,7 +109,7 @@ def identify(state: Mapping[str, Tensor], container: str | None) -> Layout | Non
         arch = {(1, 1, 2, 1): "easyfsl_resnet12", (2, 2, 2, 2): "resnet18"}.get(tuple(blocks))
         fits = (
             f"model=custom model.target=experiments.models.ResNetEncoder "
-            f"model.kwargs.arch={arch} model.kwargs.cifar_stem=true"
+            f"+model.kwargs.arch={arch} +model.kwargs.cifar_stem=true"
             if arch
             else f"no suite ResNet (blocks per layer {blocks}); use model=custom with "
             "easyfsl's own class"
@@ -151,7 +151,7 @@ def check_model(layout: Layout | None, model: nn.Module) -> list[str]:
                 f"conv1 by 2; this model pads it by {conv1.padding[0]}, so the weights would load "
                 "and compute a shifted stem. Build the model with stem_padding=2, e.g. "
                 "model=resnet18_cifar +model.options.stem_padding=2 (or "
-                "model.kwargs.stem_padding=2 with model=custom)."
+                "+model.kwargs.stem_padding=2 with model=custom)."
             )
     if layout.name == "feat_convnet":
         from experiments.models.variants import Conv4GlobalMax
