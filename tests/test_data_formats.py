@@ -341,6 +341,10 @@ def test_imagefolder_split_by_images_keeps_every_class_in_every_split(tmp_path):
     assert train.labels.bincount().tolist() == [3, 3, 3]
     assert test.labels.bincount().tolist() == [2, 2, 2]
     assert not set(map(str, train.paths)) & set(map(str, test.paths))
+    with pytest.raises(FamBenchError, match="test split of the imagefolder dataset is empty"):
+        build_dataset(
+            "imagefolder", tmp_path, "test", 8, split_by="images", split_fractions=[0.8, 0.2, 0.0]
+        )
 
 
 def test_imagefolder_split_folders_take_precedence_over_options(roots):

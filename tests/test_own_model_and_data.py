@@ -82,6 +82,25 @@ def test_imagefolder_runs_each_task_with_one_root_override(task, folders, tmp_pa
     assert (results["dataset"] == "imagefolder").all()
 
 
+def test_imagefolder_split_by_images_runs_contrastive(folders, tmp_path):
+    cfg = config(
+        tmp_path / "cache",
+        "experiment=simclr_cifar10",
+        "model=conv4_32",
+        "eval.num_queries=3",
+        "eval.unit_size=2",
+        "task.knn_k=2",
+        "data=imagefolder",
+        f"data.root={folders}",
+        "data.options.split_by=images",
+        "data.options.split_fractions=[0.6,0.0,0.4]",
+    )
+    run = pipeline.run(cfg, tmp_path / "out")
+    assert len(run["results"]) == 3 * 2  # queries x methods
+    task = pd.read_csv(tmp_path / "out" / "task_metrics.csv")
+    assert task["value"].notna().all()
+
+
 def centre_hit(row: dict, size: int = 32, width: int = 48, height: int = 40) -> float:
     """The known pointing-game answer of the centre map: its maximum lies in the middle of
     the image, so a box over the centre is a hit and the top-left corner box a miss."""

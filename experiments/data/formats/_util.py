@@ -106,6 +106,12 @@ def split_indices(
         order = [members[i] for i in _permutation(len(members), seed, key)]
         part = SPLITS.index(split)
         keep += order[bounds[part] : bounds[part + 1]]
+    if not keep:
+        raise FamBenchError(
+            f"The {split} split of the {name} dataset is empty: split_fractions "
+            f"{list(fractions)} of {len(classes)} images (split_by=images rounds per class) "
+            "leave it no image. Change data.options.split_fractions or add images."
+        )
     return sorted(keep)
 
 
