@@ -103,7 +103,7 @@ class LoadReport:
     were logged (e.g. FEAT's max embedding loaded into a GAP Conv-4).
     """
 
-    model: nn.Module
+    model: nn.Module = field(repr=False)
     path: Path
     key: str | None
     prefix: str
