@@ -91,6 +91,7 @@ class ModelConfig:
     strip_head: bool = True
     checkpoint_key: str | None = None
     checkpoint_prefix: str | None = None
+    input_size: int | None = None
 
 
 @dataclass

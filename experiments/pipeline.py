@@ -272,6 +272,8 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
         cfg_dict={
             "config": config.plain(run_cfg),
             "model": job.constants["model"],
+            "model_id": job.constants["model_id"],
+            "checkpoint_load": getattr(job.model, "load_report", None),
             "metric_settings": job.settings,
             "settings_ids": settings_ids,
             "notes": job.notes,
