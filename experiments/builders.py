@@ -84,10 +84,26 @@ def model_label(run: RunConfig) -> str:
 
 
 #: the keys of a model config that reach the model builder, per kind
-_BUILTIN_KEYS = ("name", "checkpoint", "checkpoint_key", "checkpoint_prefix", "target_layer",
-                 "options", "input_size")
-_CUSTOM_KEYS = ("name", "checkpoint", "checkpoint_key", "checkpoint_prefix", "target_layer",
-                "target", "kwargs", "strip_head", "input_size")
+_BUILTIN_KEYS = (
+    "name",
+    "checkpoint",
+    "checkpoint_key",
+    "checkpoint_prefix",
+    "target_layer",
+    "options",
+    "input_size",
+)
+_CUSTOM_KEYS = (
+    "name",
+    "checkpoint",
+    "checkpoint_key",
+    "checkpoint_prefix",
+    "target_layer",
+    "target",
+    "kwargs",
+    "strip_head",
+    "input_size",
+)
 
 
 def build_network(run: RunConfig) -> nn.Module:

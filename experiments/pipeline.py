@@ -166,7 +166,15 @@ def run(
         metrics = applicable_metrics(metrics, eval_set, evaluation, run_cfg.data.name, notes)
         settings = builders.metric_settings(run_cfg, family, evaluation)
         job = _job(
-            run_cfg, family, evaluation, model, methods, metrics, settings, fingerprint, out,
+            run_cfg,
+            family,
+            evaluation,
+            model,
+            methods,
+            metrics,
+            settings,
+            fingerprint,
+            out,
             eval_set,
         )
         job.notes = notes
