@@ -225,7 +225,7 @@ def launch(
     after_unit: Callable[[int], None] | None = None,
 ) -> None:
     """Run :func:`_worker` in this process, or on ``devices x num_nodes`` processes."""
-    from lightning.fabric import Fabric
+    from lightning_fabric import Fabric
 
     world = devices * num_nodes
     if world > 1:

@@ -245,7 +245,7 @@ def solo_learn_checkpoint(path, cifar: bool = True):
     torchvision ResNet-18 with ``fc = Identity`` (and solo-learn's CIFAR stem: 3x3 conv,
     stride 1, *padding 2*, no max-pool), ``classifier``, ``projector``, and the Hydra config
     saved as OmegaConf hyper-parameters."""
-    import lightning.pytorch as pl
+    import pytorch_lightning as pl
 
     class SoloMethod(pl.LightningModule):
         def __init__(self, cfg):

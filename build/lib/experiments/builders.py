@@ -83,15 +83,38 @@ def model_label(run: RunConfig) -> str:
     return m.target or m.label or m.name
 
 
-def build_network(run: RunConfig) -> nn.Module:
-    """The untrained embedding network ``run.model`` describes."""
-    from experiments import models
+#: the keys of a model config that reach the model builder, per kind
+_BUILTIN_KEYS = (
+    "name",
+    "checkpoint",
+    "checkpoint_key",
+    "checkpoint_prefix",
+    "target_layer",
+    "options",
+    "input_size",
+)
+_CUSTOM_KEYS = (
+    "name",
+    "checkpoint",
+    "checkpoint_key",
+    "checkpoint_prefix",
+    "target_layer",
+    "target",
+    "kwargs",
+    "strip_head",
+    "input_size",
+)
 
-    builder = getattr(models, "build_model_from_config", None)
-    if builder is not None:
-        network, _ = builder(plain(run.model))
-        return network
-    return models.build_model(run.model.name, **run.model.options)
+
+def build_network(run: RunConfig) -> nn.Module:
+    """The untrained embedding network ``run.model`` describes: a built-in model, or with
+    ``model=custom`` exactly ``model.target`` (never another model)."""
+    from experiments.models import build_model_from_config
+
+    model = plain(run.model)
+    keys = _CUSTOM_KEYS if model.get("target") else _BUILTIN_KEYS
+    network, _ = build_model_from_config({k: model[k] for k in keys if k in model})
+    return network
 
 
 def probe(model: nn.Module, run: RunConfig, device: torch.device) -> tuple[int, int] | None:
@@ -173,22 +196,26 @@ def build_model(
 
     network = build_network(run).to(device)
     network.target_shape = probe(network, run, device)
-    checkpoint = run.model.checkpoint
-    if checkpoint is not None:
-        checkpoint = to_absolute_path(checkpoint)
-        if not Path(checkpoint).is_file():
-            raise FamBenchError(
-                f"model.checkpoint={checkpoint} does not exist; pass the path to a saved "
-                "state_dict or Lightning checkpoint, or leave it null to train (or reuse "
-                "the cached model)."
-            )
+    if run.model.checkpoint is not None:
+        # a given checkpoint is loaded, never trained on (any layout: see load_weights)
+        from experiments.training import load_weights
+
+        report = load_weights(
+            network,
+            to_absolute_path(run.model.checkpoint),
+            key=run.model.checkpoint_key,
+            prefix=run.model.checkpoint_prefix,
+        )
+        notes.extend(f"checkpoint: {line}" for line in report.notes)
+        network.load_report = report.summary()
+        return network.to(device).eval()
     model = train_or_load(
         network,
         train_set,
         family,
         None,
         run.trainer,
-        checkpoint,
+        None,
         to_absolute_path(run.cache_dir),
         training_key(run),
         run.seed,
@@ -282,7 +309,12 @@ def metric_settings(run: RunConfig, family: Any, evaluation: Any) -> dict[str, A
         "insertion_substrate": m.insertion_substrate,
         "blur_kernel": m.blur_kernel,
         "blur_sigma": float(m.blur_sigma),
+        "ties": m.ties,
+        "tolerance": float(m.tolerance),
+        "tolerance_at": m.tolerance_at,
         "tolerance_px": round(tolerance, 4),
+        "energy_region": m.energy_region,
+        "confidence_space": m.confidence_space,
         "score": getattr(evaluation, "score", "similarity"),
         "similarity": evaluation.similarity,
         "amp": bool(m.amp),
@@ -293,6 +325,8 @@ def metric_settings(run: RunConfig, family: Any, evaluation: Any) -> dict[str, A
         "protocol": {
             "target_layer": run.model.target_layer,
             "model_options": dict(run.model.options),
+            "model_target": run.model.target,
+            "model_kwargs": dict(run.model.kwargs),
             **family.protocol(run.eval),
         },
     }

@@ -91,6 +91,7 @@ class ModelConfig:
     strip_head: bool = True
     checkpoint_key: str | None = None
     checkpoint_prefix: str | None = None
+    input_size: int | None = None
 
 
 @dataclass
@@ -103,7 +104,11 @@ class MetricConfig:
     blur_kernel: int = 11
     blur_sigma: float = 5.0
     tolerance: float = 15.0
+    tolerance_at: str = "annotation"
     tolerance_image_size: int = 224
+    energy_region: str = "box"
+    confidence_space: str = "image"
+    ties: str = "random"
     score: str = "probability"
     sanity_samples: int = 8
     batch_size: int = 256
@@ -118,6 +123,10 @@ class MetricConfig:
             raise FamBenchError(f"metric.blur_sigma must be > 0, got {self.blur_sigma}.")
         _at_least("metric.tolerance", self.tolerance, 0)
         _at_least("metric.tolerance_image_size", self.tolerance_image_size, 1)
+        _choice("metric.tolerance_at", self.tolerance_at, ("annotation", "input"))
+        _choice("metric.energy_region", self.energy_region, ("box", "mask"))
+        _choice("metric.confidence_space", self.confidence_space, ("image", "normalised"))
+        _choice("metric.ties", self.ties, ("random", "stable"))
         _choice("metric.score", self.score, ("probability", "similarity"))
         _at_least("metric.sanity_samples", self.sanity_samples, 1)
         _at_least("metric.batch_size", self.batch_size, 1)

@@ -116,6 +116,23 @@ def applicable_metrics(
     return keep
 
 
+def _check_annotation_sizes(run_cfg: config.RunConfig, metrics: list[str], eval_set) -> None:
+    """``tolerance_at=annotation`` needs each mask's resolution: refuse before training."""
+    from experiments.tasks.base import annotation_sizes
+
+    if "pointing_game" not in metrics or run_cfg.metric.tolerance_at != "annotation":
+        return
+    if not getattr(eval_set, "has_masks", False) or not len(eval_set):
+        return
+    if annotation_sizes(eval_set, [eval_set[0]]) is None:
+        raise FamBenchError(
+            f"metric.tolerance_at=annotation needs the resolution each mask was drawn at, "
+            f"which dataset {run_cfg.data.name!r} does not give; use "
+            "metric.tolerance_at=input (metric.tolerance at metric.tolerance_image_size, "
+            "scaled to the input)."
+        )
+
+
 def run(
     cfg: DictConfig | dict,
     output_dir: str | os.PathLike,
@@ -142,12 +159,24 @@ def run(
         torch.manual_seed(run_cfg.seed)
         device = builders.device_for(run_cfg.trainer.accelerator)
         train_set, eval_set = builders.build_datasets(run_cfg)
+        _check_annotation_sizes(run_cfg, metrics, eval_set)
         notes: list[str] = []
         model = builders.build_model(run_cfg, family, train_set, device, out, logger.logger, notes)
         evaluation = family.evaluation(run_cfg, train_set, eval_set, model, device)
         metrics = applicable_metrics(metrics, eval_set, evaluation, run_cfg.data.name, notes)
         settings = builders.metric_settings(run_cfg, family, evaluation)
-        job = _job(run_cfg, family, evaluation, model, methods, metrics, settings, fingerprint, out)
+        job = _job(
+            run_cfg,
+            family,
+            evaluation,
+            model,
+            methods,
+            metrics,
+            settings,
+            fingerprint,
+            out,
+            eval_set,
+        )
         job.notes = notes
 
         task_path = out / "task_metrics.csv"
@@ -168,8 +197,11 @@ def run(
         return _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path)
 
 
-def _job(run_cfg, family, evaluation, model, methods, metrics, settings, fingerprint, out) -> Job:
+def _job(
+    run_cfg, family, evaluation, model, methods, metrics, settings, fingerprint, out, eval_set
+) -> Job:
     model_id = builders.model_id(run_cfg)
+    data_stats = (getattr(eval_set, "mean", None), getattr(eval_set, "std", None))
     data = config.plain(run_cfg.data)
     data.pop("root", None)
     table_id = config.short_hash(
@@ -208,6 +240,7 @@ def _job(run_cfg, family, evaluation, model, methods, metrics, settings, fingerp
         figure_samples=run_cfg.eval.figure_samples,
         progress=run_cfg.eval.progress,
         accelerator=run_cfg.trainer.accelerator,
+        data_stats=data_stats,
     )
 
 
@@ -247,6 +280,8 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
         cfg_dict={
             "config": config.plain(run_cfg),
             "model": job.constants["model"],
+            "model_id": job.constants["model_id"],
+            "checkpoint_load": getattr(job.model, "load_report", None),
             "metric_settings": job.settings,
             "settings_ids": settings_ids,
             "notes": job.notes,

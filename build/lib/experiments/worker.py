@@ -119,6 +119,12 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
         masks=unit.masks,
         other_masks=unit.other_masks,
         boxes=unit.boxes,
+        annotation_sizes=unit.annotation_sizes,
+        sample_seeds=torch.tensor(
+            [derive_seed(job.seed, Stream.TIES, int(i)) for i in unit.columns["sample_id"]],
+            dtype=torch.int64,
+            device=device,
+        ),
         settings=job.settings,
         model=job.model,
         batch_size=job.metric_batch,
@@ -219,7 +225,7 @@ def launch(
     after_unit: Callable[[int], None] | None = None,
 ) -> None:
     """Run :func:`_worker` in this process, or on ``devices x num_nodes`` processes."""
-    from lightning.fabric import Fabric
+    from lightning_fabric import Fabric
 
     world = devices * num_nodes
     if world > 1:
