@@ -225,6 +225,7 @@ def _normalise(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Fill the optional columns, derive a table_id where missing; returns notes."""
     notes = []
     frame = results.copy()
+    frame.attrs = {}  # pandas compares attrs on merge; DataFrames there break it
     for column in ("run", "seed", "settings_id", *DESCRIPTIVE_KEYS):
         if column not in frame.columns:
             frame[column] = ""
@@ -283,7 +284,9 @@ def _dedupe(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list[str]]]:
                 f"twice or a repeated run: {', '.join(runs)}); each sample is counted once"
             )
             if differ > 0:
-                text += f" (the repeats differed by up to {differ:.3g}: the runs are not deterministic)"
+                text += (
+                    f" (the repeats differed by up to {differ:.3g}: the runs are not deterministic)"
+                )
             notes[str(table_id)] = [text + "."]
     return frame[~repeated].reset_index(drop=True), notes
 
@@ -347,8 +350,8 @@ def _headings(tables: dict[tuple, pd.DataFrame], configs: dict[str, dict]) -> di
         shared = {
             k: v
             for k, v in per_run[0].items()
-            if k not in NOT_DISTINGUISHING and all(json.dumps(p.get(k)) == json.dumps(v)
-                                                   for p in per_run)
+            if k not in NOT_DISTINGUISHING
+            and all(json.dumps(p.get(k)) == json.dumps(v) for p in per_run)
         }
         flat[key] = shared
     headings = {}
@@ -367,9 +370,7 @@ def _headings(tables: dict[tuple, pd.DataFrame], configs: dict[str, dict]) -> di
             table = tables[key]
             first = table.iloc[0]
             model_words = [_phrase(k, flat[key][k]) for k in varying if k.startswith("model.")]
-            other_words = [
-                _phrase(k, flat[key][k]) for k in varying if not k.startswith("model.")
-            ]
+            other_words = [_phrase(k, flat[key][k]) for k in varying if not k.startswith("model.")]
             model = str(first["model"]) or "model"
             if model_words:
                 model += f" ({', '.join(model_words)})"
@@ -413,7 +414,10 @@ def _cell_stats(
         clusters = (group["seed"].astype(str) + "/" + group[cluster].astype(str)).to_numpy()
     found = stats.interval(values.to_numpy() / spec.scale, spec.binary, clusters)
     scaled = stats.Interval(
-        found.mean * spec.scale, found.low * spec.scale, found.high * spec.scale, found.n,
+        found.mean * spec.scale,
+        found.low * spec.scale,
+        found.high * spec.scale,
+        found.n,
         found.kind,
     )
     return scaled, n_seeds
@@ -697,13 +701,17 @@ def table_view(table: pd.DataFrame) -> dict[str, Any]:
     row labelled ``a = b``.
     """
     table = table.assign(
-        **{c: table[c].astype(object).where(table[c].notna(), "")
-           for c in ("reference", "identical_to", "versus")}
+        **{
+            c: table[c].astype(object).where(table[c].notna(), "")
+            for c in ("reference", "identical_to", "versus")
+        }
     )
     reference = next((r for r in table["reference"] if r), "")
     metrics = list(dict.fromkeys(table["metric"]))
     flagged = {
-        r.metric for r in table.itertuples() if r.oracle_separates is not None
+        r.metric
+        for r in table.itertuples()
+        if r.oracle_separates is not None
         and str(r.oracle_separates) in ("False", "false", "0", "0.0")
     }
     order = table.groupby("method", sort=False)["rank"].mean().sort_values(kind="stable").index
@@ -756,14 +764,17 @@ def table_view(table: pd.DataFrame) -> dict[str, Any]:
         legend += " No reference method in this table, so no paired tests."
     oracle = []
     checked = table.drop_duplicates("metric")
-    checked = checked[checked["oracle_separates"].map(lambda v: v is not None and v == v and v != "")]
+    checked = checked[
+        checked["oracle_separates"].map(lambda v: v is not None and v == v and v != "")
+    ]
     if len(checked):
         good = [r.metric for r in checked.itertuples() if _is_true(r.oracle_separates)]
         bad = [r.metric for r in checked.itertuples() if not _is_true(r.oracle_separates)]
         if good:
             oracle.append(
                 "Ground-truth check: `mask` beats `random` (paired, p<0.05) on "
-                + ", ".join(good) + "."
+                + ", ".join(good)
+                + "."
             )
         if bad:
             oracle.append(
@@ -805,9 +816,7 @@ def to_markdown(board: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
-def write_leaderboard(
-    board: pd.DataFrame, out: str | Path, html: bool = True
-) -> tuple[Path, Path]:
+def write_leaderboard(board: pd.DataFrame, out: str | Path, html: bool = True) -> tuple[Path, Path]:
     """Write ``leaderboard.csv``, ``leaderboard.md`` (and ``leaderboard.html``) into ``out``.
 
     Returns the CSV and Markdown paths.
@@ -827,7 +836,7 @@ def write_leaderboard(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m evaluation.leaderboard",
-        description="Merge run outputs (folders holding results.csv) into leaderboard.csv/.md/.html.",
+        description="Merge run outputs (folders holding results.csv) into a leaderboard.",
     )
     parser.add_argument("dirs", nargs="+", help="run output folders, searched recursively")
     parser.add_argument("--out", default="outputs/leaderboard", help="where to write")

@@ -163,6 +163,7 @@ def paired(
 
 def _prepared(results: pd.DataFrame) -> pd.DataFrame:
     frame = results.copy()
+    frame.attrs = {}  # pandas compares attrs on merge; DataFrames there break it
     frame["label_"] = method_labels(frame)
     for column in metric_columns(frame):
         frame[column] = _usable(frame, column)
@@ -178,8 +179,15 @@ def oracle_check(
     empty when either method is missing.
     """
     frame = results if label in results.columns else _prepared(results)
-    columns = ["metric", "oracle_mean", "floor_mean", "n_pairs", "test", "oracle_p",
-               "oracle_separates"]
+    columns = [
+        "metric",
+        "oracle_mean",
+        "floor_mean",
+        "n_pairs",
+        "test",
+        "oracle_p",
+        "oracle_separates",
+    ]
     labels = set(frame[label])
     if ORACLE not in labels or FLOOR not in labels:
         return pd.DataFrame(columns=columns)
@@ -189,8 +197,8 @@ def oracle_check(
         if x.size == 0:
             continue
         p, test = stats.paired_test(x, y, registry.is_binary(column))
-        better = x.mean() < y.mean() if registry.direction(column) == "lower" else (
-            x.mean() > y.mean()
+        better = (
+            x.mean() < y.mean() if registry.direction(column) == "lower" else (x.mean() > y.mean())
         )
         rows.append(
             {
@@ -301,8 +309,10 @@ def summarise(
             spec = registry.spec_of(column)
             row = _row(method, column, group[column], spec.binary, clusters, spec.scale)
             if column in oracle.index:
-                row.update(oracle_p=oracle.loc[column, "oracle_p"],
-                           oracle_separates=bool(oracle.loc[column, "oracle_separates"]))
+                row.update(
+                    oracle_p=oracle.loc[column, "oracle_p"],
+                    oracle_separates=bool(oracle.loc[column, "oracle_separates"]),
+                )
             rows.append({**row, "settings_id": settings})
             if column == "pointing_game" and "label" in group:
                 per_class = group.groupby("label")[column].mean()
@@ -316,8 +326,10 @@ def summarise(
         if "degenerate" in group:
             flags = group["degenerate"].map(lambda v: str(v).lower() in ("true", "1", "1.0"))
             rows.append(
-                {**_row(method, "degenerate", flags.astype(float), True, None),
-                 "settings_id": settings}
+                {
+                    **_row(method, "degenerate", flags.astype(float), True, None),
+                    "settings_id": settings,
+                }
             )
     if sanity is not None and not sanity.empty:
         for row in summarise_sanity(sanity).to_dict("records"):

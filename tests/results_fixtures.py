@@ -96,8 +96,12 @@ def results_frame(
     return pd.DataFrame(rows)
 
 
-def sanity_frame(methods=("fam", "gradcam", "random"), layers=("encoder.3", "encoder.2",
-                 "encoder.1", "encoder.0"), samples: int = 4, seed: int = 0) -> pd.DataFrame:
+def sanity_frame(
+    methods=("fam", "gradcam", "random"),
+    layers=("encoder.3", "encoder.2", "encoder.1", "encoder.0"),
+    samples: int = 4,
+    seed: int = 0,
+) -> pd.DataFrame:
     """sanity.csv rows: correlation falls with depth, fastest for ``fam``."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -109,8 +113,15 @@ def sanity_frame(methods=("fam", "gradcam", "random"), layers=("encoder.3", "enc
                 if method == "random":
                     rho = rng.normal(0, 0.05)
                 rows.append(
-                    dict(method=method, step=step, layer=layer, sample=sample, spearman=rho,
-                         spearman_abs=abs(rho), sample_id=f"s{seed}-{sample}")
+                    dict(
+                        method=method,
+                        step=step,
+                        layer=layer,
+                        sample=sample,
+                        spearman=rho,
+                        spearman_abs=abs(rho),
+                        sample_id=f"s{seed}-{sample}",
+                    )
                 )
     return pd.DataFrame(rows)
 
@@ -121,8 +132,10 @@ def config(max_steps: int = 300, pools=(True, True, False, False), seed: int = 0
         "seed": seed,
         "methods": ["fam", "gradcam", "random"],
         "data": {"name": "synthetic", "image_size": 32},
-        "model": {"name": "conv4_32", "options": {"hidden": 32, "pools": list(pools),
-                                                   "pooling": "gap"}},
+        "model": {
+            "name": "conv4_32",
+            "options": {"hidden": 32, "pools": list(pools), "pooling": "gap"},
+        },
         "trainer": {"max_steps": max_steps, "lr": 0.001},
         "eval": {"n_way": 5, "n_shot": 5},
     }
