@@ -45,6 +45,8 @@ body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px;
        padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
+td { white-space: nowrap; }
+.scroll { overflow-x: auto; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #f2f2f2; }
 .warning { color: #8a4b00; background: #fff4e0; padding: 0.3em 0.6em; margin: 0.2em 0;
@@ -68,17 +70,18 @@ code { background: #f5f5f5; padding: 0 0.2em; }
 <p class="note">table <code>{{ t.table_id }}</code>{% if t.seed %}, seed {{ t.seed }}{% endif %}</p>
 {% for w in t.warnings %}<p class="warning">⚠ {{ w }}</p>
 {% endfor %}
-<table class="results">
+<div class="scroll"><table class="results">
 <thead><tr>{% for h in t.header %}<th>{{ h }}</th>{% endfor %}</tr></thead>
 <tbody>
-{% for row in t.rows %}<tr>{% for cell in row %}<td>{{ cell | bold }}</td>{% endfor %}</tr>
+{% for row in t.rows %}<tr>{% for cell in row %}<td>{{ cell | md }}</td>{% endfor %}</tr>
 {% endfor %}
 </tbody>
-</table>
-<p class="legend">{{ t.legend }}</p>
-{% for line in t.oracle %}<p class="note">{{ line }}</p>
+</table></div>
+<p class="legend">{{ t.legend | md }}</p>
+{% for line in t.oracle %}
+<p class="{{ 'warning' if line.startswith('⚠') else 'note' }}">{{ line | md }}</p>
 {% endfor %}
-{% for n in t.notes %}<p class="note">note: {{ n }}</p>
+{% for n in t.notes %}<p class="note">note: {{ n | md }}</p>
 {% endfor %}
 {% for f in t.figures %}<figure><img src="data:image/png;base64,{{ f.data }}" alt="{{ f.alt }}">
 <figcaption>{{ f.alt }}</figcaption></figure>
@@ -105,15 +108,16 @@ code { background: #f5f5f5; padding: 0 0.2em; }
 """
 
 
-def _bold(text: Any) -> str:
-    """Markdown ``**x**`` in a cell as ``<strong>``; everything else escaped."""
+def _markdown(text: Any) -> str:
+    """The Markdown the tables use (``**bold**``, ```code```) as HTML; the rest escaped."""
     escaped = html.escape(str(text))
-    return Markup(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped))
+    escaped = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped))
 
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    env.filters["bold"] = _bold
+    env.filters["md"] = _markdown
     return env
 
 

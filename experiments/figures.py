@@ -286,7 +286,17 @@ def plot_curves(
     reference: str | None = None,
     groups: Sequence[Sequence[str]] | None = None,
 ) -> Path:
-    """Write ``curves.png``: one panel per method, mean deletion and insertion curves.
+    """Write ``curves.png`` (:func:`curves_figure`); returns the path."""
+    return _save(curves_figure(curves, score_label, reference, groups), path)
+
+
+def curves_figure(
+    curves: Mapping[str, Mapping[str, object]],
+    score_label: str = "score",
+    reference: str | None = None,
+    groups: Sequence[Sequence[str]] | None = None,
+) -> Figure:
+    """Small multiples: one panel per method, mean deletion and insertion curves.
 
     ``curves``: method -> ``{"deletion": (N, T), "insertion": (N, T)}`` (either key may be
     missing); x is the fraction of pixels deleted / inserted, the y axis is labelled
@@ -344,7 +354,7 @@ def plot_curves(
         Line2D([], [], color=REFERENCE_COLOUR, lw=1.0, ls="--", label=f"{reference} (reference)"),
     ]
     fig.legend(handles=handles, loc="outside upper center", ncols=3, fontsize=8, frameon=False)
-    return _save(fig, path)
+    return fig
 
 
 def _forest_frame(summary) -> pd.DataFrame:
@@ -361,7 +371,16 @@ def plot_summary(
     groups: Sequence[Sequence[str]] | None = None,
     reference: str | None = None,
 ) -> Path:
-    """Write ``summary.png``: a forest plot, one panel per metric, best method on top.
+    """Write ``summary.png`` (:func:`summary_figure`); returns the path."""
+    return _save(summary_figure(summary, groups, reference), path)
+
+
+def summary_figure(
+    summary,
+    groups: Sequence[Sequence[str]] | None = None,
+    reference: str | None = None,
+) -> Figure:
+    """A forest plot, one panel per metric, best method on top.
 
     ``summary``: a :func:`evaluation.summary.summarise` frame (or leaderboard rows of one
     table) with ``method, metric, mean, ci95_low, ci95_high``; only per-sample metric
@@ -388,7 +407,7 @@ def plot_summary(
     for ax, metric in zip(axes, metrics, strict=False):
         mine = frame[(frame["metric"] == metric) & frame["method"].isin(label_of)]
         lower = registry.direction(metric) == "lower"
-        mine = mine.sort_values("mean", ascending=not lower, kind="stable")
+        mine = mine.sort_values("mean", ascending=lower, kind="stable")
         y = np.arange(len(mine))[::-1]
         mean = mine["mean"].to_numpy(float)
         low = mean - mine["ci95_low"].to_numpy(float)
@@ -404,11 +423,16 @@ def plot_summary(
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle("mean and 95% interval per method, best on top", fontsize=9)
-    return _save(fig, path)
+    return fig
 
 
 def plot_sanity(sanity, path: str | Path) -> Path:
-    """Write ``sanity.png``: mean rank correlation against randomised depth, one line per method.
+    """Write ``sanity.png`` (:func:`sanity_figure`); returns the path."""
+    return _save(sanity_figure(sanity), path)
+
+
+def sanity_figure(sanity) -> Figure:
+    """Mean rank correlation against randomised depth, one line per method.
 
     ``sanity``: ``sanity.csv`` rows (``method, step, layer, spearman``) or their
     :func:`evaluation.summary.summarise_sanity` rows (``method, step, layer, mean``).
@@ -455,4 +479,4 @@ def plot_sanity(sanity, path: str | Path) -> Path:
     ax.set_title(
         "Model randomisation cascade (lower is better: the maps depend on the model)", fontsize=9
     )
-    return _save(fig, path)
+    return fig
