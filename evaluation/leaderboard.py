@@ -450,6 +450,11 @@ def _rank(rows: list[dict]) -> None:
                 row["rank"], row["best"] = math.nan, False
                 continue
             row["rank"] = 1 + sum(1 for other, _ in keyed if other > value)
+        reference = next((v for v, r in keyed if r["reference"] == r["method"]), None)
+        for value, row in keyed:
+            # Equal at the shown rounding: no "better"/"worse", however small the p-value.
+            if row["versus"] and reference is not None and value == reference:
+                row["versus"] = "tied"
         top = [row for value, row in keyed if row["rank"] == 1]
         for row in group:
             row["best"] = len(top) == 1 and row is top[0]
@@ -678,7 +683,7 @@ def format_cell(row: pd.Series | dict, decimals: int, n_common: int | None = Non
     p = float(row["p_holm"]) if row["p_holm"] == row["p_holm"] else math.nan
     if math.isfinite(p):
         mark = next((mark for level, mark in P_MARKERS if p < level), "")
-        if mark and isinstance(row["versus"], str) and row["versus"]:
+        if mark and row["versus"] in ("better", "worse"):
             text += f" {row['versus']} {mark}"
     return text
 
@@ -758,7 +763,8 @@ def table_view(table: pd.DataFrame) -> dict[str, Any]:
         tests = sorted({t for t in table["test"] if isinstance(t, str) and t})
         legend += (
             f" better/worse than `{reference}` with Holm-corrected {' / '.join(tests)} p-values "
-            "on paired samples: * p<0.05, ** p<0.01, *** p<0.001."
+            "on paired samples: * p<0.05, ** p<0.01, *** p<0.001 (none where the means are "
+            "equal at the shown rounding)."
         )
     else:
         legend += " No reference method in this table, so no paired tests."

@@ -67,7 +67,10 @@ def wilson(successes: float, n: int, confidence: float = CONFIDENCE) -> tuple[fl
     if n <= 0:
         return math.nan, math.nan
     low, high = proportion_confint(successes, n, alpha=1 - confidence, method="wilson")
-    return float(max(low, 0.0)), float(min(high, 1.0))
+    # Exact at the extremes (statsmodels leaves float noise such as 2e-19 for 0 hits).
+    low = 0.0 if successes <= 0 else max(float(low), 0.0)
+    high = 1.0 if successes >= n else min(float(high), 1.0)
+    return low, high
 
 
 def t_interval(values, confidence: float = CONFIDENCE) -> Interval:
