@@ -62,7 +62,9 @@ def test_two_runs_that_differ_only_in_training_steps_give_two_tables_with_worded
 def test_model_options_go_into_the_model_part_of_the_heading_and_labels_are_config_names(
     tmp_path,
 ):
-    write_run(tmp_path / "a", results_frame(table_id="ta"), config(pools=(True, True, False, False)))
+    write_run(
+        tmp_path / "a", results_frame(table_id="ta"), config(pools=(True, True, False, False))
+    )
     write_run(tmp_path / "b", results_frame(table_id="tb"), config(pools=(True,) * 4))
     board = build_leaderboard(load_results([tmp_path]))
     assert set(board["heading"]) == {

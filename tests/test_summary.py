@@ -127,12 +127,14 @@ def test_method_options_make_separate_labelled_entries():
 
 
 def test_identical_methods_are_grouped_even_with_float_noise():
-    frame = results_frame(methods=("fam", "fam_product", "gradcam"), identical={"fam_product": "fam"})
+    frame = results_frame(
+        methods=("fam", "fam_product", "gradcam"), identical={"fam_product": "fam"}
+    )
     noisy = frame["method"] == "fam_product"
     frame.loc[noisy, "deletion_auc"] += 2e-5  # 0.2155873 vs 0.2156057 in the default run
     assert identical_groups(frame) == [["fam", "fam_product"]]
-    frame.loc[noisy & (frame["index"] == 0), "pointing_game"] = 1 - frame.loc[
-        noisy & (frame["index"] == 0), "pointing_game"
-    ]
+    frame.loc[noisy & (frame["index"] == 0), "pointing_game"] = (
+        1 - frame.loc[noisy & (frame["index"] == 0), "pointing_game"]
+    )
     assert identical_groups(frame) == []
     assert math.isnan(summarise(frame)["oracle_p"].iloc[0])
