@@ -221,11 +221,29 @@ def load_results(dirs: Iterable[str | Path]) -> pd.DataFrame:
 
 
 # -- pooling --------------------------------------------------------------------------------
-def _normalise(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Fill the optional columns, derive a table_id where missing; returns notes."""
+def _config_key(config: dict) -> str:
+    """A table key from a run.json config: every key but the seed and the lists of what ran."""
+    flat = {
+        k: v
+        for k, v in _flatten(config).items()
+        if k != "seed" and k not in NOT_DISTINGUISHING and not k.startswith("method.")
+    }
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def _normalise(results: pd.DataFrame, configs: dict[str, dict]) -> tuple[pd.DataFrame, list[str]]:
+    """Fill the optional columns, derive a table_id where missing; returns notes.
+
+    Without ``table_id`` (results written by an older run.py) a run's table is keyed by its
+    ``run.json`` config (all but the seed and the method/metric lists) with the
+    descriptive columns and ``settings_id``, or by those columns alone without a config;
+    ``seed`` comes from the config when the file has none.
+    """
     notes = []
     frame = results.copy()
     frame.attrs = {}  # pandas compares attrs on merge; DataFrames there break it
+    if "seed" not in frame.columns and "run" in frame.columns:
+        frame["seed"] = frame["run"].map(lambda r: (configs.get(r) or {}).get("seed", ""))
     for column in ("run", "seed", "settings_id", *DESCRIPTIVE_KEYS):
         if column not in frame.columns:
             frame[column] = ""
@@ -234,15 +252,19 @@ def _normalise(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     if "table_id" not in frame.columns or frame["table_id"].isna().any():
         present = [c for c in FALLBACK_TABLE_KEYS if c in results.columns]
         derived = frame[present].astype(str).agg("/".join, axis=1)
-        derived = derived.map(lambda s: "legacy-" + hashlib.sha1(s.encode()).hexdigest()[:8])
+        by_config = frame["run"].map(lambda r: _config_key(configs[r]) if r in configs else "")
+        derived = (derived + "/" + by_config).map(
+            lambda s: "legacy-" + hashlib.sha1(s.encode()).hexdigest()[:8]
+        )
         if "table_id" in frame.columns:
             frame["table_id"] = frame["table_id"].where(frame["table_id"].notna(), derived)
         else:
             frame["table_id"] = derived
+        keyed = f"their run.json config and {present}" if configs else f"{present} only"
         notes.append(
             "some results.csv files have no table_id (written by an older run.py): their "
-            f"tables are keyed by {present} only, so runs that differ in training or data "
-            "settings may share a table; re-run them to be sure."
+            f"tables are keyed by {keyed}; re-run them for tables keyed by everything that "
+            "changes a number."
         )
     frame["table_id"] = frame["table_id"].map(_text)
     return frame, notes
@@ -607,7 +629,7 @@ def build_leaderboard(
     sanity = attrs.get("sanity") if sanity is None else sanity
     warnings = attrs.get("warnings") or {} if warnings is None else warnings
     configs = attrs.get("configs") or {} if configs is None else configs
-    frame, global_notes = _normalise(results)
+    frame, global_notes = _normalise(results, configs)
     non_finite = (
         frame["degenerate_reason"].astype(str) == "non-finite"
         if "degenerate_reason" in frame.columns

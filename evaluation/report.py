@@ -73,7 +73,7 @@ code { background: #f5f5f5; padding: 0 0.2em; }
 <div class="scroll"><table class="results">
 <thead><tr>{% for h in t.header %}<th>{{ h }}</th>{% endfor %}</tr></thead>
 <tbody>
-{% for row in t.rows %}<tr>{% for cell in row %}<td>{{ cell | md }}</td>{% endfor %}</tr>
+{% for row in t.rows %}<tr>{% for cell in row %}<td>{{ cell | cell }}</td>{% endfor %}</tr>
 {% endfor %}
 </tbody>
 </table></div>
@@ -109,15 +109,20 @@ code { background: #f5f5f5; padding: 0 0.2em; }
 
 
 def _markdown(text: Any) -> str:
-    """The Markdown the tables use (``**bold**``, ```code```) as HTML; the rest escaped."""
+    """```code``` in a line as HTML; the rest escaped (stars stay: they are p-value marks)."""
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(str(text))))
+
+
+def _cell(text: Any) -> str:
+    """A table cell: a leading ``**mean**`` (the best entry) in bold, the rest as text."""
     escaped = html.escape(str(text))
-    escaped = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
-    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped))
+    return Markup(re.sub(r"^\*\*([^*]+)\*\*", r"<strong>\1</strong>", escaped))
 
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     env.filters["md"] = _markdown
+    env.filters["cell"] = _cell
     return env
 
 

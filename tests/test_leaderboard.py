@@ -328,3 +328,13 @@ def test_cli_error_is_one_line_exit_2_without_traceback(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("error: no results.csv under")
     assert "Traceback" not in done.stderr
+
+
+def test_legacy_runs_without_table_id_are_kept_apart_by_their_configs(tmp_path):
+    legacy = results_frame().drop(columns=["table_id", "model_id", "seed"]).assign(settings_id="s")
+    write_run(tmp_path / "long", legacy, config(max_steps=300))
+    write_run(tmp_path / "short", legacy, config(max_steps=20))
+    board = build_leaderboard(load_results([tmp_path]))
+    assert board["table"].nunique() == 2
+    assert set(board["seed"]) == {"0"}  # from the config
+    assert any(h.endswith("20 training steps") for h in board["heading"])

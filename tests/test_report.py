@@ -136,3 +136,24 @@ def test_leaderboard_report_writes_without_a_browser(tmp_path):
     path = write_leaderboard_report(board, tmp_path / "lb.html")
     text = path.read_text(encoding="utf-8")
     assert text.count("<table") == 1 and "data:image/png;base64," in text
+
+
+def test_bold_marks_only_the_best_cell_and_stars_stay_text(tmp_path):
+    from evaluation.report import render
+
+    view = {
+        "heading": "h",
+        "table_id": "t",
+        "seed": "",
+        "header": ["method", "m"],
+        "rows": [["a", "**0.5** [0.4, 0.6]"], ["b", "0.3 [0.2, 0.4] worse ***"]],
+        "legend": "* p<0.05, ** p<0.01, *** p<0.001 against `fam`",
+        "oracle": [],
+        "notes": [],
+        "warnings": ["<script>alert(1)</script>"],
+    }
+    page = render("t", [view])
+    assert "<strong>0.5</strong> [0.4, 0.6]" in page
+    assert "worse ***" in page and "* p&lt;0.05, ** p&lt;0.01, *** p&lt;0.001" in page
+    assert "<code>fam</code>" in page
+    assert "<script>" not in page  # autoescaped
