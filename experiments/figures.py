@@ -335,14 +335,26 @@ def curves_figure(
             aucs.append(f"{kind[:3]}. {float(curve_auc(y).mean()):.3f}")
         title = " = ".join(group)
         ax.set_title(title if len(title) <= 40 else title[:39] + "…", fontsize=9)
+        # Mid-right: where the curves usually are not (deletion ends low, insertion high).
         ax.text(
-            0.98, 0.97, "\n".join(aucs), transform=ax.transAxes, ha="right", va="top", fontsize=7
+            0.97,
+            0.5,
+            "\n".join(aucs),
+            transform=ax.transAxes,
+            ha="right",
+            va="center",
+            fontsize=7,
+            bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1.5},
         )
         ax.set_xlim(0.0, 1.0)
         ax.grid(alpha=0.3)
-    for ax in axes[: len(panels)]:
-        ax.set_xlabel("fraction of pixels deleted / inserted", fontsize=8)
-        ax.set_ylabel(score_label, fontsize=8)
+    for i, ax in enumerate(axes[: len(panels)]):
+        # Labels on the outer panels only: the first column and the lowest panel of each.
+        if i % cols == 0:
+            ax.set_ylabel(score_label, fontsize=8)
+        if i + cols >= len(panels):
+            ax.set_xlabel("fraction of pixels deleted / inserted", fontsize=8)
+            ax.tick_params(labelbottom=True)
         ax.tick_params(labelsize=7)
     handles = [
         Line2D(
