@@ -492,3 +492,33 @@ def sanity_figure(sanity) -> Figure:
         "Model randomisation cascade (lower is better: the maps depend on the model)", fontsize=9
     )
     return fig
+
+
+def plot_run_figures(
+    out_dir: str | Path,
+    results: pd.DataFrame,
+    summary: pd.DataFrame,
+    sanity: pd.DataFrame | None = None,
+    curves: Mapping[str, Mapping[str, object]] | None = None,
+    score_label: str = "score",
+    reference: str | None = None,
+) -> list[Path]:
+    """A run's summary figures in one call: ``curves.png`` (when ``curves``), ``summary.png``
+    and ``sanity.png`` (when ``sanity`` has rows), into ``out_dir``; returns the paths.
+
+    ``results``/``summary``/``sanity``: the run's ``results.csv``, ``summary.csv``
+    (:func:`evaluation.summary.summarise`) and ``sanity.csv`` frames; methods with
+    identical results (:func:`evaluation.summary.identical_groups`) share a panel / row.
+    """
+    from evaluation.summary import identical_groups
+
+    out = Path(out_dir)
+    groups = identical_groups(results)
+    paths = []
+    if curves:
+        paths.append(plot_curves(curves, out / "curves.png", score_label, reference, groups))
+    if not _forest_frame(summary).empty:
+        paths.append(plot_summary(summary, out / "summary.png", groups, reference))
+    if sanity is not None and len(sanity):
+        paths.append(plot_sanity(sanity, out / "sanity.png"))
+    return paths

@@ -407,3 +407,25 @@ def test_every_shipped_experiment_is_mapped_to_data_or_synthetic():
     # A real-data experiment missing from EXPERIMENT_DATA would be silently skipped forever.
     for config in sorted(CONF_DIR.glob("*.yaml")):
         assert config.stem in EXPERIMENT_DATA or uses_synthetic_data(config), config.name
+
+
+def test_run_figures_in_one_call_share_panels_for_identical_methods(tmp_path):
+    from results_fixtures import results_frame, sanity_frame
+
+    from evaluation.summary import summarise
+    from experiments.figures import plot_run_figures
+
+    results = results_frame(
+        methods=("fam", "fam_product", "random"), identical={"fam_product": "fam"}
+    )
+    curves = method_curves(3)
+    curves = {"fam": curves["m0"], "fam_product": curves["m1"], "random": curves["m2"]}
+    sanity = sanity_frame(methods=("fam", "random"))
+    paths = plot_run_figures(
+        tmp_path, results, summarise(results, sanity), sanity, curves, "probability", "fam"
+    )
+    assert [p.name for p in paths] == ["curves.png", "summary.png", "sanity.png"]
+    assert all(p.is_file() for p in paths)
+    assert [p.name for p in plot_run_figures(tmp_path / "b", results, summarise(results))] == [
+        "summary.png"
+    ]
