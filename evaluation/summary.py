@@ -9,9 +9,9 @@ excluded; constant maps stay in (under ``metric.ties=random`` they score as a ra
 which is what an uninformative map deserves). Extra rows per method:
 ``pointing_game_class_mean`` (TorchRay's second number: the mean over classes of each
 class's hit rate, t interval over classes) and ``degenerate`` (share of degenerate maps,
-Wilson). With a ``sanity`` frame, ``metric == "sanity"`` rows give the mean Spearman
-correlation at each randomised layer (``step`` 1 = output layer only, the last step =
-every layer randomised).
+Wilson). With a ``sanity`` frame, ``metric == "sanity@<layer>"`` rows give the mean
+Spearman correlation at each randomised layer (``step`` 1 = output layer only, the last
+step = every layer randomised), and ``metric == "sanity"`` the value after the last step.
 
 The ground-truth oracle (:func:`oracle_check`): with methods ``mask`` (the ground truth)
 and ``random`` present, every metric is tested paired, ``mask`` against ``random``; a
@@ -332,7 +332,14 @@ def summarise(
                 }
             )
     if sanity is not None and not sanity.empty:
-        for row in summarise_sanity(sanity).to_dict("records"):
+        cascade = summarise_sanity(sanity)
+        last = full_randomisation(cascade)
+        # One metric name per row (``sanity@<layer>``, and ``sanity`` after the whole
+        # cascade) so that summary.pivot(index="method", columns="metric") stays unique.
+        for row in [
+            *cascade.assign(metric="sanity@" + cascade["layer"]).to_dict("records"),
+            *last.to_dict("records"),
+        ]:
             match = frame.loc[frame["method"] == row["method"], "settings_id"]
             rows.append({**row, "settings_id": match.iloc[0] if len(match) else ""})
     out = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))

@@ -446,8 +446,8 @@ def plot_sanity(sanity, path: str | Path) -> Path:
 def sanity_figure(sanity) -> Figure:
     """Mean rank correlation against randomised depth, one line per method.
 
-    ``sanity``: ``sanity.csv`` rows (``method, step, layer, spearman``) or their
-    :func:`evaluation.summary.summarise_sanity` rows (``method, step, layer, mean``).
+    ``sanity``: ``sanity.csv`` rows (``method, step, layer, spearman``), or the
+    ``sanity@<layer>`` rows of a :func:`evaluation.summary.summarise` frame.
     Step ``k`` has the top ``k`` layers re-initialised; a method whose line stays near 1
     explains the input, not the model.
     """
@@ -457,7 +457,7 @@ def sanity_figure(sanity) -> Figure:
     if "spearman" in frame.columns:
         frame = summarise_sanity(frame)
     elif "metric" in frame.columns:
-        frame = frame[frame["metric"] == "sanity"]
+        frame = frame[frame["metric"].astype(str).str.startswith("sanity@")]
     if frame.empty:
         raise FamBenchError("no sanity rows to plot (run with metrics=[...,sanity]).")
     steps = frame.drop_duplicates("step").sort_values("step")

@@ -250,6 +250,12 @@ def test_sanity_cascade_has_one_line_per_method(tmp_path):
     assert "encoder.0" in ax.get_xticklabels()[-1].get_text()
     assert ax.get_ylabel().startswith("Spearman")
     assert plot_sanity(sanity, tmp_path / "sanity.png").is_file()
+    from results_fixtures import results_frame
+
+    from evaluation.summary import summarise
+
+    from_summary = sanity_figure(summarise(results_frame(), sanity)).axes[0]
+    assert len([x for x in from_summary.get_lines() if not x.get_label().startswith("_")]) == 3
     with pytest.raises(FamBenchError, match="no sanity rows"):
         sanity_figure(pd.DataFrame(columns=["method", "metric", "step", "layer", "mean"]))
 

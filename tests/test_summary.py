@@ -82,13 +82,16 @@ def test_pointing_game_class_mean_is_the_mean_of_class_hit_rates():
 def test_sanity_summary_exists_for_every_method_at_every_layer():
     sanity = sanity_frame(methods=("fam", "gradcam", "random"))
     summary = summarise(results_frame(), sanity)
-    rows = summary[summary["metric"] == "sanity"]
+    rows = summary[summary["metric"].str.startswith("sanity@")]
     assert set(rows["method"]) == {"fam", "gradcam", "random"}
     assert rows.groupby("method")["step"].apply(sorted).map(len).eq(4).all()
-    fam_last = rows[(rows["method"] == "fam") & (rows["step"] == 4)].iloc[0]
+    fam_last = cell(summary, "fam", "sanity")  # after the whole cascade
     expected = sanity[(sanity["method"] == "fam") & (sanity["step"] == 4)]["spearman"].mean()
     assert fam_last["mean"] == pytest.approx(expected)
-    assert fam_last["layer"] == "encoder.0"
+    assert (fam_last["layer"], fam_last["step"]) == ("encoder.0", 4)
+    assert cell(summary, "fam", "sanity@encoder.3")["step"] == 1
+    # one row per method and metric: the runner's pivot works
+    assert summary.pivot(index="method", columns="metric", values="mean").shape[0] == 3
     last = full_randomisation(summarise_sanity(sanity))
     assert len(last) == 3 and set(last["step"]) == {4}
 
