@@ -82,8 +82,21 @@ SAMPLE_KEYS: tuple[str, ...] = ("seed", "sample_id")
 # Significance markers on Holm-adjusted p-values, strictest first.
 P_MARKERS: tuple[tuple[float, str], ...] = ((0.001, "***"), (0.01, "**"), (0.05, "*"))
 ALPHA = 0.05
-#: config keys that never tell tables apart (lists of what was run, display options)
-NOT_DISTINGUISHING: tuple[str, ...] = ("methods", "metrics", "name", "eval.figure_samples")
+#: config keys (and their sub-keys) that never tell tables apart: what was run (the method
+#: list and each method's options, which make entries, not tables), display options
+NOT_DISTINGUISHING: tuple[str, ...] = (
+    "methods",
+    "method",
+    "metrics",
+    "name",
+    "eval.figure_samples",
+    "eval.progress",
+)
+
+
+def _distinguishing(key: str) -> bool:
+    return not any(key == k or key.startswith(f"{k}.") for k in NOT_DISTINGUISHING)
+
 
 LEADERBOARD_COLUMNS: tuple[str, ...] = (
     "table",
@@ -223,11 +236,7 @@ def load_results(dirs: Iterable[str | Path]) -> pd.DataFrame:
 # -- pooling --------------------------------------------------------------------------------
 def _config_key(config: dict) -> str:
     """A table key from a run.json config: every key but the seed and the lists of what ran."""
-    flat = {
-        k: v
-        for k, v in _flatten(config).items()
-        if k != "seed" and k not in NOT_DISTINGUISHING and not k.startswith("method.")
-    }
+    flat = {k: v for k, v in _flatten(config).items() if k != "seed" and _distinguishing(k)}
     return json.dumps(flat, sort_keys=True, default=str)
 
 
@@ -372,8 +381,7 @@ def _headings(tables: dict[tuple, pd.DataFrame], configs: dict[str, dict]) -> di
         shared = {
             k: v
             for k, v in per_run[0].items()
-            if k not in NOT_DISTINGUISHING
-            and all(json.dumps(p.get(k)) == json.dumps(v) for p in per_run)
+            if _distinguishing(k) and all(json.dumps(p.get(k)) == json.dumps(v) for p in per_run)
         }
         flat[key] = shared
     headings = {}

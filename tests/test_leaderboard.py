@@ -338,3 +338,15 @@ def test_legacy_runs_without_table_id_are_kept_apart_by_their_configs(tmp_path):
     assert board["table"].nunique() == 2
     assert set(board["seed"]) == {"0"}  # from the config
     assert any(h.endswith("20 training steps") for h in board["heading"])
+
+
+def test_method_lists_and_options_never_enter_a_heading(tmp_path):
+    a, b = config(300), config(20)
+    a["method"] = {"fam": {"contribution": "ablation"}}
+    b["method"] = {"fam": {"contribution": "ablation"}, "gradcam": {}}
+    b["methods"] = ["fam", "gradcam"]
+    write_run(tmp_path / "a", results_frame(table_id="ta"), a)
+    write_run(tmp_path / "b", results_frame(table_id="tb"), b)
+    headings = set(build_leaderboard(load_results([tmp_path]))["heading"])
+    assert all("method" not in h for h in headings)
+    assert {h.rsplit(", ", 1)[-1] for h in headings} == {"300 training steps", "20 training steps"}
