@@ -36,9 +36,10 @@ def _conf_dir() -> Path:
     checkout = Path(__file__).resolve().parents[1] / "conf"
     if (checkout / "config.yaml").is_file():
         return checkout
-    from importlib.resources import files
+    from importlib.util import find_spec
 
-    return Path(str(files("fam_bench_conf")))
+    spec = find_spec("fam_bench_conf")  # a namespace package: its one search location
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 CONF_DIR = _conf_dir()
@@ -326,6 +327,13 @@ def _type_error(text: str) -> str:
 
 def unknown_key_message(key: str, overrides: list[str], config_dir: Path | None = None) -> str:
     """``key`` is not in the config: name it, its nearest valid key and its siblings."""
+    if key == "model._target_":
+        value = next((o.split("=", 1)[1] for o in overrides if "model._target_=" in o), "...")
+        return (
+            f"model._target_={value} is not a model key: build your own model with "
+            f"model=custom model.target={value} (its keyword arguments as "
+            "+model.kwargs.<name>=...). Nothing was trained."
+        )
     base = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
     try:
         cfg = compose_config_plain(base, config_dir)

@@ -241,10 +241,12 @@ def _job(
         progress=run_cfg.eval.progress,
         accelerator=run_cfg.trainer.accelerator,
         data_stats=data_stats,
+        annotation_size=getattr(eval_set, "annotation_size", None),
     )
 
 
 def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path) -> dict:
+    from evaluation.report import write_run_report
     from evaluation.summary import summarise
     from experiments.checks import run_warnings
     from experiments.environment import write_environment
@@ -262,7 +264,7 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
         getattr(job.model, "target_shape", None),
     )
     store.write_json("warnings.json", warnings)
-    figures = write_figures(job, merged, eval_set, evaluation)
+    figures = write_figures(job, merged, summary, eval_set, evaluation)
     settings_ids = {name: cols["settings_id"] for name, cols in job.method_columns.items()}
     store.write_json(
         "settings.json",
@@ -290,9 +292,10 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
         seed=run_cfg.seed,
     )
     logger.log_run(config.plain(run_cfg), summary, pd.read_csv(task_path), figures)
+    report = write_run_report(store.out)
     table = summary.pivot(index="method", columns="metric", values="mean")
     log.info("mean per method and metric:\n%s", table.round(3).to_string())
-    log.info("results in %s", store.out.resolve())
+    log.info("results in %s (report: %s)", store.out.resolve(), report.name)
     return {
         **merged,
         "summary": summary,
@@ -304,9 +307,12 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
     }
 
 
-def write_figures(job: Job, merged: dict[str, Any], eval_set: Any, evaluation: Any) -> list[Path]:
-    """``maps.png`` (images x methods, ground truth outlined) and ``curves.png``."""
-    from experiments.figures import plot_curves, plot_map_grid
+def write_figures(
+    job: Job, merged: dict[str, Any], summary: pd.DataFrame, eval_set: Any, evaluation: Any
+) -> list[Path]:
+    """``maps.png`` (images x methods, ground truth outlined, the reference image beside
+    retrieval and contrastive queries), ``curves.png``, ``summary.png``, ``sanity.png``."""
+    from experiments.figures import plot_map_grid, plot_run_figures
 
     paths = []
     figure = merged["figure"]
@@ -324,8 +330,16 @@ def write_figures(job: Job, merged: dict[str, Any], eval_set: Any, evaluation: A
                 eval_set.mean,
                 eval_set.std,
                 labels=labels,
+                references=figure.get("references"),
             )
         )
-    if merged["curves"]:
-        paths.append(plot_curves(merged["curves"], out / "curves.png"))
+    paths += plot_run_figures(
+        out,
+        merged["results"],
+        summary,
+        merged["sanity"],
+        merged["curves"],
+        score_label=evaluation.score_label,
+        reference="fam" if "fam" in job.methods else None,
+    )
     return [Path(p) for p in paths]

@@ -50,6 +50,7 @@ class Job:
     progress: bool
     accelerator: str
     data_stats: tuple[Any, Any] = (None, None)
+    annotation_size: tuple[int, int] | None = None  # the dataset's, for units without one
     notes: list[str] = field(default_factory=list)
 
 
@@ -108,6 +109,8 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
             "its training (trainer.lr, trainer.precision) and its forward pass."
         )
     n = len(unit.images)
+    if unit.annotation_sizes is None and job.annotation_size is not None:
+        unit.annotation_sizes = torch.tensor([list(job.annotation_size)] * n, dtype=torch.float64)
     names = list(job.methods)
     all_maps, degenerate, reasons = explain(job, unit, u)
     mean, std = job.data_stats
