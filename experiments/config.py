@@ -282,7 +282,7 @@ def compose_config(
         if message is None:
             raise
         raise FamBenchError(message) from None
-    load(cfg)  # `+key=value` bypasses Hydra's key check: the schema catches it here
+    load(cfg, overrides)  # `+key=value` bypasses Hydra's key check: the schema catches it
     return cfg
 
 
@@ -378,8 +378,9 @@ def flatten(d: Any) -> dict[str, Any]:
 
 
 # -- typed conversion ---------------------------------------------------------------------
-def load(cfg: DictConfig | dict) -> RunConfig:
-    """The composed config as a typed :class:`RunConfig` (checked; ``hydra`` dropped)."""
+def load(cfg: DictConfig | dict, overrides: list[str] | None = None) -> RunConfig:
+    """The composed config as a typed :class:`RunConfig` (checked; ``hydra`` dropped).
+    ``overrides``: the command line it was composed from (for the error messages)."""
     if isinstance(cfg, dict):
         container = {k: v for k, v in cfg.items() if k != "hydra"}
     else:  # children resolve against the root; `hydra` (run-time values) is left out
@@ -397,7 +398,7 @@ def load(cfg: DictConfig | dict) -> RunConfig:
         key = getattr(err, "full_key", None) or ""
         text = " ".join(str(err).split())
         if key and ("not in" in text or "not found" in text):
-            raise FamBenchError(unknown_key_message(key, [])) from None
+            raise FamBenchError(unknown_key_message(key, list(overrides or []))) from None
         raise FamBenchError(_type_error(text)) from None
     return typed
 
