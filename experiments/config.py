@@ -398,7 +398,10 @@ def load(cfg: DictConfig | dict, overrides: list[str] | None = None) -> RunConfi
         key = getattr(err, "full_key", None) or ""
         text = " ".join(str(err).split())
         if key and ("not in" in text or "not found" in text):
-            raise FamBenchError(unknown_key_message(key, list(overrides or []))) from None
+            given = list(overrides or [])
+            if key == "model._target_" and isinstance(container.get("model"), dict):
+                given.append(f"model._target_={container['model'].get('_target_')}")
+            raise FamBenchError(unknown_key_message(key, given)) from None
         raise FamBenchError(_type_error(text)) from None
     return typed
 
