@@ -11,11 +11,6 @@ from PIL import Image
 
 from experiments.environment import PACKAGES, collect_environment, git_state, write_environment
 from experiments.figures import (
-    CELL_INCHES,
-    DPI,
-    HEADER_INCHES,
-    LEFT_INCHES,
-    PAD_INCHES,
     PANEL_INCHES,
     curve_auc,
     curves_figure,
@@ -29,6 +24,7 @@ from experiments.figures import (
     sanity_figure,
     summary_figure,
 )
+from experiments.map_grid import CELL_INCHES, DPI, HEADER_INCHES, LEFT_INCHES, PAD_INCHES
 from experiments.reproduce import (
     CONF_DIR,
     EXPERIMENT_DATA,
