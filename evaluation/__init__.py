@@ -2,7 +2,7 @@
 
 Every metric takes per-sample inputs and returns per-sample values on the inputs' device
 (``nan`` where a sample is undefined, for the caller to exclude and count); aggregation
-is the caller's (see :func:`pointing_accuracy`).
+is the caller's (see :mod:`evaluation.summary`).
 """
 
 from evaluation.causal import DeletionInsertionResult, auc, deletion_insertion, gaussian_blur
@@ -11,9 +11,7 @@ from evaluation.pointing import (
     annotation_tolerance,
     boxes_to_masks,
     energy_pointing_game,
-    pointing_accuracy,
     pointing_game,
-    scaled_tolerance,
     tight_boxes,
 )
 from evaluation.sanity import SanityResult, randomisation_sanity, spearman
@@ -29,10 +27,8 @@ __all__ = [
     "deletion_insertion",
     "energy_pointing_game",
     "gaussian_blur",
-    "pointing_accuracy",
     "pointing_game",
     "randomisation_sanity",
-    "scaled_tolerance",
     "spearman",
     "tight_boxes",
 ]

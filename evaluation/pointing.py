@@ -7,7 +7,7 @@ it is a hit when some ground-truth pixel lies at Euclidean distance strictly bel
 annotation's resolution (the original image); :func:`annotation_tolerance` converts them
 per image to the input's pixels, and ``tolerance`` accepts one value per sample. Samples
 whose mask is empty, or whose map has a nan or inf, are not scored: their value is
-``nan`` and :func:`pointing_accuracy` excludes and counts them.
+``nan``; the caller (``evaluation.summary``) excludes and counts them.
 
 Ground truth is either masks ``(N, H, W)`` (bool or 0/1) or boxes ``(N, 4)`` as
 ``x0, y0, x1, y1`` in pixel coordinates with the half-open convention of slicing: box
@@ -19,7 +19,6 @@ is indexed ``[y, x]``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -198,37 +197,3 @@ def energy_pointing_game(
     inside = (maps * truth).flatten(1).sum(dim=1)
     defined = (total > 0) & truth.flatten(1).any(dim=1) & finite
     return torch.where(defined, inside / total.clamp_min(torch.finfo(maps.dtype).tiny), math.nan)
-
-
-def pointing_accuracy(
-    hits: Tensor, labels: Tensor | Sequence[int] | None = None
-) -> tuple[float, float, int]:
-    """Aggregate per-sample values (hits, or energies): ``(overall, per_class_mean, n_excluded)``.
-
-    ``overall`` is the mean over samples that were scored (not ``nan``);
-    ``per_class_mean`` the mean over classes of each class's mean (TorchRay reports this),
-    classes with no scored sample left out; ``n_excluded`` counts the ``nan`` samples.
-    Without labels every sample is one class and ``per_class_mean == overall``.
-    """
-    hits = torch.as_tensor(hits).double().flatten().cpu()
-    valid = ~torch.isnan(hits)
-    n_excluded = int((~valid).sum())
-    if not bool(valid.any()):
-        return math.nan, math.nan, n_excluded
-    overall = float(hits[valid].mean())
-    if labels is None:
-        return overall, overall, n_excluded
-    labels = torch.as_tensor(labels).flatten().cpu().long()
-    if labels.shape != hits.shape:
-        raise FamBenchError(
-            f"labels must have one entry per sample ({hits.numel()}), got {labels.numel()}."
-        )
-    classes, inverse = torch.unique(labels[valid], return_inverse=True)
-    sums = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, inverse, hits[valid])
-    counts = torch.bincount(inverse, minlength=len(classes)).double()
-    return overall, float((sums / counts).mean()), n_excluded
-
-
-def scaled_tolerance(height: int, width: int, tolerance_at_224: float = 15.0) -> float:
-    """The pointing tolerance scaled with image size: ``15 px`` at 224x224 (TorchRay)."""
-    return tolerance_at_224 * math.sqrt(height * width) / 224.0
