@@ -86,6 +86,10 @@ class Contrastive(TaskFamily):
         dim = embed(model, train_set, torch.arange(2)).shape[1]
         return ALGORITHMS[self.config.algorithm](model, dim, self.config, optim)
 
+    def protocol(self, eval_cfg):
+        # one leaderboard table per algorithm: the same network trained otherwise
+        return {"algorithm": self.config.algorithm}
+
     def train_loader(self, train_set, trainer, seed):
         from torch.utils.data import DataLoader
 
@@ -160,6 +164,10 @@ class Retrieval(TaskFamily):
 
         c = self.config
         return MetricLearningModule(model, c.loss, c.miner, c.margin, train_set=train_set, **optim)
+
+    def protocol(self, eval_cfg):
+        # one leaderboard table per loss: the same network trained otherwise
+        return {"loss": self.config.loss}
 
     def train_loader(self, train_set, trainer, seed):
         from pytorch_metric_learning.samplers import MPerClassSampler
