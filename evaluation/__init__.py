@@ -8,11 +8,13 @@ is the caller's (see :func:`pointing_accuracy`).
 from evaluation.causal import DeletionInsertionResult, auc, deletion_insertion, gaussian_blur
 from evaluation.confidence import ConfidenceChange, confidence_change
 from evaluation.pointing import (
+    annotation_tolerance,
     boxes_to_masks,
     energy_pointing_game,
     pointing_accuracy,
     pointing_game,
     scaled_tolerance,
+    tight_boxes,
 )
 from evaluation.sanity import SanityResult, randomisation_sanity, spearman
 
@@ -20,6 +22,7 @@ __all__ = [
     "ConfidenceChange",
     "DeletionInsertionResult",
     "SanityResult",
+    "annotation_tolerance",
     "auc",
     "boxes_to_masks",
     "confidence_change",
@@ -31,4 +34,5 @@ __all__ = [
     "randomisation_sanity",
     "scaled_tolerance",
     "spearman",
+    "tight_boxes",
 ]

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from experiments.embedding import embed
-from experiments.tasks.base import Evaluation, Unit, stack_items
+from experiments.tasks.base import Evaluation, Unit, annotation_sizes, stack_items
 from experiments.tasks.fewshot import FewShotEvaluation
 from experiments.training.metrics import mean_ci95
 from fam.errors import FamBenchError
@@ -487,11 +487,13 @@ class EpisodeEvaluation(FewShotEvaluation):
                 labels=classes[position].tolist(),
                 other_labels=classes[other].tolist(),
                 index=keys.tolist(),
+                extras={"annotation_sizes": annotation_sizes(self.dataset, len(keys))},
             )
         else:
             query_idx = torch.as_tensor(episode.query).tolist()
-            images, masks, labels = stack_items(self.dataset, query_idx, device)
-            out.update(images=images, masks=masks, labels=labels, index=query_idx)
+            extras: dict[str, Any] = {}
+            images, masks, labels = stack_items(self.dataset, query_idx, device, extras)
+            out.update(images=images, masks=masks, labels=labels, index=query_idx, extras=extras)
         out["position"] = position.to(device)
         out["support"] = stack_items(
             self.dataset, torch.as_tensor(episode.support).tolist(), device
@@ -562,6 +564,8 @@ class EpisodeEvaluation(FewShotEvaluation):
             similarity=similarity,
             masks=q["masks"],
             other_masks=q["other_masks"],
+            boxes=q["extras"].get("boxes"),
+            annotation_sizes=q["extras"].get("annotation_sizes"),
             columns=columns,
         )
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning as L
+import pytorch_lightning as L
 import torch
 from torch import nn
 
@@ -69,21 +69,15 @@ def train_or_load(
     family = as_family(task, task_cfg)
     if checkpoint:
         load_weights(model, checkpoint)
-        if not load_task_state(family, checkpoint) and requires_task_state(family):
-            raise FamBenchError(
-                f"model.checkpoint={checkpoint} has no sidecar {task_state_path(checkpoint)}: "
-                f"task {family.name!r} ({_algorithm(family)}) keeps learned state beside the "
-                "embedding network (e.g. a relation module or a learned temperature), saved "
-                "there when the model was trained. Put that file next to the checkpoint, or "
-                "leave model.checkpoint unset to train."
-            )
+        load_checkpoint_task_state(family, checkpoint)
         return model.eval()
     path = None
     if cache_dir is not None:
         path = cached_checkpoint(cache_dir, family.name, model, key, seed)
         # weights without a sidecar the family needs are an incomplete entry: retrain
         if path.is_file() and (load_task_state(family, path) or not requires_task_state(family)):
-            return load_weights(model, path).eval()
+            load_weights(model, path)
+            return model.eval()
     device = model_device(model)
     module, trainer = fit(
         model,
@@ -110,6 +104,19 @@ def task_state_path(weights: str | os.PathLike) -> Path:
     """The sidecar of a weights file: ``dir/name.pt -> dir/name.task.pt``."""
     weights = Path(weights)
     return weights.with_name(f"{weights.stem}.task.pt")
+
+
+def load_checkpoint_task_state(family: TaskFamily, checkpoint: str | os.PathLike) -> None:
+    """Load the sidecar of a given checkpoint; a family that needs one and finds none is
+    a :class:`FamBenchError`."""
+    if not load_task_state(family, checkpoint) and requires_task_state(family):
+        raise FamBenchError(
+            f"model.checkpoint={checkpoint} has no sidecar {task_state_path(checkpoint)}: "
+            f"task {family.name!r} ({_algorithm(family)}) keeps learned state beside the "
+            "embedding network (e.g. a relation module or a learned temperature), saved "
+            "there when the model was trained. Put that file next to the checkpoint, or "
+            "leave model.checkpoint unset to train."
+        )
 
 
 def requires_task_state(family: TaskFamily) -> bool:
