@@ -199,13 +199,13 @@ def build_model(
     if run.model.checkpoint is not None:
         # a given checkpoint is loaded, never trained on (any layout: see load_weights)
         from experiments.training import load_weights
+        from experiments.training.train import load_checkpoint_task_state
 
+        checkpoint = to_absolute_path(run.model.checkpoint)
         report = load_weights(
-            network,
-            to_absolute_path(run.model.checkpoint),
-            key=run.model.checkpoint_key,
-            prefix=run.model.checkpoint_prefix,
+            network, checkpoint, key=run.model.checkpoint_key, prefix=run.model.checkpoint_prefix
         )
+        load_checkpoint_task_state(family, checkpoint)  # the sidecar of learned task state
         notes.extend(f"checkpoint: {line}" for line in report.notes)
         network.load_report = report.summary()
         return network.to(device).eval()

@@ -30,6 +30,8 @@ class FewShotConfig:
     """``conf/task/fewshot.yaml``."""
 
     name: str = "fewshot"
+    #: protonet | matchingnet | relationnet | simpleshot (experiments/tasks/fewshot_algorithms.py)
+    algorithm: str = "protonet"
     similarity: str = "euclidean"
     temperature: float | None = None
     train_way: int = 5
@@ -40,8 +42,16 @@ class FewShotConfig:
     monitor_query: int = 15
     monitor_episodes: int = 50
     monitor_every: int = 0
+    #: relationnet: channels of the relation module's conv blocks
+    relation_hidden: int = 64
 
     def __post_init__(self) -> None:
+        from experiments.tasks.fewshot_algorithms import ALGORITHMS
+
+        if self.algorithm not in ALGORITHMS:
+            raise FamBenchError(
+                f"task.algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}."
+            )
         if self.similarity not in ("euclidean", "cosine"):
             raise FamBenchError(
                 f"task.similarity must be 'euclidean' or 'cosine' for ProtoNet, got "
@@ -80,19 +90,34 @@ class FewShot(TaskFamily):
     name = "fewshot"
     Config = FewShotConfig
 
-    def training_module(self, model: nn.Module, train_set: Any, optim: dict[str, Any]):
-        from experiments.training.fewshot import ProtoNetModule
+    def __init__(self, config: FewShotConfig) -> None:
+        from experiments.tasks.fewshot_algorithms import algorithm_for
 
-        c = self.config
-        return ProtoNetModule(
-            model, c.train_way, c.train_shot, c.train_query, c.similarity, c.temperature, **optim
-        )
+        super().__init__(config)
+        self.algorithm = algorithm_for(config)
+
+    # learned state beside the network (a relation module, a temperature): the sidecar
+    @property
+    def requires_task_state(self) -> bool:
+        return self.algorithm.requires_task_state
+
+    def task_state(self, module: nn.Module) -> dict[str, Tensor]:
+        return self.algorithm.task_state(module)
+
+    def load_task_state(self, state: dict[str, Tensor]) -> None:
+        self.algorithm.load_task_state(state)
+
+    def training_module(self, model: nn.Module, train_set: Any, optim: dict[str, Any]):
+        return self.algorithm.training_module(model, train_set, optim)
 
     def train_loader(self, train_set: Any, trainer: Any, seed: int):
         from torch.utils.data import DataLoader
 
         from experiments.training.batches import EpisodeImages
 
+        own = self.algorithm.train_loader(train_set, trainer, seed)
+        if own is not None:
+            return own
         c = self.config
         sampler = episode_sampler(
             train_set,
@@ -112,8 +137,6 @@ class FewShot(TaskFamily):
         )
 
     def monitor(self, train_set: Any, val_set: Any, seed: int):
-        from experiments.training.metrics import fewshot_accuracy
-
         c = self.config
         sampler = episode_sampler(
             val_set,
@@ -124,8 +147,8 @@ class FewShot(TaskFamily):
             seed,
             ("task.monitor_way", "task.monitor_shot", "task.monitor_query"),
         )
-        return "val_fewshot_accuracy", lambda m: fewshot_accuracy(
-            m, val_set, sampler, c.similarity
+        return "val_fewshot_accuracy", lambda m: self.algorithm.accuracy(
+            m, val_set, sampler, train_set
         )["mean"]
 
     def protocol(self, eval_cfg: Any) -> dict[str, Any]:
@@ -145,17 +168,8 @@ class FewShot(TaskFamily):
             ("eval.n_way", "eval.n_shot", "eval.n_query"),
         )
         pairs = getattr(eval_set, "mode", "single") == "pairs"
-        return FewShotEvaluation(
-            eval_set,
-            sampler,
-            e.n_way,
-            e.n_shot,
-            e.n_query,
-            self.config.similarity,
-            run.metric.score,
-            run.seed,
-            pairs,
-        )
+        self.algorithm.prepare(model, train_set)
+        return self.algorithm.evaluation(eval_set, sampler, e, run.metric.score, run.seed, pairs)
 
 
 class FewShotEvaluation(Evaluation):

@@ -27,9 +27,11 @@ from fam.similarity import resolve_similarity
 
 @dataclass
 class ContrastiveConfig:
-    """``conf/task/contrastive.yaml`` (SimCLR, Chen et al. 2020)."""
+    """``conf/task/contrastive.yaml`` (SimCLR, Chen et al. 2020; MoCo v2, BYOL, SimSiam:
+    ``experiments/training/contrastive_algorithms.py``)."""
 
     name: str = "contrastive"
+    algorithm: str = "simclr"
     similarity: str = "cosine"
     temperature: float = 0.5
     projection_dim: int = 128
@@ -42,6 +44,18 @@ class ContrastiveConfig:
     gaussian_blur: float | None = None
     hf_prob: float = 0.5
     monitor_every: int = 0
+    #: moco, byol: momentum of the key/target encoder (byol: start of its cosine schedule)
+    momentum: float = 0.99
+    #: moco: keys in the queue (negatives)
+    queue_size: int = 4096
+
+    def __post_init__(self) -> None:
+        from experiments.training.contrastive_algorithms import ALGORITHMS
+
+        if self.algorithm not in ALGORITHMS:
+            raise FamBenchError(
+                f"task.algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}."
+            )
 
 
 @dataclass
@@ -67,11 +81,14 @@ class Contrastive(TaskFamily):
     Config = ContrastiveConfig
 
     def training_module(self, model, train_set, optim):
-        from experiments.training.contrastive import SimCLRModule
+        from experiments.training.contrastive_algorithms import ALGORITHMS
 
         dim = embed(model, train_set, torch.arange(2)).shape[1]
-        c = self.config
-        return SimCLRModule(model, dim, c.projection_dim, c.temperature, **optim)
+        return ALGORITHMS[self.config.algorithm](model, dim, self.config, optim)
+
+    def protocol(self, eval_cfg):
+        # one leaderboard table per algorithm: the same network trained otherwise
+        return {"algorithm": self.config.algorithm}
 
     def train_loader(self, train_set, trainer, seed):
         from torch.utils.data import DataLoader
@@ -146,7 +163,11 @@ class Retrieval(TaskFamily):
         from experiments.training.retrieval import MetricLearningModule
 
         c = self.config
-        return MetricLearningModule(model, c.loss, c.miner, c.margin, **optim)
+        return MetricLearningModule(model, c.loss, c.miner, c.margin, train_set=train_set, **optim)
+
+    def protocol(self, eval_cfg):
+        # one leaderboard table per loss: the same network trained otherwise
+        return {"loss": self.config.loss}
 
     def train_loader(self, train_set, trainer, seed):
         from pytorch_metric_learning.samplers import MPerClassSampler

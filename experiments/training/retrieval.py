@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from experiments.training.base import TaskModule
@@ -14,12 +15,21 @@ LOSSES: dict[str, tuple[str, str | None, str]] = {
     "multi_similarity": ("MultiSimilarityLoss", None, "multi_similarity"),
     "contrastive": ("ContrastiveLoss", "neg_margin", "none"),
     "triplet": ("TripletMarginLoss", "margin", "triplet"),
+    "proxy_anchor": ("ProxyAnchorLoss", "margin", "none"),
 }
+#: losses with learned class proxies (built with the number of classes and the dimension)
+PROXY_LOSSES = ("proxy_anchor",)
+#: Proxy Anchor (Kim et al., CVPR 2020) trains its proxies 100x faster than the network
+PROXY_LR_SCALE = 100.0
 MINERS = ("multi_similarity", "triplet", "none")
 
 
 def build_loss_and_miner(
-    loss: str = "multi_similarity", miner: str | None = None, margin: float | None = None
+    loss: str = "multi_similarity",
+    miner: str | None = None,
+    margin: float | None = None,
+    num_classes: int | None = None,
+    embedding_dim: int | None = None,
 ) -> tuple[nn.Module, Any]:
     """pml loss and miner by name; ``margin=None`` keeps pml's defaults.
 
@@ -27,7 +37,9 @@ def build_loss_and_miner(
     MultiSimilarityMiner(epsilon=0.1) (Wang et al., CVPR 2019). ``contrastive``:
     ContrastiveLoss(pos_margin=0, neg_margin=margin or 1), no miner. ``triplet``:
     TripletMarginLoss(margin or 0.05) with a semi-hard TripletMarginMiner at the same
-    margin. ``miner="none"`` uses all pairs/triplets of the batch.
+    margin. ``proxy_anchor``: ProxyAnchorLoss(num_classes, embedding_dim, margin or 0.1,
+    alpha=32) with learned class proxies (training-only: retrieval still compares a query
+    with gallery images), no miner. ``miner="none"`` uses all pairs/triplets of the batch.
     """
     from pytorch_metric_learning import losses, miners
 
@@ -35,6 +47,10 @@ def build_loss_and_miner(
         raise FamBenchError(f"Unknown retrieval loss {loss!r}; use one of {sorted(LOSSES)}.")
     cls_name, margin_kw, default_miner = LOSSES[loss]
     kwargs = {margin_kw: margin} if (margin is not None and margin_kw) else {}
+    if loss in PROXY_LOSSES:
+        if num_classes is None or embedding_dim is None:
+            raise FamBenchError(f"Loss {loss!r} needs num_classes and embedding_dim.")
+        kwargs = {"num_classes": num_classes, "embedding_size": embedding_dim, **kwargs}
     criterion = getattr(losses, cls_name)(**kwargs)
     miner = default_miner if miner is None else miner
     if miner not in MINERS:
@@ -62,13 +78,35 @@ class MetricLearningModule(TaskModule):
         loss: str = "multi_similarity",
         miner: str | None = None,
         margin: float | None = None,
+        train_set: Any = None,
         **optim,
     ) -> None:
         super().__init__(model, **optim)
-        self.criterion, self.miner = build_loss_and_miner(loss, miner, margin)
+        sizes = {}
+        if loss in PROXY_LOSSES:
+            from experiments.embedding import embed
+            from experiments.training.batches import labels_of
+
+            if train_set is None:
+                raise FamBenchError(f"Loss {loss!r} needs the training set (its classes).")
+            sizes = {
+                "num_classes": int(labels_of(train_set).max()) + 1,
+                "embedding_dim": int(embed(model, train_set, torch.arange(2)).shape[1]),
+            }
+        self.criterion, self.miner = build_loss_and_miner(loss, miner, margin, **sizes)
 
     def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         images, labels = batch
         emb = self.model(self.images(images)).float()
         pairs = self.miner(emb, labels) if self.miner is not None else None
         return self.criterion(emb, labels, pairs)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        optimizer = super().configure_optimizers()
+        proxies = [p for p in self.criterion.parameters() if p.requires_grad]
+        if proxies:
+            ids = {id(p) for p in proxies}
+            group = optimizer.param_groups[0]
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+            optimizer.add_param_group({"params": proxies, "lr": self.lr * PROXY_LR_SCALE})
+        return optimizer

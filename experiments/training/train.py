@@ -2,6 +2,12 @@
 
 Training dispatches through the task family (:mod:`experiments.tasks`): the family builds
 its LightningModule, its loader and its monitor; this module only runs them.
+
+Learned state outside the embedding network (a relation module, a learned temperature)
+travels in a *sidecar* next to the weights, ``<weights stem>.task.pt`` (a flat
+``name -> tensor`` dict, read with ``weights_only=True``). A family opts in with the
+optional methods ``task_state(module) -> dict[str, Tensor]`` (empty: nothing to keep),
+``load_task_state(state)`` and the flag ``requires_task_state``.
 """
 
 from __future__ import annotations
@@ -63,15 +69,17 @@ def train_or_load(
     family = as_family(task, task_cfg)
     if checkpoint:
         load_weights(model, checkpoint)
+        load_checkpoint_task_state(family, checkpoint)
         return model.eval()
     path = None
     if cache_dir is not None:
         path = cached_checkpoint(cache_dir, family.name, model, key, seed)
-        if path.is_file():
+        # weights without a sidecar the family needs are an incomplete entry: retrain
+        if path.is_file() and (load_task_state(family, path) or not requires_task_state(family)):
             load_weights(model, path)
             return model.eval()
     device = model_device(model)
-    _, trainer = fit(
+    module, trainer = fit(
         model,
         train_set,
         family,
@@ -84,17 +92,97 @@ def train_or_load(
     )
     if device is not None:  # Lightning may leave it elsewhere after teardown
         model.to(device)
+    state = task_state(family, module)
+    if state:
+        family.load_task_state(state)  # the same state a reload would give
     if trainer.is_global_zero and (path is not None or fallback_dir is not None):
-        _keep(model, path, fallback_dir, notes)
+        _keep(model, path, fallback_dir, notes, state)
     return model.eval()
 
 
-def _keep(model: nn.Module, path: Path | None, fallback_dir, notes: list[str] | None) -> None:
-    """Save the trained weights to the cache, or to the run folder when that fails."""
+def task_state_path(weights: str | os.PathLike) -> Path:
+    """The sidecar of a weights file: ``dir/name.pt -> dir/name.task.pt``."""
+    weights = Path(weights)
+    return weights.with_name(f"{weights.stem}.task.pt")
+
+
+def load_checkpoint_task_state(family: TaskFamily, checkpoint: str | os.PathLike) -> None:
+    """Load the sidecar of a given checkpoint; a family that needs one and finds none is
+    a :class:`FamBenchError`."""
+    if not load_task_state(family, checkpoint) and requires_task_state(family):
+        raise FamBenchError(
+            f"model.checkpoint={checkpoint} has no sidecar {task_state_path(checkpoint)}: "
+            f"task {family.name!r} ({_algorithm(family)}) keeps learned state beside the "
+            "embedding network (e.g. a relation module or a learned temperature), saved "
+            "there when the model was trained. Put that file next to the checkpoint, or "
+            "leave model.checkpoint unset to train."
+        )
+
+
+def requires_task_state(family: TaskFamily) -> bool:
+    return bool(getattr(family, "requires_task_state", False))
+
+
+def task_state(family: TaskFamily, module: TaskModule) -> dict[str, torch.Tensor]:
+    """The family's learned state beside the network after training (``{}``: none)."""
+    get = getattr(family, "task_state", None)
+    return {} if get is None else {k: v.detach().cpu() for k, v in get(module).items()}
+
+
+def save_task_state(state: dict[str, torch.Tensor], weights: str | os.PathLike) -> Path:
+    """Write the sidecar of ``weights`` atomically."""
+    from functools import partial
+
+    from experiments.atomic import atomic_write
+
+    path = task_state_path(weights)
+    atomic_write(path, partial(torch.save, dict(state)))
+    return path
+
+
+def load_task_state(family: TaskFamily, weights: str | os.PathLike) -> bool:
+    """Load the sidecar of ``weights`` into the family; ``False`` when there is none."""
+    path = task_state_path(weights)
+    load = getattr(family, "load_task_state", None)
+    if load is None or not path.is_file():
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip errors of many kinds: all mean "not loadable"
+        raise FamBenchError(
+            f"The task-state sidecar {path} could not be read with torch.load("
+            f"weights_only=True): {err}. Delete it (and its weights) to retrain."
+        ) from err
+    try:
+        load(state)
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise FamBenchError(
+            f"The task-state sidecar {path} does not fit task {family.name!r} "
+            f"({_algorithm(family)}): {err}. It was saved by another task configuration."
+        ) from err
+    return True
+
+
+def _algorithm(family: TaskFamily) -> str:
+    config = family.config
+    return f"algorithm {getattr(config, 'algorithm', None) or getattr(config, 'loss', '?')}"
+
+
+def _keep(
+    model: nn.Module,
+    path: Path | None,
+    fallback_dir,
+    notes: list[str] | None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Save the trained weights (and the family's sidecar) to the cache, or to the run
+    folder when that fails."""
     error = None
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if state:  # the sidecar first: weights alone would be an incomplete entry
+                save_task_state(state, path)
             save_weights(model, path)
             return
         except OSError as err:
@@ -105,6 +193,8 @@ def _keep(model: nn.Module, path: Path | None, fallback_dir, notes: list[str] | 
             "cache_dir=<a writable folder>."
         )
     kept = Path(fallback_dir) / "model.pt"
+    if state:
+        save_task_state(state, kept)
     save_weights(model, kept)
     note = (
         f"the model cache {path.parent if path else None} is not writable ({error}); the "
