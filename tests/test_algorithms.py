@@ -354,3 +354,66 @@ def test_an_unknown_algorithm_names_the_choices():
         from experiments.training.retrieval import build_loss_and_miner
 
         build_loss_and_miner("arcface")
+
+
+def test_a_cosine_protonet_keeps_its_learned_temperature_for_the_score(tmp_path, monkeypatch):
+    """The episode softmax the metrics read is softmax(tau * cos) at the learned tau, and
+    tau survives the cache (sidecar), so a reloaded model scores the same."""
+    from experiments import config as config_module
+    from experiments import pipeline
+    from experiments.tasks import family_for
+
+    overrides = [
+        "data.image_size=16",
+        "model.options.hidden=8",
+        "data.options.images_per_class=6",
+        "trainer.max_steps=8",
+        "trainer.lr=0.01",
+        "task.similarity=cosine",
+        "task.train_way=3",
+        "task.train_shot=2",
+        "task.train_query=2",
+        "eval.num_episodes=1",
+        "eval.n_way=3",
+        "eval.n_shot=2",
+        "eval.n_query=2",
+        "methods=[fam]",
+        "metrics=[deletion_auc]",
+        f"cache_dir={tmp_path / 'cache'}",
+        "eval.progress=false",
+        "trainer.accelerator=cpu",
+    ]
+    cfg = config_module.compose_config(overrides)
+    pipeline.run(cfg, tmp_path / "run")
+    sidecars = list((tmp_path / "cache").glob("*.task.pt"))
+    assert len(sidecars) == 1
+    tau = float(torch.load(sidecars[0], weights_only=True)["log_temperature"].exp())
+    assert tau != pytest.approx(10.0)  # learned, not the initial value
+
+    from experiments import builders
+
+    run = config_module.load(cfg)
+    family = family_for(run.task)
+    run.task = config_module.plain(family.config)  # as the pipeline keys the cache
+    monkeypatch.setattr(
+        train_module, "fit", lambda *a, **k: pytest.fail("the cached model should be reused")
+    )
+
+    model = builders.build_model(
+        run, family, *builders.build_datasets(run)[:1], torch.device("cpu"), tmp_path, False, []
+    )
+    assert family.algorithm.temperature == pytest.approx(tau)  # reloaded from the sidecar
+    _, eval_set = builders.build_datasets(run)
+    evaluation = family.evaluation(run, None, eval_set, model, torch.device("cpu"))
+    unit = evaluation.unit(0, model, torch.device("cpu"))
+    index = torch.arange(len(unit.images))
+    with torch.no_grad():
+        emb = model(unit.images)
+        episode = evaluation.sampler.episode(0)
+        support = torch.stack([eval_set[int(i)]["image"] for i in episode.support])
+        prototypes = model(support).view(3, 2, -1).mean(1)
+        cos = torch.nn.functional.cosine_similarity(emb[:, None], prototypes[None], dim=-1)
+        expected = torch.softmax(tau * cos, dim=1)[index, index // 2]
+        got = unit.score_fn(unit.images, index)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(got, torch.softmax(cos, dim=1)[index, index // 2], atol=1e-3)

@@ -181,9 +181,21 @@ class FewShotEvaluation(Evaluation):
     """
 
     def __init__(
-        self, dataset, sampler, n_way, n_shot, n_query, similarity, score, seed, pairs=False
+        self,
+        dataset,
+        sampler,
+        n_way,
+        n_shot,
+        n_query,
+        similarity,
+        score,
+        seed,
+        pairs=False,
+        temperature: float = 1.0,
     ) -> None:
         self.dataset, self.sampler = dataset, sampler
+        # the model's own logit scale (a cosine ProtoNet's learned tau; 1 for euclidean)
+        self.temperature = float(temperature)
         self.n_way, self.n_shot, self.n_query = n_way, n_shot, n_query
         self.similarity, self.score, self.seed, self.pairs = similarity, score, seed, pairs
         self.score_label = (
@@ -241,8 +253,10 @@ class FewShotEvaluation(Evaluation):
         def logits(x: Tensor) -> Tensor:
             return pairwise(similarity, model(x).float(), prototypes)
 
+        tau = self.temperature
+
         def probability(x: Tensor, index: Tensor) -> Tensor:
-            probs = torch.softmax(logits(x), dim=1)
+            probs = torch.softmax(tau * logits(x), dim=1)
             return probs.gather(1, position[index][:, None])[:, 0]
 
         def raw_similarity(x: Tensor, index: Tensor) -> Tensor:

@@ -137,25 +137,57 @@ class ProtoNet(FewShotAlgorithm):
 
     name = "protonet"
 
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        # cosine logits are tau * cos (learned from 10 unless task.temperature fixes it);
+        # the squared distance has no temperature (tau = 1)
+        fixed = config.temperature if config.temperature is not None else 10.0
+        self.log_temperature = torch.tensor(float(fixed) if self.cosine else 1.0).log()
+
+    @property
+    def cosine(self) -> bool:
+        return self.config.similarity == "cosine"
+
     @property
     def similarity_name(self) -> str:  # type: ignore[override]
         return self.config.similarity
+
+    @property
+    def requires_task_state(self) -> bool:
+        return self.cosine and self.config.temperature is None
+
+    @property
+    def temperature(self) -> float:
+        """The model's own logit scale: the softmax over prototypes is of ``tau * s``."""
+        return float(self.log_temperature.detach().exp())
 
     def training_module(self, model, train_set, optim):
         from experiments.training.fewshot import ProtoNetModule
 
         c = self.config
-        return self._episode_module(
+        module = self._episode_module(
             ProtoNetModule, model, similarity=c.similarity, temperature=c.temperature, **optim
         )
+        if self.cosine:
+            self.log_temperature = module.log_temperature  # live, saved in the sidecar
+        return module
+
+    def task_state(self, module):
+        if not self.requires_task_state:  # euclidean, or a fixed temperature: nothing learned
+            return {}
+        return {"log_temperature": module.log_temperature.detach().cpu().clone()}
+
+    def load_task_state(self, state):
+        if self.requires_task_state:
+            self.log_temperature = state["log_temperature"].detach().clone()
 
     def classifier(self, support, n_way, n_shot):
         prototypes = support.view(n_way, n_shot, -1).mean(1)
-        similarity = self.config.similarity
+        similarity, tau = self.config.similarity, self.temperature
         return EpisodeClassifier(
             prototypes,
             similarity,
-            lambda emb: torch.softmax(pairwise(similarity, emb, prototypes), dim=1),
+            lambda emb: torch.softmax(tau * pairwise(similarity, emb, prototypes), dim=1),
         )
 
     def accuracy(self, model, dataset, sampler, train_set=None):
@@ -175,6 +207,7 @@ class ProtoNet(FewShotAlgorithm):
             score,
             seed,
             pairs,
+            temperature=self.temperature,
         )
 
 
