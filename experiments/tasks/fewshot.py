@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from experiments.data.seeding import derive_seed
-from experiments.tasks.base import Evaluation, TaskFamily, Unit, embed, stack_items
+from experiments.embedding import embed
+from experiments.tasks.base import Evaluation, TaskFamily, Unit, stack_items
 from fam.errors import FamBenchError
 from fam.layers import eval_mode
 from fam.similarity import pairwise

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from experiments.tasks.base import Evaluation, TaskFamily, Unit, embed, query_order, stack_items
+from experiments.embedding import embed
+from experiments.tasks.base import Evaluation, TaskFamily, Unit, query_order, stack_items
 from fam.errors import FamBenchError
 from fam.similarity import resolve_similarity
 
