@@ -31,8 +31,11 @@ inflate less than wall time; on CUDA wall time between device syncs.
 
 from __future__ import annotations
 
+import json
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -46,12 +49,12 @@ from benchmarks import sync
 
 #: (episodes, queries per class) of (b) when the flags are not given
 DEFAULTS = {
-    ("cpu", False): (2, 2),
+    ("cpu", False): (2, 1),
     ("cpu", True): (2, 1),
     ("cuda", False): (20, 15),
     ("cuda", True): (2, 2),
 }
-REPEATS = 3  # timed replays per distinct batch size (median)
+REPEATS = 10  # timed replays per distinct batch size, at most (median)
 
 
 class _Recorder:
@@ -139,6 +142,7 @@ def _bare_seconds(recorder: _Recorder, image_size: int, amp: bool) -> float:
 
 
 def _run(name: str, overrides: list[str], device: torch.device, out: Path) -> dict:
+    """One run through the pipeline, instrumented; its row of the table."""
     from experiments import pipeline
     from experiments.builders import device_for, resolve_amp
     from experiments.config import compose_config, load
@@ -175,19 +179,26 @@ def _random_checkpoint(path: Path) -> Path:
     return path
 
 
+def _child(name: str, overrides: list[str], device: str) -> dict:
+    """Run one configuration in a fresh process, so that its peak RSS is its own."""
+    command = [sys.executable, "-m", "benchmarks.bench_e2e", name, device, json.dumps(overrides)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench_e2e {name} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(args) -> str:
-    """Run (a) and (b) and return the Markdown table (module docstring)."""
+    """Run (a) and (b), each in its own process, and return the Markdown table."""
     device = torch.device(args.device)
     episodes, queries = DEFAULTS[(device.type, bool(args.quick))]
     episodes = getattr(args, "e2e_episodes", None) or episodes
     queries = getattr(args, "e2e_queries", None) or queries
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     common = ["eval.progress=false", f"trainer.accelerator={accelerator}"]
+    default = [*common, *(["eval.num_episodes=2"] if args.quick else [])]
     with tempfile.TemporaryDirectory(prefix="bench_e2e-") as tmp:
-        out = Path(tmp)
-        default = [*common]
-        if args.quick:
-            default += ["eval.num_episodes=2"]
+        checkpoint = _random_checkpoint(Path(tmp) / "conv4_84.pt")
         protocol = [
             *common,
             "name=miniimagenet_protocol_synthetic",
@@ -195,7 +206,7 @@ def main(args) -> str:
             "data.image_size=84",
             "data.options.images_per_class=600",
             "model=conv4",
-            f"model.checkpoint={_random_checkpoint(out / 'conv4_84.pt')}",
+            f"model.checkpoint={checkpoint}",
             "task=fewshot",
             "eval.n_way=5",
             "eval.n_shot=5",
@@ -203,8 +214,8 @@ def main(args) -> str:
             f"eval.num_episodes={episodes}",
         ]
         rows = [
-            _run("(a) default", default, device, out),
-            _run("(b) miniImageNet", protocol, device, out),
+            _child("(a) default", default, args.device),
+            _child("(b) miniImageNet", protocol, args.device),
         ]
     return _table(rows, device, queries)
 
@@ -235,3 +246,9 @@ def _table(rows: list[dict], device: torch.device, queries: int) -> str:
         "passes the protocol needs.",
     ]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # one child run: NAME DEVICE OVERRIDES_JSON -> a JSON row
+    name, device, overrides = sys.argv[1], torch.device(sys.argv[2]), json.loads(sys.argv[3])
+    with tempfile.TemporaryDirectory(prefix="bench_e2e-run-") as tmp:
+        print(json.dumps(_run(name, overrides, device, Path(tmp))))
