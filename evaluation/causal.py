@@ -2,8 +2,17 @@
 
 The protocol is RISE's ``CausalMetric`` (``evaluation.py``) exactly:
 
-- pixels are ordered by map value, descending, with a stable sort over ``H*W`` (ties keep
-  row-major order); all channels of a pixel move together;
+- pixels are ordered by map value, descending; all channels of a pixel move together.
+  Ties (``ties=``): ``"random"`` (default) orders tied pixels by a seeded random
+  permutation, drawn per image on the device, so a constant or partly flat map scores as
+  an uninformative order does in expectation (a constant map's AUC is a random map's);
+  ``"stable"`` keeps row-major order among ties (a stable sort, as this suite did before;
+  RISE flips an ascending ``np.argsort``, which puts tied pixels in reverse order). A raster
+  order is not neutral: it deletes the top rows first, which for a constant map gave
+  deletion AUC 0.469 where a random order gives 0.212;
+- samples whose map has a nan or inf (explainers return such maps as all-nan) get nan
+  curves and AUCs, so the caller excludes and counts them; the other samples are
+  unaffected;
 - ``n_steps = ceil(H*W / step)`` and each curve has ``n_steps + 1`` scores: score ``k`` is
   taken after the first ``min(k*step, H*W)`` pixels of the order were changed;
 - deletion starts from the image and replaces pixels with the deletion substrate
@@ -148,10 +157,37 @@ def make_substrate(
     )
 
 
-def pixel_ranks(maps: Tensor) -> Tensor:
-    """Rank of each pixel in the stable descending order of its map: ``(N, H*W)`` int32."""
+TIES = ("random", "stable")
+
+
+def pixel_ranks(
+    maps: Tensor, ties: str = "stable", seed: int | torch.Generator | Tensor | None = None
+) -> Tensor:
+    """Rank of each pixel in the descending order of its map: ``(N, H*W)`` int32.
+
+    ``ties="stable"``: tied pixels in row-major order. ``"random"``: tied pixels in a
+    random order: the pixels are shuffled by a random permutation, stably sorted, and the
+    order mapped back. ``seed`` (see :func:`deletion_insertion`): a generator or an int
+    draws the permutations from a stream; a ``(N,)`` integer tensor gives each sample its
+    own seed and a permutation that depends on that seed alone (a counter-based hash of
+    ``(seed, pixel)``, on the device), so a sample's order does not depend on which
+    samples share its call (shards, resumed runs, chunk sizes).
+    """
     flat = maps.flatten(1)
-    order = torch.argsort(flat, dim=1, descending=True, stable=True)
+    if ties == "random":
+        if isinstance(seed, Tensor):
+            noise = _hash_keys(seed.to(flat.device), flat.shape[1])
+        else:
+            generator = _generator(0 if seed is None else seed, flat.device)
+            noise = torch.rand(flat.shape, device=flat.device, generator=generator)
+        shuffle = noise.argsort(dim=1)
+        order = shuffle.gather(
+            1, torch.argsort(flat.gather(1, shuffle), dim=1, descending=True, stable=True)
+        )
+    elif ties == "stable":
+        order = torch.argsort(flat, dim=1, descending=True, stable=True)
+    else:
+        raise FamBenchError(f"ties must be one of {list(TIES)}, got {ties!r}.")
     ranks = torch.empty_like(order, dtype=torch.int32)
     positions = torch.arange(flat.shape[1], device=flat.device, dtype=torch.int32)
     return ranks.scatter_(1, order, positions.expand_as(order).contiguous())
@@ -170,6 +206,8 @@ def deletion_insertion(
     blur_sigma: float = 5.0,
     model: nn.Module | None = None,
     amp: bool = False,
+    ties: str = "random",
+    seed: int | torch.Generator | Tensor = 0,
 ) -> DeletionInsertionResult:
     """Deletion and insertion curves and AUCs for each image (module docstring).
 
@@ -188,17 +226,35 @@ def deletion_insertion(
         model: if given, put in eval mode for the run and every module's mode restored.
         amp: call ``score_fn`` under bf16 autocast (channels_last inputs on CUDA; convert
             the model with ``model.to(memory_format=torch.channels_last)`` for full speed).
+        ties: ``"random"`` (default) or ``"stable"`` order of tied pixels (module docstring).
+        seed: for ``ties="random"``: an int seeding a fresh generator on the images'
+            device (the same call gives the same curves), a ``torch.Generator`` on that
+            device whose stream the call continues, or a ``(N,)`` integer tensor of
+            per-sample seeds (e.g. dataset indices): each sample's tie order then depends
+            only on its own seed, whatever else is in the call.
+
+    Samples whose map is not finite everywhere get nan AUCs and curves (the others are
+    unaffected).
 
     Memory: besides one batch of perturbed images, the call holds the images, both
     substrates and the pixel ranks (about three copies of ``images``); pass the images
     in chunks (e.g. a data-loader batch) to bound it.
     """
     maps = check_images_maps(images, maps)
-    if not bool(torch.isfinite(maps).all()):
-        raise FamBenchError(
-            "maps contain nan or inf, so their pixel order is undefined; fix the explainer "
-            "or drop those samples before deletion/insertion."
-        )
+    if ties not in TIES:
+        raise FamBenchError(f"ties must be one of {list(TIES)}, got {ties!r}.")
+    if ties == "random" and isinstance(seed, Tensor):
+        if seed.shape != (images.shape[0],) or seed.is_floating_point():
+            raise FamBenchError(
+                f"A seed tensor needs one integer per sample ({images.shape[0]},), got "
+                f"{tuple(seed.shape)} {seed.dtype}."
+            )
+    elif ties == "random":
+        seed = _generator(seed, images.device)
+    # A map with nan or inf has no pixel order: its sample is scored on a zero map (any
+    # order would do) and its results are set to nan below, without a host sync.
+    finite = torch.isfinite(maps).flatten(1).all(dim=1)
+    maps = torch.where(finite[:, None, None], maps, 0.0)
     check_positive_int("step", step)
     check_positive_int("batch_size", batch_size)
     n, _, h, w = images.shape
@@ -216,7 +272,7 @@ def deletion_insertion(
         # Pool of whole images a job picks its start and source from: [image | deletion
         # substrate | insertion substrate], indexed kind * N + sample.
         pool = torch.cat([images, deleted, inserted]).flatten(2)
-        ranks = pixel_ranks(maps)
+        ranks = pixel_ranks(maps, ties, seed)
 
     shared_substrate = (
         isinstance(deletion_substrate, str) and deletion_substrate == insertion_substrate
@@ -236,6 +292,7 @@ def deletion_insertion(
     scores = stream_scores(
         score_fn, jobs.total, build, batch_size=batch_size, device=device, model=model, amp=amp
     ).view(n, jobs.per_sample)
+    scores = torch.where(finite[:, None], scores, torch.nan)
     deletion_curve = scores[:, jobs.deletion_columns]
     insertion_curve = scores[:, jobs.insertion_columns]
     fractions = (
@@ -253,6 +310,38 @@ def deletion_insertion(
         step=step,
         n_steps=n_steps,
     )
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _hash_keys(seeds: Tensor, n_pixels: int) -> Tensor:
+    """``(N, n_pixels)`` pseudo-random sort keys, a function of ``(seed_i, pixel)`` only."""
+    seeds = _mix32(seeds.long()[:, None] & _MASK32)
+    pixels = torch.arange(n_pixels, device=seeds.device, dtype=torch.long)[None]
+    return _mix32(_mix32((seeds + pixels * 0x9E3779B9) & _MASK32) ^ seeds)
+
+
+def _generator(seed: int | torch.Generator, device: torch.device) -> torch.Generator:
+    if isinstance(seed, torch.Generator):
+        if seed.device != device:
+            raise FamBenchError(
+                f"The tie-breaking generator is on {seed.device} but the images are on "
+                f"{device}; create it with torch.Generator(device={str(device)!r})."
+            )
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise FamBenchError(f"seed must be an int or a torch.Generator, got {seed!r}.")
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 class _Jobs:

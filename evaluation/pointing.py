@@ -3,8 +3,11 @@
 Pointing follows TorchRay's ``benchmark/pointing_game.py``: the point is the map's
 maximum at image resolution (first index in row-major order on ties, ``torch.argmax``);
 it is a hit when some ground-truth pixel lies at Euclidean distance strictly below
-``tolerance`` pixels (``dy^2 + dx^2 < tolerance^2``). Samples whose mask is empty are not
-scored: their value is ``nan`` and :func:`pointing_accuracy` excludes and counts them.
+``tolerance`` pixels (``dy^2 + dx^2 < tolerance^2``). TorchRay's 15 px hold at the
+annotation's resolution (the original image); :func:`annotation_tolerance` converts them
+per image to the input's pixels, and ``tolerance`` accepts one value per sample. Samples
+whose mask is empty, or whose map has a nan or inf, are not scored: their value is
+``nan``; the caller (``evaluation.summary``) excludes and counts them.
 
 Ground truth is either masks ``(N, H, W)`` (bool or 0/1) or boxes ``(N, 4)`` as
 ``x0, y0, x1, y1`` in pixel coordinates with the half-open convention of slicing: box
@@ -16,7 +19,6 @@ is indexed ``[y, x]``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -61,37 +63,131 @@ def _ground_truth(maps: Tensor, truth: Tensor) -> Tensor:
     return truth.bool()
 
 
-def pointing_game(maps: Tensor, masks: Tensor, tolerance: float = 15.0) -> Tensor:
-    """Hit (1.0), miss (0.0) or not scored (``nan``, empty mask) per sample: ``(N,)``.
+def _finite(maps: Tensor) -> Tensor:
+    return torch.isfinite(maps).flatten(1).all(dim=1)
+
+
+def pointing_game(maps: Tensor, masks: Tensor, tolerance: float | Tensor = 15.0) -> Tensor:
+    """Hit (1.0), miss (0.0) or not scored (``nan``) per sample: ``(N,)``.
 
     Args:
         maps: ``(N, H, W)`` maps at image resolution.
         masks: ``(N, H, W)`` ground-truth masks or ``(N, 4)`` boxes (module docstring).
-        tolerance: pixels; a ground-truth pixel at distance ``< tolerance`` makes a hit.
-            ``0`` never hits; use a value in ``(0, 1]`` to require the point itself to
-            lie in the mask.
+        tolerance: pixels at the maps' resolution, one number or one per sample
+            ``(N,)`` (e.g. :func:`annotation_tolerance`); a ground-truth pixel at distance
+            ``< tolerance`` makes a hit. ``0`` never hits; use a value in ``(0, 1]`` to
+            require the point itself to lie in the mask.
+
+    Not scored: an empty mask, or a map with a nan or inf (its maximum is undefined).
     """
     truth = _ground_truth(maps, masks)
-    if tolerance < 0:
-        raise FamBenchError(f"tolerance must be >= 0 pixels, got {tolerance}.")
     n, h, w = maps.shape
+    tol = _tolerance(tolerance, n, maps.device)
     flat_max = maps.flatten(1).argmax(dim=1)
     py, px = flat_max // w, flat_max % w
     dy2 = (torch.arange(h, device=maps.device)[None] - py[:, None]).pow(2)
     dx2 = (torch.arange(w, device=maps.device)[None] - px[:, None]).pow(2)
-    near = (dy2[:, :, None] + dx2[:, None, :]) < tolerance**2
+    near = (dy2[:, :, None] + dx2[:, None, :]).double() < tol.pow(2)[:, None, None]
     hit = (truth & near).flatten(1).any(dim=1).float()
-    return torch.where(truth.flatten(1).any(dim=1), hit, math.nan)
+    scored = truth.flatten(1).any(dim=1) & _finite(maps)
+    return torch.where(scored, hit, math.nan)
 
 
-def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
-    """Share of the map's mass inside the ground truth per sample: ``(N,)`` in ``[0, 1]``.
+def _tolerance(tolerance: float | Tensor, n: int, device: torch.device) -> Tensor:
+    """``(N,)`` float64 tolerances on ``device`` from a number or a per-sample tensor."""
+    if isinstance(tolerance, Tensor):
+        if tolerance.dim() == 0:
+            tolerance = tolerance.expand(n)
+        if tuple(tolerance.shape) != (n,):
+            raise FamBenchError(
+                f"tolerance must be a number or one value per sample ({n},), got shape "
+                f"{tuple(tolerance.shape)}."
+            )
+        tol = tolerance.to(device=device, dtype=torch.float64)
+        # One check on a small (N,) tensor; a negative tolerance is a caller's bug.
+        if bool((tol < 0).any()) or not bool(torch.isfinite(tol).all()):
+            raise FamBenchError("tolerance must be finite and >= 0 pixels for every sample.")
+        return tol
+    if not tolerance >= 0:
+        raise FamBenchError(f"tolerance must be >= 0 pixels, got {tolerance}.")
+    return torch.full((n,), float(tolerance), device=device, dtype=torch.float64)
 
-    ``nan`` where the map is zero everywhere (no mass to share) or the mask is empty; both
-    are excluded by the caller and counted. Maps must be non-negative.
+
+def annotation_tolerance(
+    tolerance: float, annotation_sizes: Tensor, input_size: tuple[int, int]
+) -> Tensor:
+    """A tolerance given at each image's annotation resolution, in input pixels: ``(N,)``.
+
+    ``annotation_sizes`` ``(N, 2)`` holds each original image's ``(height, width)``, the
+    resolution its masks or boxes were drawn at (TorchRay's 15 px apply there);
+    ``input_size`` the ``(H, W)`` the image was resized to. The distance scales by
+    ``sqrt(H W / (h w))``, the geometric mean of the two axes' factors (exact when the
+    resize keeps the aspect ratio; an anisotropic resize turns the disc into an ellipse,
+    approximated by the disc of the same area).
     """
-    truth = _ground_truth(maps, masks)
-    maps = maps.float()
+    sizes = torch.as_tensor(annotation_sizes, dtype=torch.float64)
+    if sizes.dim() != 2 or sizes.shape[1] != 2 or not bool((sizes > 0).all()):
+        raise FamBenchError(
+            f"annotation_sizes must be (N, 2) positive (height, width), got {tuple(sizes.shape)}."
+        )
+    height, width = input_size
+    return float(tolerance) * torch.sqrt(height * width / (sizes[:, 0] * sizes[:, 1]))
+
+
+def tight_boxes(masks: Tensor) -> Tensor:
+    """Each mask's tight bounding box ``(N, 4)`` ``x0, y0, x1, y1`` (half-open), float64.
+
+    An empty mask gives the empty box ``(0, 0, 0, 0)``.
+    """
+    masks = masks.bool()
+    n, h, w = masks.shape
+    rows, cols = masks.any(dim=2), masks.any(dim=1)  # (N, H), (N, W)
+
+    def span(occupied: Tensor, size: int) -> tuple[Tensor, Tensor]:
+        first = occupied.float().argmax(dim=1)
+        last = size - occupied.flip(1).float().argmax(dim=1)
+        empty = ~occupied.any(dim=1)
+        return torch.where(empty, 0, first), torch.where(empty, 0, last)
+
+    y0, y1 = span(rows, h)
+    x0, x1 = span(cols, w)
+    return torch.stack([x0, y0, x1, y1], dim=1).double()
+
+
+def energy_pointing_game(
+    maps: Tensor, masks: Tensor, region: str = "box", boxes: Tensor | None = None
+) -> Tensor:
+    """Share of the map's mass inside the object per sample: ``(N,)`` in ``[0, 1]``.
+
+    Args:
+        maps: ``(N, H, W)`` non-negative maps at image resolution.
+        masks: ``(N, H, W)`` masks or ``(N, 4)`` boxes (module docstring).
+        region: ``"box"`` (default; the Score-CAM paper's definition, Wang et al. 2020:
+            energy inside the object's bounding box) or ``"mask"`` (inside the mask
+            itself, this suite's earlier definition). With ``"box"`` the box is
+            ``boxes`` when given, else ``masks`` when they are boxes, else each mask's
+            tight bounding box (:func:`tight_boxes`), so for a non-rectangular object
+            the box also counts the background pixels around it.
+        boxes: ``(N, 4)`` ``x0, y0, x1, y1`` boxes for ``region="box"`` (e.g. a dataset's
+            annotated boxes, which need not be the masks' tight boxes).
+
+    ``nan`` where the map is zero everywhere (no mass to share), has a nan or inf, or
+    the object is empty; all are excluded by the caller and counted.
+    """
+    if region not in ("box", "mask"):
+        raise FamBenchError(f"region must be 'box' or 'mask', got {region!r}.")
+    if region == "box":
+        if boxes is None:
+            given = _ground_truth(maps, masks)
+            is_box = isinstance(masks, Tensor) and masks.dim() == 2
+            boxes = masks if is_box else tight_boxes(given)
+        truth = _ground_truth(maps, boxes)
+    else:
+        if boxes is not None:
+            raise FamBenchError("boxes are only used with region='box'.")
+        truth = _ground_truth(maps, masks)
+    finite = _finite(maps)
+    maps = torch.where(finite[:, None, None], maps.float(), 0.0)
     if bool((maps < 0).any()):
         raise FamBenchError(
             "The energy pointing game needs non-negative maps (a share of mass); apply ReLU "
@@ -99,39 +195,5 @@ def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
         )
     total = maps.flatten(1).sum(dim=1)
     inside = (maps * truth).flatten(1).sum(dim=1)
-    defined = (total > 0) & truth.flatten(1).any(dim=1)
+    defined = (total > 0) & truth.flatten(1).any(dim=1) & finite
     return torch.where(defined, inside / total.clamp_min(torch.finfo(maps.dtype).tiny), math.nan)
-
-
-def pointing_accuracy(
-    hits: Tensor, labels: Tensor | Sequence[int] | None = None
-) -> tuple[float, float, int]:
-    """Aggregate per-sample values (hits, or energies): ``(overall, per_class_mean, n_excluded)``.
-
-    ``overall`` is the mean over samples that were scored (not ``nan``);
-    ``per_class_mean`` the mean over classes of each class's mean (TorchRay reports this),
-    classes with no scored sample left out; ``n_excluded`` counts the ``nan`` samples.
-    Without labels every sample is one class and ``per_class_mean == overall``.
-    """
-    hits = torch.as_tensor(hits).double().flatten().cpu()
-    valid = ~torch.isnan(hits)
-    n_excluded = int((~valid).sum())
-    if not bool(valid.any()):
-        return math.nan, math.nan, n_excluded
-    overall = float(hits[valid].mean())
-    if labels is None:
-        return overall, overall, n_excluded
-    labels = torch.as_tensor(labels).flatten().cpu().long()
-    if labels.shape != hits.shape:
-        raise FamBenchError(
-            f"labels must have one entry per sample ({hits.numel()}), got {labels.numel()}."
-        )
-    classes, inverse = torch.unique(labels[valid], return_inverse=True)
-    sums = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, inverse, hits[valid])
-    counts = torch.bincount(inverse, minlength=len(classes)).double()
-    return overall, float((sums / counts).mean()), n_excluded
-
-
-def scaled_tolerance(height: int, width: int, tolerance_at_224: float = 15.0) -> float:
-    """The pointing tolerance scaled with image size: ``15 px`` at 224x224 (TorchRay)."""
-    return tolerance_at_224 * math.sqrt(height * width) / 224.0

@@ -36,8 +36,11 @@ class MetricInputs:
     ``images (N, 3, H, W)`` (the unit's images, not repeated per method); ``maps
     (M*N, H, W)``; ``score_fn(x (B,3,H,W), index (B,) into N) -> (B,)``; ``confidence_fn``
     the non-negative score (``None``: not available); ``masks``/``other_masks`` ``(N, H, W)``
-    bool or ``None``; ``boxes (N, 4)`` or ``None``; ``settings`` the run's resolved metric
-    settings; ``model`` whose mode the metric restores.
+    bool or ``None``; ``boxes (N, 4)`` or ``None``; ``annotation_sizes (N, 2)`` the
+    resolution each mask was drawn at; ``sample_seeds (N,)`` int64, one per sample (the
+    random tie order of deletion/insertion depends on a sample's seed alone, so shards and
+    resumed runs agree); ``mean``/``std`` the data's normalisation; ``settings`` the run's
+    resolved metric settings; ``model`` whose mode the metric restores.
     """
 
     images: Tensor
@@ -50,7 +53,8 @@ class MetricInputs:
     model: nn.Module | None
     batch_size: int
     boxes: Tensor | None = None
-    other_boxes: Tensor | None = None
+    annotation_sizes: Tensor | None = None
+    sample_seeds: Tensor | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     _cache: dict[str, Any] = field(default_factory=dict)
@@ -175,6 +179,8 @@ def _causal(inputs: MetricInputs) -> Any:
             blur_sigma=s["blur_sigma"],
             model=inputs.model,
             amp=s["amp"],
+            ties=s["ties"],
+            seed=inputs.repeated(inputs.sample_seeds) if inputs.sample_seeds is not None else 0,
         )
 
     return inputs.cached("causal", run)
@@ -191,25 +197,49 @@ def _insertion(inputs: MetricInputs) -> dict[str, Tensor]:
 
 
 def _ground_truth(
-    inputs: MetricInputs, name: str, fn: Callable[[Tensor, Tensor], Tensor]
+    inputs: MetricInputs, name: str, fn: Callable[[Tensor, Tensor, Tensor | None], Tensor]
 ) -> dict[str, Tensor]:
-    out = {name: fn(inputs.maps, inputs.repeated(inputs.masks))}
+    """``fn(maps, masks, boxes)`` against the object, and the other object in pairs."""
+    out = {name: fn(inputs.maps, inputs.repeated(inputs.masks), inputs.repeated(inputs.boxes))}
     if inputs.other_masks is not None:
-        out[f"{name}{OTHER_SUFFIX}"] = fn(inputs.maps, inputs.repeated(inputs.other_masks))
+        out[f"{name}{OTHER_SUFFIX}"] = fn(inputs.maps, inputs.repeated(inputs.other_masks), None)
     return out
+
+
+def tolerance_of(inputs: MetricInputs) -> float | Tensor:
+    """The pointing tolerance in input pixels: per sample at each annotation's resolution
+    (``tolerance_at=annotation``, TorchRay) or scaled from ``tolerance_image_size``."""
+    from evaluation.pointing import annotation_tolerance
+
+    s = inputs.settings
+    if s["tolerance_at"] == "input":
+        return s["tolerance_px"]
+    if inputs.annotation_sizes is None:
+        raise FamBenchError(
+            "metric.tolerance_at=annotation needs the resolution each mask was drawn at, "
+            "which this dataset does not give; use metric.tolerance_at=input (the tolerance "
+            "is then metric.tolerance at metric.tolerance_image_size, scaled to the input)."
+        )
+    tol = annotation_tolerance(s["tolerance"], inputs.annotation_sizes, inputs.images.shape[-2:])
+    return inputs.repeated(tol.float().to(inputs.images.device))
 
 
 def _pointing(inputs: MetricInputs) -> dict[str, Tensor]:
     from evaluation.pointing import pointing_game
 
-    tol = inputs.settings["tolerance_px"]
-    return _ground_truth(inputs, "pointing_game", lambda m, t: pointing_game(m, t, tol))
+    tol = tolerance_of(inputs)
+    return _ground_truth(inputs, "pointing_game", lambda m, t, b: pointing_game(m, t, tol))
 
 
 def _energy(inputs: MetricInputs) -> dict[str, Tensor]:
     from evaluation.pointing import energy_pointing_game
 
-    return _ground_truth(inputs, "energy_pointing_game", energy_pointing_game)
+    region = inputs.settings["energy_region"]
+    return _ground_truth(
+        inputs,
+        "energy_pointing_game",
+        lambda m, t, b: energy_pointing_game(m, t, region=region, boxes=b),
+    )
 
 
 def _confidence(inputs: MetricInputs) -> Any:
@@ -225,6 +255,9 @@ def _confidence(inputs: MetricInputs) -> Any:
             batch_size=inputs.batch_size,
             model=inputs.model,
             amp=inputs.settings["amp"],
+            space=inputs.settings["confidence_space"],
+            mean=inputs.mean,
+            std=inputs.std,
         )
 
     return inputs.cached("confidence", run)

@@ -91,12 +91,15 @@ def average_ranks(values: Tensor) -> Tensor:
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Per-row Spearman correlation of ``(N, ...)`` tensors: ``(N,)`` (``nan`` if constant)."""
-    ra, rb = average_ranks(a.flatten(1)), average_ranks(b.flatten(1))
+    """Per-row Spearman correlation of ``(N, ...)`` tensors: ``(N,)`` (``nan`` if constant,
+    or if either row has a nan or inf: a sort would otherwise rank nan as a value)."""
+    a, b = a.flatten(1), b.flatten(1)
+    finite = torch.isfinite(a).all(dim=1) & torch.isfinite(b).all(dim=1)
+    ra, rb = average_ranks(a), average_ranks(b)
     ra = ra - ra.mean(dim=1, keepdim=True)
     rb = rb - rb.mean(dim=1, keepdim=True)
     denom = (ra.pow(2).sum(1) * rb.pow(2).sum(1)).sqrt()
-    return ((ra * rb).sum(1) / denom).float()
+    return torch.where(finite, (ra * rb).sum(1) / denom, torch.nan).float()
 
 
 def default_cascade(model: nn.Module) -> list[str]:

@@ -83,27 +83,53 @@ def model_label(run: RunConfig) -> str:
     return m.target or m.label or m.name
 
 
+#: the keys of a model config that reach the model builder, per kind
+_BUILTIN_KEYS = (
+    "name",
+    "checkpoint",
+    "checkpoint_key",
+    "checkpoint_prefix",
+    "target_layer",
+    "options",
+    "input_size",
+)
+_CUSTOM_KEYS = (
+    "name",
+    "checkpoint",
+    "checkpoint_key",
+    "checkpoint_prefix",
+    "target_layer",
+    "target",
+    "kwargs",
+    "strip_head",
+    "input_size",
+)
+
+
 def build_network(run: RunConfig) -> nn.Module:
-    """The untrained embedding network ``run.model`` describes."""
-    from experiments import models
+    """The untrained embedding network ``run.model`` describes: a built-in model, or with
+    ``model=custom`` exactly ``model.target`` (never another model)."""
+    from experiments.models import build_model_from_config
 
-    builder = getattr(models, "build_model_from_config", None)
-    if builder is not None:
-        network, _ = builder(plain(run.model))
-        return network
-    return models.build_model(run.model.name, **run.model.options)
+    model = plain(run.model)
+    keys = _CUSTOM_KEYS if model.get("target") else _BUILTIN_KEYS
+    network, _ = build_model_from_config({k: model[k] for k in keys if k in model})
+    return network
 
 
-def probe(model: nn.Module, run: RunConfig, device: torch.device) -> int:
-    """Check that the model maps a batch of data-size images to ``(N, D)``; returns D."""
+def probe(model: nn.Module, run: RunConfig, device: torch.device) -> tuple[int, int] | None:
+    """Check that the model maps a batch of data-size images to ``(N, D)``; returns the
+    target layer's spatial shape ``(h, w)`` (``None`` if it is not a 4-D map)."""
+    from fam.layers import eval_mode, resolve_target_layer
+
     size = run.data.image_size
     x = torch.zeros(2, 3, size, size, device=device)
+    layer = resolve_target_layer(model, run.model.target_layer)
+    seen: list[tuple[int, ...]] = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
     try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
+        with torch.no_grad(), eval_mode(model):
             out = model(x)
-            model.train(was)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise FamBenchError(
@@ -111,6 +137,8 @@ def probe(model: nn.Module, run: RunConfig, device: torch.device) -> int:
             "is too small for the model's pooling: raise data.image_size, or pool less (e.g. "
             "model.options.pools=[true,true,false,false] for Conv-4)."
         ) from None
+    finally:
+        handle.remove()
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise FamBenchError(
@@ -119,7 +147,12 @@ def probe(model: nn.Module, run: RunConfig, device: torch.device) -> int:
             "flatten (or model.strip_head=true for a classifier), or wrap it so that forward "
             "returns the embedding."
         )
-    return int(out.shape[1])
+    if not bool(torch.isfinite(out).all()):
+        raise FamBenchError(
+            f"Model {model_label(run)!r} returns non-finite embeddings (nan or inf) for a "
+            "blank batch; check its weights (model.checkpoint) and its forward pass."
+        )
+    return tuple(seen[0][-2:]) if seen and len(seen[0]) == 4 else None
 
 
 def training_key(run: RunConfig) -> dict[str, Any]:
@@ -162,23 +195,27 @@ def build_model(
     from experiments.training import train_or_load
 
     network = build_network(run).to(device)
-    probe(network, run, device)
-    checkpoint = run.model.checkpoint
-    if checkpoint is not None:
-        checkpoint = to_absolute_path(checkpoint)
-        if not Path(checkpoint).is_file():
-            raise FamBenchError(
-                f"model.checkpoint={checkpoint} does not exist; pass the path to a saved "
-                "state_dict or Lightning checkpoint, or leave it null to train (or reuse "
-                "the cached model)."
-            )
+    network.target_shape = probe(network, run, device)
+    if run.model.checkpoint is not None:
+        # a given checkpoint is loaded, never trained on (any layout: see load_weights)
+        from experiments.training import load_weights
+
+        report = load_weights(
+            network,
+            to_absolute_path(run.model.checkpoint),
+            key=run.model.checkpoint_key,
+            prefix=run.model.checkpoint_prefix,
+        )
+        notes.extend(f"checkpoint: {line}" for line in report.notes)
+        network.load_report = report.summary()
+        return network.to(device).eval()
     model = train_or_load(
         network,
         train_set,
         family,
         None,
         run.trainer,
-        checkpoint,
+        None,
         to_absolute_path(run.cache_dir),
         training_key(run),
         run.seed,
@@ -278,7 +315,12 @@ def metric_settings(run: RunConfig, family: Any, evaluation: Any) -> dict[str, A
         "insertion_substrate": m.insertion_substrate,
         "blur_kernel": m.blur_kernel,
         "blur_sigma": float(m.blur_sigma),
+        "ties": m.ties,
+        "tolerance": float(m.tolerance),
+        "tolerance_at": m.tolerance_at,
         "tolerance_px": round(tolerance, 4),
+        "energy_region": m.energy_region,
+        "confidence_space": m.confidence_space,
         "score": getattr(evaluation, "score", "similarity"),
         "similarity": evaluation.similarity,
         "amp": resolve_amp(m.amp, device_for(run.trainer.accelerator)),
@@ -289,6 +331,8 @@ def metric_settings(run: RunConfig, family: Any, evaluation: Any) -> dict[str, A
         "protocol": {
             "target_layer": run.model.target_layer,
             "model_options": dict(run.model.options),
+            "model_target": run.model.target,
+            "model_kwargs": dict(run.model.kwargs),
             **family.protocol(run.eval),
         },
     }

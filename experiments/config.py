@@ -20,7 +20,6 @@ import difflib
 import hashlib
 import inspect
 import json
-import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,19 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fam.errors import FamBenchError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+def _conf_dir() -> Path:
+    """``conf/`` of the checkout, or the ``fam_bench_conf`` data package of an install."""
+    checkout = Path(__file__).resolve().parents[1] / "conf"
+    if (checkout / "config.yaml").is_file():
+        return checkout
+    from importlib.util import find_spec
+
+    spec = find_spec("fam_bench_conf")  # a namespace package: its one search location
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
+
+
+CONF_DIR = _conf_dir()
 SUBSTRATES = ("zeros", "blur", "mean")
 AMP_CHOICES = ("auto", "true", "false")
 
@@ -81,6 +92,7 @@ class ModelConfig:
     strip_head: bool = True
     checkpoint_key: str | None = None
     checkpoint_prefix: str | None = None
+    input_size: int | None = None
 
 
 @dataclass
@@ -93,7 +105,11 @@ class MetricConfig:
     blur_kernel: int = 11
     blur_sigma: float = 5.0
     tolerance: float = 15.0
+    tolerance_at: str = "annotation"
     tolerance_image_size: int = 224
+    energy_region: str = "box"
+    confidence_space: str = "image"
+    ties: str = "random"
     score: str = "probability"
     sanity_samples: int = 8
     batch_size: int = 256
@@ -111,6 +127,10 @@ class MetricConfig:
             raise FamBenchError(f"metric.blur_sigma must be > 0, got {self.blur_sigma}.")
         _at_least("metric.tolerance", self.tolerance, 0)
         _at_least("metric.tolerance_image_size", self.tolerance_image_size, 1)
+        _choice("metric.tolerance_at", self.tolerance_at, ("annotation", "input"))
+        _choice("metric.energy_region", self.energy_region, ("box", "mask"))
+        _choice("metric.confidence_space", self.confidence_space, ("image", "normalised"))
+        _choice("metric.ties", self.ties, ("random", "stable"))
         _choice("metric.score", self.score, ("probability", "similarity"))
         _at_least("metric.sanity_samples", self.sanity_samples, 1)
         _at_least("metric.batch_size", self.batch_size, 1)
@@ -265,78 +285,28 @@ def compose_config(
         if message is None:
             raise
         raise FamBenchError(message) from None
-    load(cfg)  # `+key=value` bypasses Hydra's key check: the schema catches it here
+    load(cfg, overrides)  # `+key=value` bypasses Hydra's key check: the schema catches it
     return cfg
 
 
-_KEY_PATTERNS = (
-    r"[Cc]ould not override '([^']+)'",
-    r"[Cc]ould not append to config\. An item is already at '([^']+)'",
-    r"full_key: ([\w.\[\]@/-]+)",
-)
+def explain_error(err: BaseException, overrides: list[str], config_dir: Path | None = None):
+    """See :func:`experiments.config_errors.explain_error`."""
+    from experiments.config_errors import explain_error as explain
 
-
-def explain_error(
-    err: BaseException, overrides: list[str], config_dir: Path | None = None
-) -> str | None:
-    """A one-paragraph message for a Hydra/OmegaConf compose error, or ``None`` if it is
-    not a config mistake. An unknown key gets the nearest valid key (never a ``+key``)."""
-    from hydra.errors import HydraException
-
-    if not isinstance(err, HydraException | OmegaConfBaseException):
-        return None
-    text = " ".join(str(err).split("Config search path:")[0].split())
-    if "Available options in" in text:  # an unknown group choice (experiment=..., model=...)
-        head, _, options = text.partition("Available options in")
-        group, _, names = options.partition(":")
-        return (
-            f"{head.rstrip('.')}. Available options in {group.strip()}: "
-            f"{', '.join(names.split())}. (python run.py --help lists the groups.)"
-        )
-    key = next((m.group(1) for p in _KEY_PATTERNS if (m := re.search(p, text))), None)
-    if key is None or not any(k in text for k in ("not in", "not found", "Could not")):
-        if "Value '" in text or "could not be converted" in text or "Invalid value" in text:
-            return _type_error(text)
-        return f"{text} (python run.py --help lists the config groups and their options.)"
-    if "could not be converted" in text or "Invalid value" in text:
-        return _type_error(text)
-    return unknown_key_message(key, overrides, config_dir)
-
-
-def _type_error(text: str) -> str:
-    text = re.sub(r"\s*object_type=\S+", "", text)
-    return f"Wrong value type: {text.replace('full_key:', 'key:')}"
+    return explain(err, overrides, config_dir)
 
 
 def unknown_key_message(key: str, overrides: list[str], config_dir: Path | None = None) -> str:
-    """``key`` is not in the config: name it, its nearest valid key and its siblings."""
-    base = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
-    try:
-        cfg = compose_config_plain(base, config_dir)
-    except Exception:  # noqa: BLE001 - the suggestion is best effort
-        cfg = {}
-    valid = sorted(_flatten(cfg))
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
-    siblings = sorted(
-        {k[len(parent) + 1 :].split(".")[0] for k in valid if k.startswith(parent + ".")}
-        if parent
-        else {k.split(".")[0] for k in valid}
-    )
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    hint = f" Did you mean `{close[0]}`?" if close else ""
-    where = f" Valid keys under `{parent}`: {', '.join(siblings)}." if siblings else ""
-    return (
-        f"Unknown config key `{key}`: nothing reads it, so the run would ignore it.{hint}"
-        f"{where} (python run.py --cfg job prints the whole config.)"
-    )
+    """See :func:`experiments.config_errors.unknown_key_message`."""
+    from experiments.config_errors import unknown_key_message as message
+
+    return message(key, overrides, config_dir)
 
 
-def compose_config_plain(overrides: list[str], config_dir: Path | None = None) -> dict:
-    from hydra import compose, initialize_config_dir
+def _type_error(text: str) -> str:
+    from experiments.config_errors import type_error
 
-    with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=False)
+    return type_error(text)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -354,10 +324,19 @@ def flatten(d: Any) -> dict[str, Any]:
 
 
 # -- typed conversion ---------------------------------------------------------------------
-def load(cfg: DictConfig | dict) -> RunConfig:
-    """The composed config as a typed :class:`RunConfig` (checked; ``hydra`` dropped)."""
-    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
-    container = {k: v for k, v in container.items() if k != "hydra"}
+def load(cfg: DictConfig | dict, overrides: list[str] | None = None) -> RunConfig:
+    """The composed config as a typed :class:`RunConfig` (checked; ``hydra`` dropped).
+    ``overrides``: the command line it was composed from (for the error messages)."""
+    if isinstance(cfg, dict):
+        container = {k: v for k, v in cfg.items() if k != "hydra"}
+    else:  # children resolve against the root; `hydra` (run-time values) is left out
+        container = {
+            k: OmegaConf.to_container(cfg[k], resolve=True)
+            if OmegaConf.is_config(cfg[k])
+            else cfg[k]
+            for k in cfg
+            if k != "hydra"
+        }
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), container)
         typed = OmegaConf.to_object(merged)
@@ -365,7 +344,10 @@ def load(cfg: DictConfig | dict) -> RunConfig:
         key = getattr(err, "full_key", None) or ""
         text = " ".join(str(err).split())
         if key and ("not in" in text or "not found" in text):
-            raise FamBenchError(unknown_key_message(key, [])) from None
+            given = list(overrides or [])
+            if key == "model._target_" and isinstance(container.get("model"), dict):
+                given.append(f"model._target_={container['model'].get('_target_')}")
+            raise FamBenchError(unknown_key_message(key, given)) from None
         raise FamBenchError(_type_error(text)) from None
     return typed
 

@@ -71,17 +71,17 @@ def build_logger(cfg: dict[str, Any], out: Path, run_name: str) -> RunLogger:
     kind = str(cfg.get("name", "csv"))
     save_dir = str(Path(out) / "logs")
     if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+        from pytorch_lightning.loggers import CSVLogger
 
         return RunLogger(CSVLogger(save_dir, name="", version=""), kind)
     if kind == "tensorboard":
         _require("tensorboard", "tensorboard")
-        from lightning.pytorch.loggers import TensorBoardLogger
+        from pytorch_lightning.loggers import TensorBoardLogger
 
         return RunLogger(TensorBoardLogger(save_dir, name="", version=""), kind)
     if kind == "wandb":
         _require("wandb", "wandb")
-        from lightning.pytorch.loggers import WandbLogger
+        from pytorch_lightning.loggers import WandbLogger
 
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         return RunLogger(

@@ -119,6 +119,23 @@ def applicable_metrics(
     return keep
 
 
+def _check_annotation_sizes(run_cfg: config.RunConfig, metrics: list[str], eval_set) -> None:
+    """``tolerance_at=annotation`` needs each mask's resolution: refuse before training."""
+    from experiments.tasks.base import annotation_sizes
+
+    if "pointing_game" not in metrics or run_cfg.metric.tolerance_at != "annotation":
+        return
+    if not getattr(eval_set, "has_masks", False) or not len(eval_set):
+        return
+    if annotation_sizes(eval_set, [eval_set[0]]) is None:
+        raise FamBenchError(
+            f"metric.tolerance_at=annotation needs the resolution each mask was drawn at, "
+            f"which dataset {run_cfg.data.name!r} does not give; use "
+            "metric.tolerance_at=input (metric.tolerance at metric.tolerance_image_size, "
+            "scaled to the input)."
+        )
+
+
 def run(
     cfg: DictConfig | dict,
     output_dir: str | os.PathLike,
@@ -145,12 +162,24 @@ def run(
         torch.manual_seed(run_cfg.seed)
         device = builders.device_for(run_cfg.trainer.accelerator)
         train_set, eval_set = builders.build_datasets(run_cfg)
+        _check_annotation_sizes(run_cfg, metrics, eval_set)
         notes: list[str] = []
         model = builders.build_model(run_cfg, family, train_set, device, out, logger.logger, notes)
         evaluation = family.evaluation(run_cfg, train_set, eval_set, model, device)
         metrics = applicable_metrics(metrics, eval_set, evaluation, run_cfg.data.name, notes)
         settings = builders.metric_settings(run_cfg, family, evaluation)
-        job = _job(run_cfg, family, evaluation, model, methods, metrics, settings, fingerprint, out)
+        job = _job(
+            run_cfg,
+            family,
+            evaluation,
+            model,
+            methods,
+            metrics,
+            settings,
+            fingerprint,
+            out,
+            eval_set,
+        )
         job.notes = notes
 
         task_path = out / "task_metrics.csv"
@@ -171,8 +200,11 @@ def run(
         return _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path)
 
 
-def _job(run_cfg, family, evaluation, model, methods, metrics, settings, fingerprint, out) -> Job:
+def _job(
+    run_cfg, family, evaluation, model, methods, metrics, settings, fingerprint, out, eval_set
+) -> Job:
     model_id = builders.model_id(run_cfg)
+    data_stats = (getattr(eval_set, "mean", None), getattr(eval_set, "std", None))
     data = config.plain(run_cfg.data)
     data.pop("root", None)
     table_id = config.short_hash(
@@ -211,11 +243,15 @@ def _job(run_cfg, family, evaluation, model, methods, metrics, settings, fingerp
         figure_samples=run_cfg.eval.figure_samples,
         progress=run_cfg.eval.progress,
         accelerator=run_cfg.trainer.accelerator,
+        data_stats=data_stats,
+        annotation_size=getattr(eval_set, "annotation_size", None),
     )
 
 
 def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path) -> dict:
+    from evaluation.report import write_run_report
     from evaluation.summary import summarise
+    from experiments.checks import run_warnings
     from experiments.environment import write_environment
 
     columns = metric_columns(job.metrics, other=True)
@@ -224,7 +260,14 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
     )
     summary = summarise(merged["results"], merged["sanity"])
     store.write_frame("summary.csv", summary)
-    figures = write_figures(job, merged, eval_set, evaluation)
+    warnings = run_warnings(
+        merged["results"],
+        pd.read_csv(task_path),
+        evaluation.chance(),
+        getattr(job.model, "target_shape", None),
+    )
+    store.write_json("warnings.json", warnings)
+    figures = write_figures(job, merged, summary, eval_set, evaluation)
     settings_ids = {name: cols["settings_id"] for name, cols in job.method_columns.items()}
     store.write_json(
         "settings.json",
@@ -242,6 +285,8 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
         cfg_dict={
             "config": config.plain(run_cfg),
             "model": job.constants["model"],
+            "model_id": job.constants["model_id"],
+            "checkpoint_load": getattr(job.model, "load_report", None),
             "metric_settings": job.settings,
             "settings_ids": settings_ids,
             "notes": job.notes,
@@ -250,9 +295,10 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
         seed=run_cfg.seed,
     )
     logger.log_run(config.plain(run_cfg), summary, pd.read_csv(task_path), figures)
+    report = write_run_report(store.out)
     table = summary.pivot(index="method", columns="metric", values="mean")
     log.info("mean per method and metric:\n%s", table.round(3).to_string())
-    log.info("results in %s", store.out.resolve())
+    log.info("results in %s (report: %s)", store.out.resolve(), report.name)
     return {
         **merged,
         "summary": summary,
@@ -260,12 +306,16 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
         "figures": figures,
         "notes": job.notes,
         "settings_ids": settings_ids,
+        "warnings": warnings,
     }
 
 
-def write_figures(job: Job, merged: dict[str, Any], eval_set: Any, evaluation: Any) -> list[Path]:
-    """``maps.png`` (images x methods, ground truth outlined) and ``curves.png``."""
-    from experiments.figures import plot_curves, plot_map_grid
+def write_figures(
+    job: Job, merged: dict[str, Any], summary: pd.DataFrame, eval_set: Any, evaluation: Any
+) -> list[Path]:
+    """``maps.png`` (images x methods, ground truth outlined, the reference image beside
+    retrieval and contrastive queries), ``curves.png``, ``summary.png``, ``sanity.png``."""
+    from experiments.figures import plot_map_grid, plot_run_figures
 
     paths = []
     figure = merged["figure"]
@@ -283,8 +333,16 @@ def write_figures(job: Job, merged: dict[str, Any], eval_set: Any, evaluation: A
                 eval_set.mean,
                 eval_set.std,
                 labels=labels,
+                references=figure.get("references"),
             )
         )
-    if merged["curves"]:
-        paths.append(plot_curves(merged["curves"], out / "curves.png"))
+    paths += plot_run_figures(
+        out,
+        merged["results"],
+        summary,
+        merged["sanity"],
+        merged["curves"],
+        score_label=evaluation.score_label,
+        reference="fam" if "fam" in job.methods else None,
+    )
     return [Path(p) for p in paths]

@@ -51,6 +51,7 @@ class Job:
     progress: bool
     accelerator: str
     data_stats: tuple[Any, Any] = (None, None)
+    annotation_size: tuple[int, int] | None = None  # the dataset's, for units without one
     notes: list[str] = field(default_factory=list)
 
 
@@ -127,7 +128,15 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
     """All methods and metrics on unit ``u``: the shard's content (CPU tensors)."""
     torch.manual_seed(derive_seed(job.seed, Stream.UNIT, u))
     unit = job.evaluation.unit(u, job.model, device)
+    if not bool(torch.isfinite(unit.reference).all()):
+        raise FamBenchError(
+            f"The model outputs non-finite embeddings (nan or inf) on the clean images of "
+            f"unit {u}, so nothing can be explained; check its weights (model.checkpoint), "
+            "its training (trainer.lr, trainer.precision) and its forward pass."
+        )
     n = len(unit.images)
+    if unit.annotation_sizes is None and job.annotation_size is not None:
+        unit.annotation_sizes = torch.tensor([list(job.annotation_size)] * n, dtype=torch.float64)
     names = list(job.methods)
     all_maps, degenerate, reasons = explain(job, unit, u)
     mean, std = job.data_stats
@@ -139,6 +148,12 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
         masks=unit.masks,
         other_masks=unit.other_masks,
         boxes=unit.boxes,
+        annotation_sizes=unit.annotation_sizes,
+        sample_seeds=torch.tensor(
+            [derive_seed(job.seed, Stream.TIES, int(i)) for i in unit.columns["sample_id"]],
+            dtype=torch.int64,
+            device=device,
+        ),
         settings=job.settings,
         model=job.model,
         batch_size=job.metric_batch,
@@ -242,7 +257,7 @@ def launch(
     after_unit: Callable[[int], None] | None = None,
 ) -> None:
     """Run :func:`_worker` in this process, or on ``devices x num_nodes`` processes."""
-    from lightning.fabric import Fabric
+    from lightning_fabric import Fabric
 
     world = devices * num_nodes
     if world > 1:

@@ -14,7 +14,12 @@ Shared behaviour (tested once, here, for all methods):
 - gradients are taken with ``torch.autograd.grad`` w.r.t. a detached copy of the
   target layer's output, so parameters' ``.grad`` are never touched and gradient
   methods also work when called inside ``torch.no_grad()``;
-- maps stay on the images' device; ``self.degenerate`` ``(N,)`` flags constant (e.g. all-zero) maps.
+- maps stay on the images' device; after a call ``self.degenerate`` ``(N,)`` bool flags
+  maps that rank no pixel above another and ``self.degenerate_reason`` says why, one
+  string per sample: ``""`` (a real map), ``"constant"`` (e.g. all zero; returned as
+  zeros) or ``"non-finite"`` (nan or inf anywhere in the raw map or after scaling, e.g.
+  from a model that outputs nan; returned as all-nan, never as zeros, so every metric
+  gives nan for it and the caller excludes and counts it).
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ from torch import Tensor, nn
 
 from fam.errors import FamBenchError
 from fam.layers import capture_layer, eval_mode, model_device, resolve_target_layer
-from fam.maps import degenerate, minmax_normalise, upsample, weighted_sum
+from fam.maps import degenerate, minmax_normalise, non_finite, upsample, weighted_sum
 from fam.similarity import SimilarityLike, SimilarityTarget, as_float
+
+#: ``degenerate_reason`` strings by code
+DEGENERATE_REASONS = ("", "constant", "non-finite")
 
 
 class Explainer:
@@ -51,6 +59,7 @@ class Explainer:
         self.target_layer = resolve_target_layer(model, target_layer)
         self.amp = amp
         self.degenerate: Tensor | None = None
+        self._reason: Tensor | None = None
 
     # -- public call -------------------------------------------------------------
     def __call__(
@@ -77,10 +86,22 @@ class Explainer:
         with eval_mode(self.model), grad_mode:
             raw = self.raw_maps(images, target)
         raw = raw.detach().float()
-        self.degenerate = degenerate(raw)
-        if not upsample:
-            return raw
-        return minmax_normalise(_upsample(raw, images.shape[-2:]))
+        bad = non_finite(raw)
+        maps = raw if not upsample else minmax_normalise(_upsample(raw, images.shape[-2:]))
+        if upsample:
+            bad = bad | non_finite(maps)  # e.g. values so large that resizing overflows
+        constant = degenerate(raw) & ~bad
+        self.degenerate = constant | bad
+        # 0 real map, 1 constant, 2 non-finite: strings only when asked (no host sync here).
+        self._reason = constant.to(torch.int8) + 2 * bad.to(torch.int8)
+        return torch.where(bad[:, None, None], torch.nan, maps)
+
+    @property
+    def degenerate_reason(self) -> list[str] | None:
+        """Per sample of the last call: ``""``, ``"constant"`` or ``"non-finite"``."""
+        if self._reason is None:
+            return None
+        return [DEGENERATE_REASONS[int(code)] for code in self._reason.tolist()]
 
     def raw_maps(self, images: Tensor, target: SimilarityTarget) -> Tensor:
         """Non-negative maps ``(N, h, w)`` at the target layer's resolution."""

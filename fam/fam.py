@@ -145,10 +145,14 @@ class FAM(Explainer):
             if self.path == "closed_form":
                 return name
             ref = pooled().float()
-            scale = ref.abs().amax().clamp_min(1e-12)
+            # A sample with nan/inf says nothing about the pooling (its map is flagged
+            # non-finite); the finite entries decide, so one bad sample cannot change the
+            # path for the batch.
+            finite = torch.isfinite(emb) & torch.isfinite(ref)
+            scale = torch.where(finite, ref.abs(), 0.0).amax().clamp_min(1e-12)
             # Under bf16/fp16 autocast the model's own pooling rounds at that precision.
             tol = max(self.detect_tol, 4 * torch.finfo(torch.bfloat16).eps if self.amp else 0.0)
-            if bool(((emb - ref).abs() <= tol * scale + 1e-7).all()):
+            if bool((((emb - ref).abs() <= tol * scale + 1e-7) | ~finite).all()):
                 return name
         if self.path == "closed_form":
             raise FamBenchError(

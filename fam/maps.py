@@ -22,13 +22,18 @@ def upsample(raw: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def minmax_normalise(maps: Tensor) -> Tensor:
-    """Per-image min-max scaling to ``[0, 1]``; a constant map becomes all zeros.
+    """Per-image min-max scaling to ``[0, 1]``; a constant map becomes all zeros and a
+    map with any nan or inf all nan.
 
     A constant (in particular an all-zero) map carries no ranking, so it is never
     stretched into something that looks like an explanation; the explainer flags it as
     degenerate instead.
     """
     flat = maps.flatten(1)
+    # Scale by the largest magnitude first: (hi - lo) of two huge finite values would
+    # overflow to inf; the min-max result is scale-invariant.
+    magnitude = flat.abs().amax(dim=1, keepdim=True)
+    flat = flat / torch.where(magnitude > 0, magnitude, 1.0)
     lo = flat.amin(dim=1, keepdim=True)
     hi = flat.amax(dim=1, keepdim=True)
     span = hi - lo
@@ -37,7 +42,14 @@ def minmax_normalise(maps: Tensor) -> Tensor:
     scaled = torch.where(
         span > noise, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), 0.0
     )
+    # A map with nan or inf has no order: it stays nan, never becomes a zero map.
+    scaled = torch.where(torch.isfinite(span), scaled, torch.nan)
     return scaled.view_as(maps)
+
+
+def non_finite(maps: Tensor) -> Tensor:
+    """``(N,)`` bool: the map has a nan or inf anywhere (its pixel order is undefined)."""
+    return ~torch.isfinite(maps).flatten(1).all(dim=1)
 
 
 def degenerate(raw: Tensor) -> Tensor:

@@ -297,3 +297,83 @@ def write_cars196(
         root / "cars_annos.mat",
         {"annotations": annotations[None], "class_names": class_names[None]},
     )
+
+
+def write_class_folders(
+    root: str | Path, n_classes: int = 5, images_per_class: int = 3, size: int = 16
+) -> list[str]:
+    """``root/<class>/<image>.png`` (one level, no split folders); class ``k`` is named
+    ``class{k}`` with colour index ``k``. Returns the class names."""
+    root = Path(root)
+    names = [f"class{k}" for k in range(n_classes)]
+    for k, name in enumerate(names):
+        for i in range(images_per_class):
+            _save(image_array(k, i, size, size), root / name / f"img{i}.png")
+    return names
+
+
+def manifest_box(row: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """``x0, y0, x1, y1`` (x1/y1 exclusive) written for manifest row ``row``: even rows get
+    a box over the image centre (the middle half), odd rows one in the top-left corner."""
+    if row % 2 == 0:
+        return (width // 4, height // 4, 3 * width // 4, 3 * height // 4)
+    return (0, 0, width // 5, height // 5)
+
+
+def write_manifest(
+    root: str | Path,
+    n_classes: int = 4,
+    images_per_class: int = 3,
+    width: int = 48,
+    height: int = 40,
+    splits: dict[int, str] | None = None,
+    masks: bool = True,
+) -> list[dict]:
+    """``root/manifest.csv`` + ``root/images/`` (+ ``root/masks/``), with boxes.
+
+    Class ``k`` is labelled ``str(5 * (k + 1))`` ("5", "10", ...: sorted as text "10"
+    comes before "5", so a reader must sort integer labels numerically) with colour index
+    ``k``; its box (:func:`manifest_box`) is drawn white. Every third
+    row has no box (empty cells); with ``masks``, rows ``i % 3 == 1`` get a mask image of
+    the box's left half. ``splits`` maps a class to its split column value (no column
+    when ``None``). Returns one dict per row (path, label, split, box or None, mask or
+    None).
+    """
+    root = Path(root)
+    rows, lines = [], []
+    header = ["path", "label"] + (["split"] if splits else []) + (["mask"] if masks else [])
+    lines.append(",".join(header + ["x0", "y0", "x1", "y1"]))
+    row = 0
+    for k in range(n_classes):
+        for i in range(images_per_class):
+            path = f"images/c{k}_{i}.png"
+            box = manifest_box(row, width, height) if row % 3 != 2 else None
+            array = image_array(k, i, width, height)
+            if box is not None:
+                array[box[1] : box[3], box[0] : box[2]] = 255
+            _save(array, root / path)
+            mask = None
+            if masks and row % 3 == 1 and box is not None:
+                mask = f"masks/c{k}_{i}.png"
+                canvas = np.zeros((height, width), np.uint8)
+                canvas[box[1] : box[3], box[0] : (box[0] + box[2]) // 2] = 255
+                _save(canvas, root / mask)
+            cells = [path, str(5 * (k + 1))]
+            if splits:
+                cells.append(splits[k])
+            if masks:
+                cells.append(mask or "")
+            cells += [str(v) for v in box] if box is not None else ["", "", "", ""]
+            lines.append(",".join(cells))
+            rows.append(
+                {
+                    "path": path,
+                    "label": str(5 * (k + 1)),
+                    "split": splits[k] if splits else None,
+                    "box": box,
+                    "mask": mask,
+                }
+            )
+            row += 1
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return rows

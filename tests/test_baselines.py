@@ -153,12 +153,37 @@ def test_scorecam_matches_pytorch_grad_cam(cases, model_name, similarity):
 
 
 @pytest.mark.parametrize("model_name", ["resnet18", "conv4", "conv4_narrow"])
-def test_eigencam_matches_pytorch_grad_cam_projection(cases, model_name):
+def test_eigencam_equals_pytorch_grad_cam_eigencam(cases, model_name):
+    """The plain method is pytorch-grad-cam's EigenCAM, sign included, on every image."""
     model, layer, images, reference = cases[model_name]
     module = dict(model.named_modules())[layer]
     targets = _targets(reference, "cosine")
     got = EigenCAM(model, layer)(images, reference, "cosine", upsample=False)
-    # Same projection and the same sign rule (flip when |min| > |max|).
+    expected = _reference_raw(RefEigenCAM, model, module, images, targets)
+    _assert_maps_close(got, expected)
+
+
+def test_eigencam_equals_pytorch_grad_cam_on_many_images():
+    """16 images per layer: the sign agrees everywhere (the audit found 4/16 and 14/16
+    disagreements with the sign-corrected map)."""
+    torch.manual_seed(0)
+    model = Conv4(hidden=16).eval()
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    reference = torch.zeros(1, 16)
+    for layer in ["encoder.1", "encoder.3"]:
+        module = dict(model.named_modules())[layer]
+        got = EigenCAM(model, layer)(images, reference, "dot", upsample=False)
+        expected = _reference_raw(RefEigenCAM, model, module, images, [None] * 16)
+        _assert_maps_close(got, expected)
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "conv4", "conv4_narrow"])
+def test_eigencam_sign_correction_is_seg_eigen_cams(cases, model_name):
+    model, layer, images, reference = cases[model_name]
+    module = dict(model.named_modules())[layer]
+    targets = _targets(reference, "cosine")
+    explainer = EigenCAM(model, layer, sign_correction=True)
+    got = explainer(images, reference, "cosine", upsample=False)
     signed = _reference_raw(
         RefEigenCAM,
         model,
@@ -168,8 +193,7 @@ def test_eigencam_matches_pytorch_grad_cam_projection(cases, model_name):
         projection=get_2d_projection_with_sign_correction,
     )
     _assert_maps_close(got, signed)
-    # pytorch-grad-cam's EigenCAM itself leaves the SVD's sign to LAPACK: per image the
-    # map equals ReLU(P) or ReLU(-P) of its unsigned projection P.
+    # It differs from the plain projection only by the sign: ReLU(P) or ReLU(-P).
     plain = get_2d_projection(
         _reference_raw(RefEigenCAM, model, module, images, targets, projection=lambda a: a)
     )
@@ -240,11 +264,11 @@ def test_relevancecam_conserves_relevance_at_any_depth(layer, similarity):
 def test_relevancecam_at_last_layer_equals_fam_product_with_dot(cases, model_name):
     """With a GAP embedding read at the last layer, ``w_k = e_k r_k``.
 
-    Between the target layer and the embedding there is only the global average: the
-    ResNet's AdaptiveAvgPool2d gets zennit's Norm rule, which redistributes each seed
-    ``R_k = e_k r_k`` over the positions of channel k in proportion to A_kij, and Conv-4's
-    functional mean passes ``R_k / (h w)`` to every position. Either way
-    ``sum_ij R_kij = e_k r_k``, FAM's ``product`` contribution for the dot similarity,
+    Between the target layer and the embedding there is only the global average, an
+    AdaptiveAvgPool2d in both models (Conv-4's ``EmbeddingPool``), which gets zennit's Norm
+    rule: it redistributes each seed ``R_k = e_k r_k`` over the positions of channel k in
+    proportion to A_kij, so ``sum_ij R_kij = e_k r_k``, FAM's ``product`` contribution for
+    the dot similarity,
     so the two raw maps differ only by FAM's normalisation ``sum_k |c_k|``.
     """
     model, layer, images, reference = cases[model_name]

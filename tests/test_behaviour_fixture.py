@@ -4,6 +4,9 @@
 9fe0335) with ``python run.py model.checkpoint=tests/fixtures/default_small_model.pt
 eval.num_episodes=2`` (the checkpoint is that code's 30-step default model, so training
 numerics do not enter). Options added since then are pinned to their old behaviour here.
+At the redesign commit the numbers were bit-identical; the overflow-safe min-max
+normalisation added afterwards (maps divided by their largest magnitude first) moves AUCs
+by float rounding only (at most 2e-5 relative here), hence ``rtol=1e-4``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from experiments.config import compose_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 #: options whose defaults changed after the redesign, set to the old behaviour
-OLD_BEHAVIOUR: list[str] = []
+OLD_BEHAVIOUR: list[str] = [
+    "metric.ties=stable",
+    "metric.energy_region=mask",
+    "metric.confidence_space=normalised",
+    "metric.tolerance_at=input",
+    "method.eigencam.sign_correction=true",
+]
 
 
 @pytest.mark.slow
@@ -38,5 +47,5 @@ def test_the_default_run_equals_the_pre_redesign_results(tmp_path):
     # the ids are new hashes and the model label became the config name (conv4_32)
     common = [c for c in old.columns if c not in ("settings_id", "model")]
     assert set(common) <= set(new.columns)
-    pd.testing.assert_frame_equal(new[common], old[common], check_exact=False, rtol=1e-6)
+    pd.testing.assert_frame_equal(new[common], old[common], check_exact=False, rtol=1e-4, atol=1e-6)
     assert set(new["model"]) == {"conv4_32"}

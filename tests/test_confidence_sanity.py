@@ -39,12 +39,72 @@ def test_confidence_change_matches_hand_computed_values():
     torch.testing.assert_close(result.increase, torch.tensor([0.0, 100.0, 0.0]))
 
 
+def test_confidence_change_in_image_space_multiplies_the_original_image():
+    """Grad-CAM++'s definition: de-normalise, multiply by the map, re-normalise.
+
+    One channel, mean 0.5, std 0.25; normalised pixel z = 2 is x = 2 * 0.25 + 0.5 = 1.0.
+    With map value 0.5: image space gives x * 0.5 = 0.5, back to z = (0.5 - 0.5) / 0.25 = 0;
+    normalised space gives z * 0.5 = 1. The score is the mean normalised pixel + 1.
+    """
+    images = torch.full((1, 1, 2, 2), 2.0)
+    maps = torch.full((1, 2, 2), 0.5)
+
+    def score_fn(batch, index):
+        return batch.mean(dim=(1, 2, 3)) + 1.0
+
+    image = confidence_change(score_fn, images, maps, space="image", mean=[0.5], std=[0.25])
+    normalised = confidence_change(score_fn, images, maps, space="normalised")
+    # Y = 3; O = 0 + 1 = 1 (image space) -> drop (3 - 1) / 3 = 66.67 %; O = 2 -> 33.33 %.
+    torch.testing.assert_close(image.explanation_score, torch.tensor([1.0]))
+    torch.testing.assert_close(normalised.explanation_score, torch.tensor([2.0]))
+    assert image.drop.item() == pytest.approx(200 / 3)
+    assert normalised.drop.item() == pytest.approx(100 / 3)
+    # A map of ones leaves the image unchanged in both spaces.
+    ones = confidence_change(
+        score_fn, images, torch.ones(1, 2, 2), space="image", mean=[0.5], std=[0.25]
+    )
+    torch.testing.assert_close(ones.explanation_score, ones.score)
+    with pytest.raises(FamBenchError, match="mean= and std="):
+        confidence_change(score_fn, images, maps, space="image")
+    with pytest.raises(FamBenchError, match="one value per channel"):
+        confidence_change(score_fn, images, maps, space="image", mean=[0, 0], std=[1, 1])
+    with pytest.raises(FamBenchError, match="space must be one of"):
+        confidence_change(score_fn, images, maps, space="pixels")
+
+
+def test_confidence_change_gives_nan_for_a_non_finite_map_only():
+    images = torch.rand(3, 3, 4, 4) + 0.1
+    maps = torch.rand(3, 4, 4)
+    bad = maps.clone()
+    bad[1] = float("nan")
+
+    def score_fn(batch, index):
+        return batch.mean(dim=(1, 2, 3))
+
+    result = confidence_change(score_fn, images, bad)
+    clean = confidence_change(score_fn, images, maps)
+    assert math.isnan(result.drop[1].item()) and math.isnan(result.increase[1].item())
+    torch.testing.assert_close(result.drop[[0, 2]], clean.drop[[0, 2]])
+    torch.testing.assert_close(result.increase[[0, 2]], clean.increase[[0, 2]])
+
+
 def test_confidence_change_rejects_negative_scores_and_maps_outside_0_1():
     images, maps = torch.rand(2, 3, 4, 4), torch.rand(2, 4, 4)
     with pytest.raises(FamBenchError, match="non-negative score"):
         confidence_change(lambda x, i: x.mean(dim=(1, 2, 3)) - 5.0, images, maps)
     with pytest.raises(FamBenchError, match=r"\[0, 1\]"):
         confidence_change(lambda x, i: x.mean(dim=(1, 2, 3)), images, maps * 2)
+
+
+def test_spearman_is_nan_for_a_non_finite_row_only():
+    a = torch.rand(3, 10)
+    b = torch.rand(3, 10)
+    bad = a.clone()
+    bad[1, 4] = float("nan")
+    bad[2, 0] = float("inf")
+    rho = spearman(bad, b)
+    assert torch.isnan(rho[1:]).all()
+    assert rho[0].item() == pytest.approx(spearmanr(a[0], b[0]).statistic, abs=1e-6)
 
 
 def test_spearman_matches_scipy_with_ties():

@@ -89,5 +89,3 @@ def test_too_small_class_is_named_with_its_count_and_need():
 def test_more_ways_than_classes_is_an_error():
     with pytest.raises(FamBenchError, match="n_way=13 but the dataset has only 12 classes"):
         make(n_way=13)
-
-

@@ -11,10 +11,13 @@ from format_writers import (
     cars_box,
     colour,
     cub_box,
+    manifest_box,
     write_cars196,
     write_cifar10,
+    write_class_folders,
     write_cub,
     write_imagefolder,
+    write_manifest,
     write_miniimagenet,
     write_miniimagenet_pickle,
     write_sop,
@@ -304,3 +307,108 @@ def test_build_dataset_rejects_unknown_names_options_and_missing_root(roots):
         build_dataset("sop", None, "train", 32)
     synthetic = build_dataset("synthetic", None, "val", 16, images_per_class=2, seed=4)
     assert synthetic[1]["image"].shape == (3, 16, 16) and synthetic.has_masks
+
+
+# your own data: one-level image folders ------------------------------------------------------
+
+
+def test_imagefolder_class_folders_get_a_seeded_disjoint_class_split(tmp_path):
+    names = write_class_folders(tmp_path, n_classes=10, images_per_class=2)
+    parts = {
+        s: build_dataset("imagefolder", tmp_path, s, 8, normalise=False)
+        for s in ("train", "val", "test")
+    }
+    assert [len(parts[s].classes) for s in parts] == [6, 2, 2]  # 0.6 / 0.2 / 0.2
+    assert sorted(sum((parts[s].classes for s in parts), [])) == sorted(names)
+    test = parts["test"]
+    assert test.labels.tolist() == [0, 0, 1, 1] and test.classes == sorted(test.classes)
+    k = names.index(test.classes[1])
+    assert fill(test[3]) == colour(k, 1)  # the second image of the second test class
+    again = build_dataset("imagefolder", tmp_path, "test", 8)
+    assert again.classes == test.classes  # deterministic
+    other = [
+        build_dataset("imagefolder", tmp_path, "test", 8, split_seed=s).classes for s in range(5)
+    ]
+    assert len({tuple(c) for c in other}) > 1  # the seed chooses the split
+
+
+def test_imagefolder_split_by_images_keeps_every_class_in_every_split(tmp_path):
+    write_class_folders(tmp_path, n_classes=3, images_per_class=5)
+    options = {"split_by": "images", "split_fractions": [0.6, 0.0, 0.4]}
+    train = build_dataset("imagefolder", tmp_path, "train", 8, **options)
+    test = build_dataset("imagefolder", tmp_path, "test", 8, **options)
+    assert train.classes == test.classes == ["class0", "class1", "class2"]
+    assert train.labels.bincount().tolist() == [3, 3, 3]
+    assert test.labels.bincount().tolist() == [2, 2, 2]
+    assert not set(map(str, train.paths)) & set(map(str, test.paths))
+    with pytest.raises(FamBenchError, match="test split of the imagefolder dataset is empty"):
+        build_dataset(
+            "imagefolder", tmp_path, "test", 8, split_by="images", split_fractions=[0.8, 0.2, 0.0]
+        )
+
+
+def test_imagefolder_split_folders_take_precedence_over_options(roots):
+    base, out = roots
+    ds = build_dataset("imagefolder", base / "tiered", "val", 8, split_seed=3)
+    assert ds.classes == out["tiered"]["val"]
+
+
+def test_imagefolder_too_few_classes_for_the_split_is_a_clear_error(tmp_path):
+    write_class_folders(tmp_path, n_classes=2, images_per_class=2)
+    with pytest.raises(FamBenchError, match="has 2 classes"):
+        build_dataset("imagefolder", tmp_path, "train", 8)
+    with pytest.raises(FamBenchError, match="split_fractions"):
+        build_dataset("imagefolder", tmp_path, "train", 8, split_fractions=[0.5, 0.2])
+
+
+# your own data: CSV manifests ----------------------------------------------------------------
+
+
+def test_manifest_reads_labels_masks_and_boxes(tmp_path):
+    splits = {0: "train", 1: "train", 2: "test", 3: "test"}
+    rows = write_manifest(tmp_path, n_classes=4, images_per_class=3, splits=splits)
+    ds = build_dataset("manifest", tmp_path / "manifest.csv", "test", 16, normalise=False)
+    assert ds.classes == ["15", "20"] and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert ds.has_masks and ds.has_boxes
+    test_rows = [r for r in rows if r["split"] == "test"]
+    for index, row in enumerate(test_rows):
+        item = ds[index]
+        if row["box"] is None:
+            assert item["box"].isnan().all() and not item["mask"].any()
+            continue
+        x0, y0, x1, y1 = row["box"]
+        expected = torch.tensor([x0 * 16 / 48, y0 * 16 / 40, x1 * 16 / 48, y1 * 16 / 40])
+        torch.testing.assert_close(item["box"], expected)
+        box = torch.zeros(16, 16, dtype=torch.bool)
+        bx0, by0, bx1, by1 = (round(float(v)) for v in expected)
+        box[by0:by1, bx0:bx1] = True
+        if row["mask"] is None:  # the box is the mask
+            assert torch.equal(item["mask"], box)
+        else:  # the mask file (the box's left half) wins over the box
+            assert item["mask"].any() and (item["mask"] & ~box).sum() == 0
+            assert item["mask"].sum() < box.sum()
+
+
+def test_manifest_labels_sort_numerically_and_folder_root_works(tmp_path):
+    write_manifest(tmp_path, n_classes=4, images_per_class=2, masks=False)
+    ds = build_dataset("manifest", tmp_path, "train", 8, split_fractions=[1.0, 0.0, 0.0])
+    assert ds.classes == ["5", "10", "15", "20"]
+    assert fill(ds[2]) != fill(ds[0])  # decoded from the listed files
+
+
+def test_manifest_problems_are_one_paragraph_errors(tmp_path):
+    write_manifest(tmp_path, n_classes=2, images_per_class=1, splits={0: "train", 1: "test"})
+    csv = tmp_path / "manifest.csv"
+    text = csv.read_text()
+    csv.write_text(text.replace("path,label", "path,lable", 1))
+    with pytest.raises(FamBenchError) as excinfo:
+        build_dataset("manifest", csv, "train", 8)
+    assert_dataset_error(excinfo, "missing column(s) ['label']")
+    csv.write_text(text.replace("images/c0_0.png", "images/nope.png"))
+    with pytest.raises(FamBenchError) as excinfo:
+        build_dataset("manifest", csv, "train", 8)
+    assert_dataset_error(excinfo, "nope.png does not exist")
+    with pytest.raises(FamBenchError, match="no row has split 'val'"):
+        csv.write_text(text)
+        build_dataset("manifest", csv, "val", 8)
+    assert manifest_box(0, 48, 40) == (12, 10, 36, 30)

@@ -100,6 +100,7 @@ def test_curves_equal_a_per_step_loop_from_the_definition(h, w, step, batch_size
         deletion_substrate=substrates[0],
         insertion_substrate=substrates[1],
         batch_size=batch_size,
+        ties="stable",
     )
     n_steps = math.ceil(h * w / step)
     assert result.n_steps == n_steps
@@ -229,7 +230,138 @@ def test_user_mistakes_raise_clear_errors():
         deletion_insertion(score_fn, images, maps, deletion_substrate="noise")
     with pytest.raises(FamBenchError, match="step"):
         deletion_insertion(score_fn, images, maps, step=0)
-    with pytest.raises(FamBenchError, match="nan or inf"):
-        deletion_insertion(score_fn, images, maps.masked_fill(maps > 0.9, float("nan")))
+    with pytest.raises(FamBenchError, match="ties must be one of"):
+        deletion_insertion(score_fn, images, maps, ties="raster")
     with pytest.raises(FamBenchError, match="one score per perturbed image"):
         deletion_insertion(lambda x, i: x.mean(), images, maps, step=8)
+
+
+# -- ties and non-finite maps --------------------------------------------------------------
+
+
+def _row_weighted_score(h: int, w: int):
+    """A linear score in [0, 1] for images of ones that weighs the top rows most, so the
+    order in which tied pixels go changes the curve a lot."""
+    weight = torch.linspace(1.0, 0.0, h)[:, None].expand(h, w).contiguous()
+    weight = weight / (3 * weight.sum())
+
+    def score_fn(x, index):
+        return (x * weight).sum(dim=(1, 2, 3))
+
+    return score_fn
+
+
+def test_random_ties_make_a_constant_map_score_as_a_random_map():
+    """Under ties="random" a constant map's pixel order is a uniform permutation: the
+    expected deletion curve of a linear score is then the straight line from s(image)
+    to s(substrate), AUC 0.5, which random maps also give; the stable raster order
+    deletes the heavily weighted top rows first and scores far lower."""
+    h = w = 8
+    n = 512
+    score_fn = _row_weighted_score(h, w)
+    images = torch.ones(n, 3, h, w)
+    constant = torch.zeros(n, h, w)
+    random_maps = torch.rand(n, h, w, generator=torch.Generator().manual_seed(3))
+    kwargs = {"step": 4, "insertion_substrate": "zeros"}
+    tied = deletion_insertion(score_fn, images, constant, ties="random", seed=1, **kwargs)
+    rand = deletion_insertion(score_fn, images, random_maps, ties="random", seed=2, **kwargs)
+    stable = deletion_insertion(score_fn, images, constant, ties="stable", **kwargs)
+
+    def mean_and_se(x):
+        return float(x.mean()), float(x.std() / math.sqrt(len(x)))
+
+    m_tied, se_tied = mean_and_se(tied.deletion_auc)
+    m_rand, se_rand = mean_and_se(rand.deletion_auc)
+    assert se_tied > 0  # per-sample tie orders differ
+    assert abs(m_tied - 0.5) < 4 * se_tied
+    assert abs(m_rand - 0.5) < 4 * se_rand
+    assert abs(m_tied - m_rand) < 4 * math.hypot(se_tied, se_rand)
+    # Insertion of the same pixels is the mirror image: AUC 1 - deletion AUC per sample.
+    torch.testing.assert_close(tied.insertion_auc, 1 - tied.deletion_auc)
+    # Stable raster order: the curve of deleting row-major, i.e. 1 - the cumulative
+    # weight share of the first k*4 pixels, far below the random expectation.
+    share = torch.linspace(1.0, 0.0, h)[:, None].expand(h, w).flatten()
+    share = share / share.sum()
+    expected = torch.cat([torch.ones(1), 1 - share.cumsum(0)[3::4]])
+    torch.testing.assert_close(stable.deletion_curve[0], expected, atol=1e-5, rtol=1e-5)
+    assert float(stable.deletion_auc[0]) < m_tied - 0.1
+
+
+def test_random_ties_are_seeded_and_only_break_ties():
+    h, w = 6, 10
+    score_fn = _row_weighted_score(h, w)
+    images = torch.rand(4, 3, h, w, generator=torch.Generator().manual_seed(0))
+    maps = (torch.rand(4, h, w, generator=torch.Generator().manual_seed(1)) * 3).floor()
+    a = deletion_insertion(score_fn, images, maps, step=5, seed=7)
+    b = deletion_insertion(score_fn, images, maps, step=5, seed=7)
+    c = deletion_insertion(score_fn, images, maps, step=5, seed=8)
+    torch.testing.assert_close(a.deletion_curve, b.deletion_curve)
+    assert not torch.equal(a.deletion_curve, c.deletion_curve)
+    # A generator continues its stream: two calls draw different tie orders.
+    gen = torch.Generator().manual_seed(7)
+    first = deletion_insertion(score_fn, images, maps, step=5, seed=gen)
+    second = deletion_insertion(score_fn, images, maps, step=5, seed=gen)
+    torch.testing.assert_close(first.deletion_curve, a.deletion_curve)
+    assert not torch.equal(first.deletion_curve, second.deletion_curve)
+    # Without ties the order is the map's, whatever the tie rule.
+    distinct = torch.rand(4, h, w, generator=torch.Generator().manual_seed(2))
+    r = deletion_insertion(score_fn, images, distinct, step=5, ties="random", seed=3)
+    s = deletion_insertion(score_fn, images, distinct, step=5, ties="stable")
+    torch.testing.assert_close(r.deletion_curve, s.deletion_curve)
+    torch.testing.assert_close(r.insertion_curve, s.insertion_curve)
+
+
+def test_per_sample_seeds_make_tie_orders_independent_of_the_batch():
+    """With a (N,) seed tensor a sample's curve is the same alone or in any batch (shards,
+    resumed runs), and a constant map still scores as a uniform order in expectation."""
+    h, w = 6, 10
+    score_fn = _row_weighted_score(h, w)
+    images = torch.rand(5, 3, h, w, generator=torch.Generator().manual_seed(0))
+    maps = (torch.rand(5, h, w, generator=torch.Generator().manual_seed(1)) * 3).floor()
+    seeds = torch.tensor([10, 11, 12, 13, 14])
+    full = deletion_insertion(score_fn, images, maps, step=5, seed=seeds)
+    part = deletion_insertion(score_fn, images[3:], maps[3:], step=5, seed=seeds[3:])
+    torch.testing.assert_close(full.deletion_curve[3:], part.deletion_curve)
+    torch.testing.assert_close(full.insertion_curve[3:], part.insertion_curve)
+    other = deletion_insertion(score_fn, images, maps, step=5, seed=seeds + 100)
+    assert not torch.equal(full.deletion_curve, other.deletion_curve)
+    n = 512
+    ones = torch.ones(n, 3, 8, 8)
+    tied = deletion_insertion(
+        _row_weighted_score(8, 8), ones, torch.zeros(n, 8, 8), step=4, seed=torch.arange(n)
+    )
+    se = float(tied.deletion_auc.std() / math.sqrt(n))
+    assert se > 0 and abs(float(tied.deletion_auc.mean()) - 0.5) < 4 * se
+    with pytest.raises(FamBenchError, match="one integer per sample"):
+        deletion_insertion(score_fn, images, maps, seed=torch.zeros(3, dtype=torch.long))
+
+
+def test_random_tie_order_keeps_the_maps_order_between_values():
+    from evaluation.causal import pixel_ranks
+
+    maps = torch.tensor([[[2.0, 1.0, 2.0], [0.0, 1.0, 2.0]]])
+    ranks = pixel_ranks(maps, "random", torch.Generator().manual_seed(0))[0]
+    # The three 2s take ranks 0-2, the two 1s ranks 3-4, the 0 rank 5.
+    assert sorted(ranks[[0, 2, 5]].tolist()) == [0, 1, 2]
+    assert sorted(ranks[[1, 4]].tolist()) == [3, 4]
+    assert ranks[3].item() == 5
+    assert pixel_ranks(maps, "stable")[0].tolist() == [0, 3, 1, 5, 4, 2]
+
+
+def test_a_non_finite_map_gives_nan_for_its_sample_only():
+    torch.manual_seed(1)
+    model = small_model()
+    images = torch.randn(3, 3, 8, 8)
+    maps = torch.rand(3, 8, 8)
+    score_fn = class_probability(model, torch.tensor([0, 1, 2]))
+    bad = maps.clone()
+    bad[1] = float("nan")
+    bad[2, 0, 0] = float("inf")
+    result = deletion_insertion(score_fn, images, bad, step=8)
+    clean = deletion_insertion(score_fn, images[:1], maps[:1], step=8)
+    assert (
+        torch.isnan(result.deletion_auc[1:]).all() and torch.isnan(result.insertion_auc[1:]).all()
+    )
+    assert torch.isnan(result.deletion_curve[1:]).all()
+    torch.testing.assert_close(result.deletion_auc[:1], clean.deletion_auc)
+    torch.testing.assert_close(result.insertion_curve[:1], clean.insertion_curve)

@@ -35,6 +35,7 @@ METHODS = {
     "scorecam": lambda m, layer: ScoreCAM(m, layer, batch_size=24),
     "relevancecam": RelevanceCAM,
     "eigencam": EigenCAM,
+    "eigencam_signed": lambda m, layer: EigenCAM(m, layer, sign_correction=True),
     "random": lambda m, layer: RandomMap(m, layer, seed=0),
     "center": CenterMap,
 }
@@ -174,6 +175,36 @@ def test_zero_activations_give_zero_maps_flagged_degenerate(method):
     maps = explainer(images, reference, "cosine")
     assert torch.equal(maps, torch.zeros_like(maps))
     assert explainer.degenerate.all()
+    assert explainer.degenerate_reason == ["constant"] * 3
+
+
+@pytest.mark.parametrize("method", ACTIVATION_MAPS)
+def test_nan_activations_give_nan_maps_flagged_non_finite(method):
+    """One nan input pixel makes the second image's activations nan (as a diverged model
+    would); its map is nan, the other maps are the same as without it."""
+    model = _model()
+    images, reference = _inputs()
+    clean = METHODS[method](model, LAYER)(images, reference, "cosine")
+    images[1, :, 5, 5] = float("nan")
+    explainer = METHODS[method](model, LAYER)
+    maps = explainer(images, reference, "cosine")
+    # Never zeros: the sample's map is all nan, so every metric gives nan for it.
+    assert torch.isnan(maps[1]).all()
+    torch.testing.assert_close(maps[[0, 2]], clean[[0, 2]])
+    assert explainer.degenerate.tolist() == [False, True, False]
+    assert explainer.degenerate_reason == ["", "non-finite", ""]
+    raw = explainer(images, reference, "cosine", upsample=False)
+    assert torch.isnan(raw[1]).all() and torch.isfinite(raw[[0, 2]]).all()
+
+
+def test_huge_finite_maps_are_scaled_not_overflowed():
+    """A raw map spanning [-3e38, 3e38] (hi - lo overflows float32) still scales to [0, 1]."""
+    from fam.maps import minmax_normalise
+
+    raw = torch.tensor([[[-3e38, 0.0], [1e38, 3e38]]])
+    maps = minmax_normalise(raw)
+    torch.testing.assert_close(maps, torch.tensor([[[0.0, 0.5], [2 / 3, 1.0]]]))
+    assert torch.isnan(minmax_normalise(torch.tensor([[[1.0, float("inf")]]]))).all()
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -196,7 +227,7 @@ def test_bad_inputs_raise_clear_errors(method):
 
 
 def test_every_method_config_builds_its_explainer():
-    """``conf/method/<name>.yaml``: one file per method, named like its ``name`` field."""
+    """``conf/method/<name>.yaml``: one file per method, its ``_target_`` plus options."""
     from pathlib import Path
 
     from hydra.utils import instantiate
@@ -208,14 +239,17 @@ def test_every_method_config_builds_its_explainer():
     images, reference = _inputs()
     for f in files:
         cfg = OmegaConf.load(f)
-        assert cfg.name == f.stem
-        explainer = instantiate(cfg.explainer)(model, LAYER)
+        explainer = instantiate(cfg, _partial_=True)(model, LAYER)
         assert explainer(images, reference, "cosine").shape == (3, SIZE, SIZE)
 
 
 @pytest.mark.parametrize("method", ["fam", "gradcam", "layercam", "scorecam", "eigencam"])
 def test_amp_maps_agree_with_fp32(method):
-    """bf16 autocast changes the arithmetic, not the explanation."""
+    """bf16 autocast changes the arithmetic, not the explanation.
+
+    Eigen-CAM is checked with the sign correction: the plain method keeps the SVD's own
+    sign, which a bf16 rounding may flip (the map then becomes ReLU(-P)).
+    """
     model = _model()
     images, reference = _inputs()
     build = {
@@ -223,7 +257,7 @@ def test_amp_maps_agree_with_fp32(method):
         "gradcam": GradCAM,
         "layercam": LayerCAM,
         "scorecam": ScoreCAM,
-        "eigencam": EigenCAM,
+        "eigencam": lambda m, layer, **kw: EigenCAM(m, layer, sign_correction=True, **kw),
     }[method]
     fp32 = build(model, LAYER)(images, reference, "dot")
     bf16 = build(model, LAYER, amp=True)(images, reference, "dot")

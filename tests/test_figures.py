@@ -4,22 +4,27 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 from experiments.environment import PACKAGES, collect_environment, git_state, write_environment
 from experiments.figures import (
-    CELL_INCHES,
-    DPI,
-    HEADER_INCHES,
-    LEFT_INCHES,
-    PAD_INCHES,
+    PANEL_INCHES,
     curve_auc,
+    curves_figure,
+    identical_curve_groups,
+    identical_note,
     map_grid_size,
     plot_curves,
     plot_map_grid,
+    plot_sanity,
+    plot_summary,
+    sanity_figure,
+    summary_figure,
 )
+from experiments.map_grid import CELL_INCHES, DPI, HEADER_INCHES, LEFT_INCHES, PAD_INCHES
 from experiments.reproduce import (
     CONF_DIR,
     EXPERIMENT_DATA,
@@ -125,22 +130,144 @@ def test_curve_auc_matches_trapezoid_rule():
     np.testing.assert_allclose(curve_auc(y), np.trapezoid(y, np.linspace(0, 1, 9), axis=1))
 
 
-@pytest.mark.parametrize("n_methods", [1, 3])
-def test_curves_png_is_written(tmp_path, n_methods):
+def method_curves(n_methods: int, steps: int = 17) -> dict:
     rng = np.random.default_rng(0)
-    x = np.linspace(0, 1, 17)
-    curves = {
+    x = np.linspace(0, 1, steps)
+    return {
         f"m{i}": {
-            "deletion": np.exp(-x * (i + 1)) + 0.05 * rng.random((6, 17)),
-            "insertion": 1 - np.exp(-x * (i + 1)) + 0.05 * rng.random((6, 17)),
+            "deletion": np.exp(-x * (i + 1)) + 0.05 * rng.random((6, steps)),
+            "insertion": 1 - np.exp(-x * (i + 1)) + 0.05 * rng.random((6, steps)),
         }
         for i in range(n_methods)
     }
+
+
+@pytest.mark.parametrize("n_methods", [1, 3, 12])
+def test_curves_are_small_multiples_one_panel_per_method(tmp_path, n_methods):
+    curves = method_curves(n_methods)
     curves["m0"] = {"deletion": torch.as_tensor(curves["m0"]["deletion"])}  # tensors, one key
-    path = plot_curves(curves, tmp_path / "curves.png")
+    fig = curves_figure(curves, score_label="episode softmax probability", reference="m0")
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == list(curves)
+    assert {ax.get_ylabel() for ax in panels[::4]} == {"episode softmax probability"}
+    assert all(ax.get_xlabel().startswith("fraction of pixels") for ax in panels[-4:])
+    if n_methods > 1:
+        # the reference drawn faintly (dashed grey) in every other panel
+        assert any(line.get_linestyle() == "--" for line in panels[1].get_lines())
+        assert not any(line.get_linestyle() == "--" for line in panels[0].get_lines())
+    path = plot_curves(curves, tmp_path / "curves.png", score_label="probability")
     with Image.open(path) as png:
-        assert png.size == (1100, 420)
+        rows, cols = -(-n_methods // 4), min(4, n_methods)
+        assert png.size == (
+            round(cols * PANEL_INCHES[0] * DPI),
+            round((rows * PANEL_INCHES[1] + 0.5) * DPI),
+        )
         assert np.asarray(png.convert("L")).std() > 5
+
+
+def test_identical_methods_share_one_panel_not_drawn_as_rivals():
+    curves = method_curves(3)
+    curves["copy"] = {k: v + 1e-9 for k, v in curves["m1"].items()}
+    fig = curves_figure(curves)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["m0", "m1 = copy", "m2"]
+    assert identical_curve_groups(_arrays(curves)) == [["m0"], ["m1", "copy"], ["m2"]]
+    assert identical_note([["m1", "copy"], ["m0"]]).endswith("m1 = copy.")
+    assert identical_note([["m0"]]) == ""
+    given = curves_figure(curves, groups=[["m0", "m2"]])
+    assert [ax.get_title() for ax in given.axes if ax.get_visible()] == ["m0 = m2", "m1", "copy"]
+
+
+def _arrays(curves):
+    return {
+        m: {k: np.asarray(v, dtype=float) for k, v in kinds.items()} for m, kinds in curves.items()
+    }
+
+
+def test_curves_reject_bad_shapes():
+    with pytest.raises(FamBenchError, match="expected \\(N, T\\)"):
+        curves_figure({"fam": {"deletion": np.ones(5)}})
+    with pytest.raises(FamBenchError, match="empty"):
+        curves_figure({})
+
+
+def forest_summary() -> pd.DataFrame:
+    rows = []
+    for method, d, p in (
+        ("fam", 0.2, 0.9),
+        ("gradcam", 0.4, 0.5),
+        ("random", 0.5, 0.1),
+        ("relevancecam", 0.2, 0.9),
+    ):
+        rows.append(
+            dict(
+                method=method, metric="deletion_auc", mean=d, ci95_low=d - 0.05, ci95_high=d + 0.05
+            )
+        )
+        rows.append(
+            dict(
+                method=method,
+                metric="pointing_game",
+                mean=p,
+                ci95_low=max(0, p - 0.1),
+                ci95_high=min(1, p + 0.1),
+            )
+        )
+        rows.append(dict(method=method, metric="degenerate", mean=0.0, ci95_low=0.0, ci95_high=0.1))
+    return pd.DataFrame(rows)
+
+
+def test_forest_plot_orders_methods_by_rank_best_on_top(tmp_path):
+    fig = summary_figure(forest_summary(), groups=[["fam", "relevancecam"]], reference="fam")
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == [
+        "deletion_auc (lower is better)",
+        "pointing_game (higher is better)",
+    ]  # only per-sample metrics; "degenerate" is not one
+    for ax in panels:
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        ticks = sorted(zip(ax.get_yticks(), labels, strict=True))
+        top_down = [label for _, label in ticks[::-1]]
+        assert top_down == ["fam = relevancecam", "gradcam", "random"]
+    path = plot_summary(forest_summary(), tmp_path / "summary.png")
+    with Image.open(path) as png:
+        assert np.asarray(png.convert("L")).std() > 5
+
+
+def test_sanity_cascade_has_one_line_per_method(tmp_path):
+    from results_fixtures import sanity_frame
+
+    sanity = sanity_frame(methods=("fam", "gradcam", "random"))
+    fig = sanity_figure(sanity)
+    ax = fig.axes[0]
+    labelled = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in labelled] == ["fam", "gradcam", "random"]
+    assert list(labelled[0].get_xdata()) == [1, 2, 3, 4]
+    assert "encoder.0" in ax.get_xticklabels()[-1].get_text()
+    assert ax.get_ylabel().startswith("Spearman")
+    assert plot_sanity(sanity, tmp_path / "sanity.png").is_file()
+    from results_fixtures import results_frame
+
+    from evaluation.summary import summarise
+
+    from_summary = sanity_figure(summarise(results_frame(), sanity)).axes[0]
+    assert len([x for x in from_summary.get_lines() if not x.get_label().startswith("_")]) == 3
+    with pytest.raises(FamBenchError, match="no sanity rows"):
+        sanity_figure(pd.DataFrame(columns=["method", "metric", "step", "layer", "mean"]))
+
+
+def test_map_grid_draws_an_optional_reference_column(tmp_path):
+    images, maps, masks = grid_inputs(2, ["fam", "gradcam"])
+    references = torch.randn(2, 3, H, W)
+    path = plot_map_grid(
+        images, maps, masks, tmp_path / "grid.png", MEAN, STD, references=references
+    )
+    with Image.open(path) as png:
+        assert png.size == map_grid_size(2, 3)
+    with pytest.raises(FamBenchError, match="references"):
+        plot_map_grid(
+            images, maps, masks, tmp_path / "x.png", MEAN, STD, references=torch.randn(2, 3, 5, 5)
+        )
 
 
 def test_environment_has_the_keys_and_is_json(tmp_path):
@@ -282,3 +409,25 @@ def test_every_shipped_experiment_is_mapped_to_data_or_synthetic():
     # A real-data experiment missing from EXPERIMENT_DATA would be silently skipped forever.
     for config in sorted(CONF_DIR.glob("*.yaml")):
         assert config.stem in EXPERIMENT_DATA or uses_synthetic_data(config), config.name
+
+
+def test_run_figures_in_one_call_share_panels_for_identical_methods(tmp_path):
+    from results_fixtures import results_frame, sanity_frame
+
+    from evaluation.summary import summarise
+    from experiments.figures import plot_run_figures
+
+    results = results_frame(
+        methods=("fam", "fam_product", "random"), identical={"fam_product": "fam"}
+    )
+    curves = method_curves(3)
+    curves = {"fam": curves["m0"], "fam_product": curves["m1"], "random": curves["m2"]}
+    sanity = sanity_frame(methods=("fam", "random"))
+    paths = plot_run_figures(
+        tmp_path, results, summarise(results, sanity), sanity, curves, "probability", "fam"
+    )
+    assert [p.name for p in paths] == ["curves.png", "summary.png", "sanity.png"]
+    assert all(p.is_file() for p in paths)
+    assert [p.name for p in plot_run_figures(tmp_path / "b", results, summarise(results))] == [
+        "summary.png"
+    ]

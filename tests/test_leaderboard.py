@@ -1,6 +1,8 @@
-"""Leaderboard: known means/CIs, ranks, paired Wilcoxon tests, Holm correction, CLI."""
+"""Leaderboard: pooling rules, headings in words, intervals and tests, ranking, flags, CLI."""
 
+import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,282 +10,287 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
+from results_fixtures import config, results_frame, sanity_frame, write_run
+from scipy import stats as scipy_stats
+from statsmodels.stats.contingency_tables import mcnemar
 
+from evaluation import stats
 from evaluation.leaderboard import (
     build_leaderboard,
     holm,
     load_results,
     main,
     markdown_table,
-    mean_ci95,
     metric_direction,
     to_markdown,
 )
 from fam.errors import FamBenchError
 
 REPO = Path(__file__).resolve().parents[1]
-T_975_DF3 = 3.182446305284263  # Student t 0.975 quantile, 3 degrees of freedom (table value)
-
-
-def results_frame(values: dict[str, dict[str, list[float]]], **table) -> pd.DataFrame:
-    """results.csv-shaped rows: method -> metric -> one value per sample (sample_id = position)."""
-    defaults = dict(dataset="synthetic", model="conv4", task="fewshot", settings_id="s1")
-    defaults.update(table)
-    rows = []
-    for method, metrics in values.items():
-        n = len(next(iter(metrics.values())))
-        for i in range(n):
-            row = dict(
-                sample_id=i,
-                episode=i // 3,
-                label=i % 5,
-                method=method,
-                degenerate=False,
-                **defaults,
-            )
-            row.update({metric: vals[i] for metric, vals in metrics.items()})
-            rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def row(board: pd.DataFrame, method: str, metric: str, **table) -> pd.Series:
     mask = (board["method"] == method) & (board["metric"] == metric)
     for key, value in table.items():
         mask &= board[key] == value
-    assert mask.sum() == 1
+    assert mask.sum() == 1, board.loc[mask, ["table", "method", "metric"]]
     return board[mask].iloc[0]
 
 
-def test_mean_and_ci_match_hand_computation():
-    board = build_leaderboard(results_frame({"fam": {"deletion_auc": [1.0, 2.0, 3.0, 4.0]}}))
-    r = row(board, "fam", "deletion_auc")
-    sd = math.sqrt(((1.5**2) * 2 + (0.5**2) * 2) / 3)
-    assert r["mean"] == pytest.approx(2.5)
-    assert r["ci95"] == pytest.approx(T_975_DF3 * sd / 2)
-    assert (r["ci95_low"], r["ci95_high"]) == pytest.approx((2.5 - r["ci95"], 2.5 + r["ci95"]))
-    assert r["n"] == 4
+def md_row(text: str, prefix: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {prefix}"))
+    return [c.strip() for c in line.strip("|").split(" | ")]
 
 
-def test_nan_entries_are_left_out_of_mean_and_count():
-    mean, half, n = mean_ci95(np.array([1.0, np.nan, 3.0]))
-    assert (mean, n) == (2.0, 2)
-    assert half == pytest.approx(stats.t.ppf(0.975, 1) * math.sqrt(2) / math.sqrt(2))
-    assert math.isnan(mean_ci95(np.array([5.0]))[1])
-
-
-def test_ranks_respect_direction_and_share_ties():
-    board = build_leaderboard(
-        results_frame(
-            {
-                "fam": {
-                    "deletion_auc": [0.1, 0.1],
-                    "insertion_auc": [0.5, 0.5],
-                    "average_drop": [3, 3],
-                },
-                "gradcam": {
-                    "deletion_auc": [0.1, 0.1],
-                    "insertion_auc": [0.7, 0.7],
-                    "average_drop": [1, 1],
-                },
-                "random": {
-                    "deletion_auc": [0.3, 0.3],
-                    "insertion_auc": [0.7, 0.7],
-                    "average_drop": [2, 2],
-                },
-            }
-        )
-    )
-    ranks = {(r.method, r.metric): r.rank for r in board.itertuples()}
-    # deletion: lower is better, tie for best
-    assert [ranks[m, "deletion_auc"] for m in ("fam", "gradcam", "random")] == [1, 1, 3]
-    # insertion: higher is better, tie for best
-    assert [ranks[m, "insertion_auc"] for m in ("fam", "gradcam", "random")] == [3, 1, 1]
-    assert [ranks[m, "average_drop"] for m in ("fam", "gradcam", "random")] == [3, 1, 2]
-    assert set(board.loc[board["metric"] == "average_drop", "better"]) == {"lower"}
-    assert metric_direction("pointing_game_other") == "lower"  # hits on the wrong object
-    assert metric_direction("energy_pointing_game") == "higher"
-    assert set(board.loc[board["metric"] == "insertion_auc", "better"]) == {"higher"}
-
-
-def test_wilcoxon_p_value_matches_scipy_on_paired_samples():
-    rng = np.random.default_rng(0)
-    fam = rng.random(20)
-    gradcam = fam + rng.normal(0.1, 0.1, 20)
-    board = build_leaderboard(
-        results_frame(
-            {"fam": {"insertion_auc": list(fam)}, "gradcam": {"insertion_auc": list(gradcam)}}
-        )
-    )
-    r = row(board, "gradcam", "insertion_auc")
-    assert r["p_value"] == pytest.approx(stats.wilcoxon(gradcam, fam).pvalue, rel=1e-12)
-    assert r["n_pairs"] == 20
-    assert math.isnan(row(board, "fam", "insertion_auc")["p_value"])  # no test against itself
-
-
-def test_pairing_uses_sample_ids_not_row_order():
-    rng = np.random.default_rng(1)
-    fam = rng.random(15)
-    other = fam + rng.normal(0.05, 0.2, 15)
-    frame = results_frame(
-        {"fam": {"deletion_auc": list(fam)}, "gradcam": {"deletion_auc": list(other)}}
-    )
-    shuffled = frame.sample(frac=1.0, random_state=3).reset_index(drop=True)
-    p_sorted = row(build_leaderboard(frame), "gradcam", "deletion_auc")["p_value"]
-    p_shuffled = row(build_leaderboard(shuffled), "gradcam", "deletion_auc")["p_value"]
-    assert p_shuffled == pytest.approx(p_sorted, rel=1e-12)
-    assert p_sorted == pytest.approx(stats.wilcoxon(other, fam).pvalue, rel=1e-12)
-    # Pairing in the wrong (row) order would give another p-value: the test is not vacuous.
-    wrong = shuffled[shuffled["method"] == "gradcam"]["deletion_auc"].to_numpy()
-    assert stats.wilcoxon(wrong, fam).pvalue != pytest.approx(p_sorted, rel=1e-6)
-
-
-def test_pairs_never_cross_runs_or_missing_values():
-    a = results_frame(
-        {
-            "fam": {"insertion_auc": [0.1, 0.2, 0.3, 0.4]},
-            "gradcam": {"insertion_auc": [0.3, np.nan, 0.6, 0.9]},
-        }
-    )
-    a["episode"] = np.nan  # tasks without episodes: pairing must still work
-    b = a.copy()
-    a["run"], b["run"] = "run_a", "run_b"
-    b["insertion_auc"] = b["insertion_auc"] * 2
-    board = build_leaderboard(pd.concat([a, b]))
-    r = row(board, "gradcam", "insertion_auc")
-    assert r["n_pairs"] == 6  # 3 finite pairs per run, never matched across runs
-    x = np.array([0.3, 0.6, 0.9, 0.6, 1.2, 1.8])
-    y = np.array([0.1, 0.3, 0.4, 0.2, 0.6, 0.8])
-    assert r["p_value"] == pytest.approx(stats.wilcoxon(x, y).pvalue, rel=1e-12)
-
-
-def test_identical_scores_give_p_value_one():
-    board = build_leaderboard(
-        results_frame(
-            {
-                "fam": {"pointing_game": [1.0, 0.0, 1.0]},
-                "center": {"pointing_game": [1.0, 0.0, 1.0]},
-            }
-        )
-    )
-    assert row(board, "center", "pointing_game")["p_value"] == 1.0
-
-
-def test_holm_matches_hand_computation():
-    # sorted: 0.01*3 = 0.03; 0.03*2 = 0.06; 0.04*1 = 0.04 -> monotone max 0.06
-    adjusted = holm([0.01, 0.04, 0.03, np.nan])
-    np.testing.assert_allclose(adjusted[:3], [0.03, 0.06, 0.06])
-    assert math.isnan(adjusted[3])
-    np.testing.assert_allclose(holm([0.5, 0.6]), [1.0, 1.0])  # capped at 1
-
-
-def test_holm_runs_over_all_comparisons_of_one_table():
-    rng = np.random.default_rng(2)
-    fam = rng.random(12)
-    values = {"fam": {"deletion_auc": list(fam), "insertion_auc": list(fam)}}
-    for k, method in enumerate(("gradcam", "random")):
-        values[method] = {
-            "deletion_auc": list(fam + rng.normal(0.05 * k, 0.1, 12)),
-            "insertion_auc": list(fam + rng.normal(0.2, 0.1, 12)),
-        }
-    board = build_leaderboard(results_frame(values))
-    tested = board[board["method"] != "fam"]
-    assert len(tested) == 4
-    np.testing.assert_allclose(tested["p_holm"], holm(tested["p_value"].to_numpy()))
-    assert (tested["p_holm"] >= tested["p_value"]).all()
-
-
-def test_different_settings_never_share_a_table():
-    s1 = results_frame(
-        {"fam": {"deletion_auc": [0.1, 0.2]}, "gradcam": {"deletion_auc": [0.3, 0.5]}},
-        settings_id="step16",
-    )
-    s2 = results_frame(
-        {"fam": {"deletion_auc": [0.9, 0.9]}, "gradcam": {"deletion_auc": [0.1, 0.1]}},
-        settings_id="step64",
-    )
-    board = build_leaderboard(pd.concat([s1, s2], ignore_index=True))
-    assert row(board, "fam", "deletion_auc", settings_id="step16")["mean"] == pytest.approx(0.15)
-    assert row(board, "fam", "deletion_auc", settings_id="step64")["mean"] == pytest.approx(0.9)
-    assert row(board, "fam", "deletion_auc", settings_id="step16")["rank"] == 1
-    assert row(board, "fam", "deletion_auc", settings_id="step64")["rank"] == 2
-    assert row(board, "gradcam", "deletion_auc", settings_id="step16")["n_pairs"] == 2
+def test_two_runs_that_differ_only_in_training_steps_give_two_tables_with_worded_headings(
+    tmp_path,
+):
+    write_run(tmp_path / "long", results_frame(table_id="t300"), config(max_steps=300))
+    write_run(tmp_path / "short", results_frame(table_id="t20"), config(max_steps=20))
+    board = build_leaderboard(load_results([tmp_path]))
+    assert board["table"].nunique() == 2
+    headings = set(board["heading"])
+    assert headings == {
+        "synthetic_5way: synthetic / conv4_32 / fewshot, 300 training steps",
+        "synthetic_5way: synthetic / conv4_32 / fewshot, 20 training steps",
+    }
+    assert set(board.loc[board["metric"] == "deletion_auc", "n"]) == {50}
     markdown = to_markdown(board)
-    assert "`step16`" in markdown and "`step64`" in markdown
-    assert markdown.count("## synthetic / conv4 / fewshot") == 2
+    assert "## synthetic_5way: synthetic / conv4_32 / fewshot, 20 training steps" in markdown
 
 
-def test_different_experiments_on_the_same_data_never_share_a_table():
-    single = results_frame({"fam": {"pointing_game": [1.0, 1.0]}}, experiment="synthetic_5way")
-    pairs = results_frame({"fam": {"pointing_game": [0.0, 1.0]}}, experiment="synthetic_5way_pairs")
-    board = build_leaderboard(pd.concat([single, pairs], ignore_index=True))
-    assert row(board, "fam", "pointing_game", experiment="synthetic_5way")["mean"] == 1.0
-    assert row(board, "fam", "pointing_game", experiment="synthetic_5way_pairs")["mean"] == 0.5
-    assert "## synthetic_5way_pairs: synthetic / conv4 / fewshot" in to_markdown(board)
-
-
-def test_metric_absent_from_a_table_is_omitted_and_degenerate_rate_reported():
-    frame = results_frame(
-        {
-            "fam": {"deletion_auc": [0.1, 0.2], "pointing_game": [np.nan] * 2},
-            "random": {"deletion_auc": [0.4, 0.5], "pointing_game": [np.nan] * 2},
-        }
+def test_model_options_go_into_the_model_part_of_the_heading_and_labels_are_config_names(
+    tmp_path,
+):
+    write_run(
+        tmp_path / "a", results_frame(table_id="ta"), config(pools=(True, True, False, False))
     )
-    frame.loc[(frame["method"] == "random") & (frame["sample_id"] == 0), "degenerate"] = True
-    board = build_leaderboard(frame)
-    assert set(board["metric"]) == {"deletion_auc"}
-    assert row(board, "random", "deletion_auc")["degenerate_rate"] == 0.5
-    assert row(board, "fam", "deletion_auc")["degenerate_rate"] == 0.0
+    write_run(tmp_path / "b", results_frame(table_id="tb"), config(pools=(True,) * 4))
+    board = build_leaderboard(load_results([tmp_path]))
+    assert set(board["heading"]) == {
+        "synthetic_5way: synthetic / conv4_32 (pools [T,T,F,F]) / fewshot",
+        "synthetic_5way: synthetic / conv4_32 (pools [T,T,T,T]) / fewshot",
+    }
+    assert set(board["model"]) == {"conv4_32"}
 
 
-def test_duplicate_samples_are_a_clear_error():
-    frame = results_frame({"fam": {"deletion_auc": [0.1, 0.2]}})
-    with pytest.raises(FamBenchError, match="sharing"):
+def test_tables_without_configs_still_get_distinct_headings():
+    frame = pd.concat([results_frame(table_id="ta"), results_frame(table_id="tb")])
+    headings = set(build_leaderboard(frame)["heading"])
+    assert len(headings) == 2 and all("(table t" in h for h in headings)
+
+
+def test_a_folder_passed_twice_or_a_repeated_run_does_not_change_n(tmp_path):
+    write_run(tmp_path / "run", results_frame(), config())
+    once = build_leaderboard(load_results([tmp_path / "run"]))
+    twice = build_leaderboard(load_results([tmp_path / "run", tmp_path / "run", tmp_path]))
+    shutil.copytree(tmp_path / "run", tmp_path / "repeat")
+    repeated = build_leaderboard(load_results([tmp_path / "run", tmp_path / "repeat"]))
+    for board in (twice, repeated):
+        assert board["table"].nunique() == 1
+        pd.testing.assert_series_equal(board["n"], once["n"])
+        pd.testing.assert_series_equal(board["mean"], once["mean"])
+    notes = json.loads(repeated["notes"].iloc[0])
+    assert any("counted once" in n for n in notes)
+    assert "counted once" in to_markdown(repeated)
+
+
+def test_the_same_sample_twice_in_one_file_is_refused():
+    frame = results_frame()
+    with pytest.raises(FamBenchError, match="share \\(table_id, seed, method"):
         build_leaderboard(pd.concat([frame, frame]))
 
 
-def test_markdown_bolds_best_marks_significance_and_needs_no_tabulate():
-    rng = np.random.default_rng(4)
-    fam = rng.random(30)
-    board = build_leaderboard(
-        results_frame(
-            {
-                "fam": {"deletion_auc": list(fam)},
-                "random": {"deletion_auc": list(fam + 0.5 + rng.normal(0, 0.05, 30))},
-            }
-        )
+def test_seeds_are_separate_tables_unless_pooled_as_a_seed_level():
+    frame = pd.concat([results_frame(seed=0), results_frame(seed=1)], ignore_index=True)
+    separate = build_leaderboard(frame)
+    assert separate["table"].nunique() == 2
+    assert set(separate["seed"]) == {"0", "1"}
+    pooled = build_leaderboard(frame, pool_seeds=True)
+    assert pooled["table"].nunique() == 1
+    r = row(pooled, "fam", "deletion_auc")
+    seed_means = frame[frame["method"] == "fam"].groupby("seed")["deletion_auc"].mean()
+    expected = stats.t_interval(seed_means.to_numpy())
+    assert (r["mean"], r["ci95_low"], r["ci95_high"]) == pytest.approx(
+        (expected.mean, expected.low, expected.high)
+    )
+    assert (r["interval"], r["n"], r["n_seeds"]) == ("t-seeds", 100, 2)
+    assert r["seed"] == "0,1"
+    hits = row(pooled, "fam", "pointing_game")
+    assert 0.0 <= hits["ci95_low"] <= hits["ci95_high"] <= 1.0
+    # Pairs never cross seeds: sample ids are matched within a seed.
+    assert row(pooled, "gradcam", "deletion_auc")["n_pairs"] == 100
+    assert "pooled as a seed level" in to_markdown(pooled)
+
+
+def test_cli_pool_seeds_flag(tmp_path):
+    write_run(tmp_path / "s0", results_frame(seed=0), config(seed=0))
+    write_run(tmp_path / "s1", results_frame(seed=1), config(seed=1))
+    main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "b"), "--pool-seeds"])
+    board = pd.read_csv(tmp_path / "b" / "leaderboard.csv")
+    assert board["table"].nunique() == 1
+    main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "c")])
+    board = pd.read_csv(tmp_path / "c" / "leaderboard.csv")
+    assert board["table"].nunique() == 2
+    assert any("seed 1" in h for h in board["heading"])
+
+
+def test_binary_metrics_get_wilson_intervals_and_exact_mcnemar_tests():
+    board = build_leaderboard(results_frame())
+    r = row(board, "gradcam", "pointing_game")
+    assert r["interval"] == "wilson-episodes" and r["test"] == "mcnemar-exact"
+    frame = results_frame()
+    x = frame.loc[frame["method"] == "gradcam", "pointing_game"].to_numpy() > 0.5
+    y = frame.loc[frame["method"] == "fam", "pointing_game"].to_numpy() > 0.5
+    table = [[np.sum(x & y), np.sum(x & ~y)], [np.sum(~x & y), np.sum(~x & ~y)]]
+    assert r["p_value"] == pytest.approx(mcnemar(table, exact=True).pvalue, rel=1e-12)
+    assert 0.0 <= r["ci95_low"] <= r["ci95_high"] <= 1.0
+    d = row(board, "gradcam", "deletion_auc")
+    assert d["test"] == "wilcoxon"
+    xs = frame.loc[frame["method"] == "gradcam", "deletion_auc"].to_numpy()
+    ys = frame.loc[frame["method"] == "fam", "deletion_auc"].to_numpy()
+    assert d["p_value"] == pytest.approx(scipy_stats.wilcoxon(xs, ys).pvalue, rel=1e-12)
+
+
+def test_pairing_uses_sample_ids_not_row_order():
+    frame = results_frame()
+    shuffled = frame.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    a = row(build_leaderboard(frame), "gradcam", "deletion_auc")["p_value"]
+    b = row(build_leaderboard(shuffled), "gradcam", "deletion_auc")["p_value"]
+    assert a == pytest.approx(b, rel=1e-12)
+
+
+def test_holm_runs_over_all_comparisons_of_one_table():
+    board = build_leaderboard(results_frame())
+    tested = board[board["p_value"].notna()]
+    assert len(tested) == 2 * 6
+    np.testing.assert_allclose(tested["p_holm"], holm(tested["p_value"].to_numpy()))
+
+
+def test_cells_show_direction_beside_stars_and_ranks_respect_direction():
+    board = build_leaderboard(results_frame())
+    assert row(board, "random", "deletion_auc")["versus"] == "worse"
+    assert row(board, "fam", "deletion_auc")["rank"] == 1
+    assert metric_direction("pointing_game_other") == "lower"
+    text = to_markdown(board)
+    cells = md_row(text, "random")
+    assert cells[1].endswith("worse ***")
+    assert "deletion_auc ↓" in text and "insertion_auc ↑" in text
+
+
+def test_bold_only_when_not_tied_at_the_shown_rounding():
+    frame = results_frame(methods=("fam", "relevancecam", "random"))
+    fam = frame["method"] == "fam"
+    rel = frame["method"] == "relevancecam"
+    frame.loc[rel, "deletion_auc"] = frame.loc[fam, "deletion_auc"].to_numpy()
+    frame.loc[rel, "deletion_auc"] += (0.2155873 - 0.2156057) / 2  # float noise of one map
+    frame.loc[rel, "insertion_auc"] = frame.loc[fam, "insertion_auc"].to_numpy() + 0.05
+    board = build_leaderboard(frame)
+    fam_d, rel_d = row(board, "fam", "deletion_auc"), row(board, "relevancecam", "deletion_auc")
+    assert fam_d["mean"] != rel_d["mean"]
+    assert fam_d["rank"] == rel_d["rank"] == 1
+    assert not fam_d["best"] and not rel_d["best"]
+    assert row(board, "relevancecam", "insertion_auc")["best"]
+    text = to_markdown(board)
+    assert not md_row(text, "fam")[1].startswith("**")
+    # Float noise is neither bold nor "better", even though Wilcoxon finds it significant.
+    assert md_row(text, "relevancecam")[1] == md_row(text, "fam")[1]
+    assert rel_d["p_holm"] < 0.001 and rel_d["versus"] == "tied"
+    assert md_row(text, "relevancecam")[2].startswith("**")
+
+
+def test_n_is_given_per_metric():
+    frame = results_frame(methods=("fam", "gradcam"))
+    gradcam = frame["method"] == "gradcam"
+    frame.loc[gradcam & (frame["index"] >= 7), "energy_pointing_game"] = np.nan
+    frame.loc[gradcam & (frame["sample_id"] == "s0-0"), "energy_pointing_game"] = np.nan
+    board = build_leaderboard(frame)
+    r = row(board, "gradcam", "energy_pointing_game")
+    assert (r["n"], r["n_excluded"]) == (34, 16)
+    assert row(board, "gradcam", "deletion_auc")["n"] == 50
+    cells = md_row(to_markdown(board), "gradcam")
+    assert "(n=34)" in cells[4] and "(n=" not in cells[1]
+
+
+def test_sanity_column_is_the_correlation_after_full_randomisation(tmp_path):
+    sanity = sanity_frame()
+    write_run(tmp_path / "run", results_frame(), config(), sanity=sanity)
+    board = build_leaderboard(load_results([tmp_path]))
+    r = row(board, "fam", "sanity")
+    last = sanity[(sanity["method"] == "fam") & (sanity["step"] == 4)]["spearman"]
+    assert r["mean"] == pytest.approx(last.mean())
+    assert r["better"] == "lower" and math.isnan(r["rank"])
+    assert "encoder.0" in r["interval"]
+    assert "sanity ρ (fully randomised) ↓" in to_markdown(board)
+
+
+def test_warnings_are_shown_beside_their_table(tmp_path):
+    warning = {"code": "degenerate_maps", "message": "gradcam: 62% of maps are degenerate"}
+    write_run(tmp_path / "a", results_frame(table_id="ta"), config(300), warnings=[warning])
+    write_run(tmp_path / "b", results_frame(table_id="tb"), config(20))
+    board = build_leaderboard(load_results([tmp_path]))
+    text = to_markdown(board)
+    section = text.split("## ")[1:]
+    with_warning = [s for s in section if "62% of maps" in s]
+    assert len(with_warning) == 1 and "300 training steps" in with_warning[0]
+    assert "**warning** degenerate_maps: gradcam: 62%" in with_warning[0]
+
+
+def test_oracle_flag_marks_a_metric_that_does_not_separate_mask_from_random():
+    frame = results_frame(methods=("fam", "mask", "random"))
+    mask, rand = frame["method"] == "mask", frame["method"] == "random"
+    frame.loc[mask, "average_drop"] = frame.loc[rand, "average_drop"].to_numpy()[::-1]
+    board = build_leaderboard(frame)
+    assert not row(board, "fam", "average_drop")["oracle_separates"]
+    assert row(board, "fam", "deletion_auc")["oracle_separates"]
+    text = to_markdown(board)
+    assert "average_drop ↓ ⚠" in text
+    assert "average_drop: does not separate the ground truth from random here" in text
+
+
+def test_identical_methods_are_one_row_not_rivals():
+    frame = results_frame(
+        methods=("fam", "fam_product", "relevancecam", "random"),
+        identical={"fam_product": "fam", "relevancecam": "fam"},
+    )
+    board = build_leaderboard(frame)
+    assert row(board, "relevancecam", "deletion_auc")["identical_to"] == (
+        "fam = fam_product = relevancecam"
     )
     text = to_markdown(board)
-    fam_row = next(line for line in text.splitlines() if line.startswith("| fam (ref)"))
-    random_row = next(line for line in text.splitlines() if line.startswith("| random"))
-    assert f"**{fam.mean():.3f} ± " in fam_row
-    assert random_row.split("|")[2].strip().endswith("***")  # p ~ 2e-9 after Holm
-    assert "deletion_auc ↓" in text
-    # method column left, numbers right; pipes escaped
+    assert md_row(text, "fam (ref) = fam_product = relevancecam")
+    assert not any(line.startswith("| relevancecam") for line in text.splitlines())
+
+
+def test_same_method_with_other_options_is_another_entry():
+    frame = results_frame(
+        methods=("a", "b"),
+        options={
+            "a": {"method": "fam", "options": {"contribution": "ablation"}},
+            "b": {"method": "fam", "options": {"contribution": "product"}},
+        },
+    )
+    board = build_leaderboard(frame, reference="fam (contribution=ablation)")
+    assert set(board["method"]) == {"fam (contribution=ablation)", "fam (contribution=product)"}
+    assert set(board["method_name"]) == {"fam"}
+    assert row(board, "fam (contribution=product)", "deletion_auc")["n_pairs"] == 50
+
+
+def test_results_without_table_id_are_keyed_by_what_they_have_with_a_note():
+    # Older runs: settings_id was the metric settings alone, the same for every method.
+    frame = results_frame().drop(columns=["table_id", "model_id", "seed"]).assign(settings_id="s1")
+    frame = pd.concat([frame, frame.assign(settings_id="s2")], ignore_index=True)
+    board = build_leaderboard(frame)
+    assert board["table"].nunique() == 2
+    assert "no table_id" in to_markdown(board)
+
+
+def test_markdown_table_escapes_pipes_and_aligns_numbers():
     assert markdown_table(["a", "b"], [["x|y", "1"]]).splitlines() == [
         "| a | b |",
         "|---|---:|",
         "| x\\|y | 1 |",
     ]
-
-
-def write_run(folder: Path, frame: pd.DataFrame) -> None:
-    folder.mkdir(parents=True)
-    frame.to_csv(folder / "results.csv", index=False)
-
-
-def test_load_results_finds_multirun_subfolders_once(tmp_path):
-    frame = results_frame(
-        {"fam": {"deletion_auc": [0.1, 0.2]}, "gradcam": {"deletion_auc": [0.3, 0.4]}}
-    )
-    write_run(tmp_path / "multirun" / "0", frame)
-    write_run(tmp_path / "multirun" / "1", frame)
-    # the parent and one of its children: each file must be read once
-    loaded = load_results([tmp_path / "multirun", tmp_path / "multirun" / "0"])
-    assert len(loaded) == 2 * len(frame)
-    assert loaded["run"].nunique() == 2
-    r = row(build_leaderboard(loaded), "gradcam", "deletion_auc")
-    assert r["n_pairs"] == 4 and r["n"] == 4
 
 
 def test_folder_without_results_is_a_clear_error(tmp_path):
@@ -298,17 +305,15 @@ def test_folder_without_results_is_a_clear_error(tmp_path):
         load_results([tmp_path / "bad"])
 
 
-def test_cli_writes_csv_and_markdown(tmp_path, capsys):
-    frame = results_frame(
-        {"fam": {"deletion_auc": [0.1, 0.2, 0.2]}, "gradcam": {"deletion_auc": [0.3, 0.4, 0.1]}}
-    )
-    write_run(tmp_path / "run", frame)
+def test_cli_writes_csv_markdown_and_html(tmp_path, capsys):
+    write_run(tmp_path / "run", results_frame(), config(), sanity=sanity_frame())
     assert main([str(tmp_path / "run"), "--out", str(tmp_path / "board")]) == 0
     csv = pd.read_csv(tmp_path / "board" / "leaderboard.csv")
-    assert set(csv["method"]) == {"fam", "gradcam"}
+    assert set(csv["method"]) == {"fam", "gradcam", "random"}
     markdown = (tmp_path / "board" / "leaderboard.md").read_text()
     assert markdown.startswith("# Leaderboard")
     assert to_markdown(csv) == markdown  # the CSV holds everything the Markdown shows
+    assert (tmp_path / "board" / "leaderboard.html").is_file()
     assert "fam (ref)" in capsys.readouterr().out
 
 
@@ -321,5 +326,27 @@ def test_cli_error_is_one_line_exit_2_without_traceback(tmp_path):
         check=False,
     )
     assert done.returncode == 2
-    assert done.stderr.startswith("error: no results.csv under")
+    assert done.stderr.startswith("fam-bench: error: no results.csv under")
     assert "Traceback" not in done.stderr
+
+
+def test_legacy_runs_without_table_id_are_kept_apart_by_their_configs(tmp_path):
+    legacy = results_frame().drop(columns=["table_id", "model_id", "seed"]).assign(settings_id="s")
+    write_run(tmp_path / "long", legacy, config(max_steps=300))
+    write_run(tmp_path / "short", legacy, config(max_steps=20))
+    board = build_leaderboard(load_results([tmp_path]))
+    assert board["table"].nunique() == 2
+    assert set(board["seed"]) == {"0"}  # from the config
+    assert any(h.endswith("20 training steps") for h in board["heading"])
+
+
+def test_method_lists_and_options_never_enter_a_heading(tmp_path):
+    a, b = config(300), config(20)
+    a["method"] = {"fam": {"contribution": "ablation"}}
+    b["method"] = {"fam": {"contribution": "ablation"}, "gradcam": {}}
+    b["methods"] = ["fam", "gradcam"]
+    write_run(tmp_path / "a", results_frame(table_id="ta"), a)
+    write_run(tmp_path / "b", results_frame(table_id="tb"), b)
+    headings = set(build_leaderboard(load_results([tmp_path]))["heading"])
+    assert all("method" not in h for h in headings)
+    assert {h.rsplit(", ", 1)[-1] for h in headings} == {"300 training steps", "20 training steps"}

@@ -96,7 +96,9 @@ def test_resnet_encoder_matches_torchvision_without_fc(arch, tmp_path):
     reference = getattr(torchvision.models, arch)(weights=None).eval()
     path = tmp_path / "torchvision.pt"
     torch.save(reference.state_dict(), path)  # includes fc.*, which the encoder drops
-    encoder = load_weights(build_model(arch), path).eval()
+    encoder = build_model(arch)
+    load_weights(encoder, path)
+    encoder.eval()
     reference.fc = nn.Identity()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -154,3 +156,86 @@ def test_build_model_instantiates_hydra_target_with_labels():
 def test_resnet_encoder_rejects_unknown_arch():
     with pytest.raises(ValueError, match="arch"):
         ResNetEncoder("resnet34")
+
+
+# -- model=custom: any class or factory function, exactly that model or an error -----------
+def custom(target: str, **extra):
+    from experiments.models import build_model_from_config
+
+    return build_model_from_config({"target": target, "kwargs": {}, **extra})
+
+
+def test_custom_class_is_built_with_its_kwargs_and_labelled_by_its_path():
+    model, label = custom(
+        "experiments.models.Conv4", kwargs={"hidden": 8}, input_size=32, target_layer=None
+    )
+    assert isinstance(model, Conv4) and model.encoder[0][0].out_channels == 8
+    assert label == model.model_name == "experiments.models.Conv4"
+    assert model.default_target_layer == "encoder.3" and model.embedding_dim == 8
+
+
+def test_custom_factory_function_gets_its_head_stripped_and_a_target_layer():
+    model, label = custom("torchvision.models.resnet18", kwargs={"num_classes": 7}, input_size=32)
+    assert label == "torchvision.models.resnet18"
+    assert isinstance(model.fc, nn.Identity) and model.checkpoint_ignore == ("fc.",)
+    assert model.default_target_layer == "layer4" and model.embedding_dim == 512
+    kept, _ = custom("torchvision.models.resnet18", strip_head=False, input_size=32)
+    assert isinstance(kept.fc, nn.Linear) and kept.embedding_dim == 1000
+
+
+def test_custom_head_inside_a_pooling_head_is_stripped_one_level_down():
+    from experiments.models.custom import strip_classifier_head
+
+    net = nn.Sequential()
+    net.features = nn.Conv2d(3, 4, 3)
+    net.head = nn.Sequential()
+    net.head.pool, net.head.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, 2)
+    assert strip_classifier_head(net) == ["head.fc"] and isinstance(net.head.pool, nn.Module)
+
+
+@pytest.mark.parametrize(
+    ("target", "extra", "message"),
+    [
+        ("no_such_package.SmallNet", {}, "Cannot import model.target 'no_such_package"),
+        ("torchvision.models.no_such_net", {}, "has no attribute 'no_such_net'"),
+        ("math.pi", {}, "not a class or function"),
+        ("collections.OrderedDict", {}, "not a torch.nn.Module"),
+        ("experiments.models.Conv4", {"kwargs": {"width": 3}}, r"do not fit .*'hidden'"),
+        (
+            "torch.nn.Conv2d",
+            {"kwargs": {"in_channels": 3, "out_channels": 4, "kernel_size": 3}, "input_size": 8},
+            r"shape \(2, 4, 6, 6\).*feature map",
+        ),
+        ("experiments.models.Conv4", {"target_layer": "layer9"}, "not a module of"),
+        ("", {}, "needs model.target"),
+    ],
+)
+def test_custom_targets_that_cannot_be_built_are_errors_never_a_fallback(target, extra, message):
+    with pytest.raises(FamBenchError, match=message):
+        custom(target, **extra)
+
+
+def test_model_configs_reject_unknown_keys_and_hydra_targets():
+    from experiments.models import build_model_from_config
+
+    base = {"name": "conv4", "checkpoint": None, "target_layer": None, "options": {}}
+    model, label = build_model_from_config(base)
+    assert isinstance(model, Conv4) and label == "conv4"
+    with pytest.raises(FamBenchError, match="model=custom model.target=mymodels.SmallNet"):
+        build_model_from_config({**base, "_target_": "mymodels.SmallNet"})
+    with pytest.raises(FamBenchError, match=r"unknown key\(s\) \['kwargs'\]"):
+        build_model_from_config({**base, "kwargs": {}})
+    with pytest.raises(FamBenchError, match="Unknown model 'vgg'"):
+        build_model_from_config({**base, "name": "vgg"})
+
+
+def test_solo_learn_stem_padding_and_easyfsl_resnet12_shapes():
+    solo = ResNetEncoder("resnet18", cifar_stem=True, stem_padding=2)
+    assert solo.conv1.padding == (2, 2)
+    emb, acts = _target_map(solo, torch.randn(2, 3, 32, 32))
+    assert acts.shape[-2:] == (5, 5)  # 34 px after the stem, four halvings
+    easy = ResNetEncoder("easyfsl_resnet12", cifar_stem=True)
+    emb, acts = _target_map(easy, torch.randn(2, 3, 32, 32))
+    assert emb.shape == (2, 640) and acts.shape == (2, 640, 4, 4)
+    with pytest.raises(ValueError, match="cifar_stem=True"):
+        ResNetEncoder("easyfsl_resnet12")

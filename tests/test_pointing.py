@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from evaluation import (
+    annotation_tolerance,
     boxes_to_masks,
     energy_pointing_game,
-    pointing_accuracy,
     pointing_game,
-    scaled_tolerance,
+    tight_boxes,
 )
 from fam.errors import FamBenchError
 
@@ -125,21 +125,11 @@ def test_boxes_give_the_same_result_as_the_equivalent_masks():
 def test_energy_is_the_share_of_mass_inside_the_mask():
     weights = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]])
     masks = torch.tensor([[[True, False], [False, True]], [[True, False], [False, False]]])
-    energy = energy_pointing_game(weights, masks)
+    energy = energy_pointing_game(weights, masks, region="mask")
     assert energy[0].item() == pytest.approx(0.5)
     assert math.isnan(energy[1].item())  # zero map: nothing to share
     with pytest.raises(FamBenchError, match="non-negative"):
         energy_pointing_game(-weights, masks)
-
-
-def test_accuracy_excludes_and_counts_unscored_samples_and_averages_per_class():
-    hits = torch.tensor([1.0, 0.0, math.nan, 1.0, 1.0, math.nan])
-    labels = [0, 0, 0, 1, 2, 3]  # class 3 has no scored sample
-    overall, per_class, excluded = pointing_accuracy(hits, labels)
-    assert overall == pytest.approx(3 / 4)
-    assert per_class == pytest.approx((0.5 + 1.0 + 1.0) / 3)
-    assert excluded == 2
-    assert pointing_accuracy(hits) == (pytest.approx(0.75), pytest.approx(0.75), 2)
 
 
 def test_bad_ground_truth_shapes_raise_clear_errors():
@@ -149,6 +139,62 @@ def test_bad_ground_truth_shapes_raise_clear_errors():
         pointing_game(torch.rand(1, 5, 5), torch.ones(1, 5, 5, dtype=torch.bool), tolerance=-1)
 
 
-def test_tolerance_scales_with_image_size():
-    assert scaled_tolerance(224, 224) == pytest.approx(15.0)
-    assert scaled_tolerance(84, 84) == pytest.approx(15.0 * 84 / 224)
+def test_energy_in_the_box_counts_the_masks_tight_bounding_box():
+    """Score-CAM's definition: mass inside the bounding box. An L-shaped mask's tight
+    box is the 2x2 square, so the pixel the mask misses counts in the box."""
+    weights = torch.tensor([[[1.0, 2.0, 0.0], [3.0, 4.0, 0.0], [0.0, 0.0, 10.0]]])
+    masks = torch.tensor([[[True, True, False], [True, False, False], [False] * 3]])
+    # box: (1 + 2 + 3 + 4) / 20 = 0.5; mask: (1 + 2 + 3) / 20 = 0.3
+    assert energy_pointing_game(weights, masks).item() == pytest.approx(0.5)
+    assert energy_pointing_game(weights, masks, region="box").item() == pytest.approx(0.5)
+    assert energy_pointing_game(weights, masks, region="mask").item() == pytest.approx(0.3)
+    # Given boxes (e.g. a dataset's annotated boxes) are used as they are: x0, y0, x1, y1.
+    boxes = torch.tensor([[2.0, 2.0, 3.0, 3.0]])
+    assert energy_pointing_game(weights, masks, boxes=boxes).item() == pytest.approx(0.5)
+    assert energy_pointing_game(weights, boxes).item() == pytest.approx(0.5)
+    with pytest.raises(FamBenchError, match="region must be"):
+        energy_pointing_game(weights, masks, region="circle")
+
+
+def test_tight_boxes_of_masks():
+    masks = torch.zeros(2, 6, 8, dtype=torch.bool)
+    masks[0, 1:3, 2:5] = True
+    masks[0, 4, 6] = True
+    assert tight_boxes(masks).tolist() == [[2, 1, 7, 5], [0, 0, 0, 0]]
+    box = torch.zeros(6, 8, dtype=torch.bool)
+    box[1:5, 2:7] = True
+    assert torch.equal(boxes_to_masks(tight_boxes(masks), (6, 8))[0], box)
+
+
+def test_pointing_takes_one_tolerance_per_sample():
+    saliency = torch.zeros(2, 10, 10)
+    saliency[:, 0, 0] = 1.0
+    masks = single(10, 10, (0, 5)).expand(2, 10, 10)
+    # Distance 5: a hit with tolerance 6, a miss with tolerance 5 (strict <).
+    hits = pointing_game(saliency, masks, tolerance=torch.tensor([6.0, 5.0]))
+    assert hits.tolist() == [1.0, 0.0]
+    with pytest.raises(FamBenchError, match="one value per sample"):
+        pointing_game(saliency, masks, tolerance=torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(FamBenchError, match=">= 0"):
+        pointing_game(saliency, masks, tolerance=torch.tensor([1.0, -2.0]))
+
+
+def test_annotation_tolerance_converts_15_px_to_each_images_input_pixels():
+    # 448x448 original resized to 224x224: 15 px there are 7.5 input px; 112x112 -> 30 px;
+    # 300x200 -> sqrt(224*224 / (300*200)) * 15.
+    sizes = torch.tensor([[448, 448], [112, 112], [300, 200]])
+    tol = annotation_tolerance(15.0, sizes, (224, 224))
+    expected = [7.5, 30.0, 15.0 * math.sqrt(224 * 224 / 60000)]
+    assert tol.tolist() == pytest.approx(expected)
+
+
+def test_a_non_finite_map_is_not_scored_and_others_are():
+    saliency = torch.rand(3, 6, 6)
+    saliency[1, 2, 2] = float("nan")
+    saliency[2] = float("inf")
+    masks = torch.ones(3, 6, 6, dtype=torch.bool)
+    hits = pointing_game(saliency, masks, tolerance=1.0)
+    assert hits[0].item() == 1.0 and torch.isnan(hits[1:]).all()
+    energy = energy_pointing_game(saliency, masks, region="mask")
+    assert energy[0].item() == pytest.approx(1.0) and torch.isnan(energy[1:]).all()
+    assert int(torch.isnan(hits).sum()) == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -12,9 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 
-from evaluation.summary import summarise
 from experiments import builders, config, pipeline
 from experiments.store import OutputStore
 from experiments.tasks import family_for
@@ -219,31 +216,6 @@ def test_settings_id_changes_with_every_metric_setting():
     ):
         ids.add(builders.settings_id({**base, key: value}))
     assert len(ids) == 6
-
-
-def test_summary_gives_t_interval_and_excludes_nan():
-    rng = np.random.default_rng(0)
-    values = rng.normal(0.5, 0.2, size=12)
-    values_with_nan = np.concatenate([values, [np.nan, np.nan]])
-    frame = pd.DataFrame(
-        {
-            "method": ["a"] * 14,
-            "label": [0, 1] * 7,
-            "pointing_game": values_with_nan,
-            "degenerate": [False] * 13 + [True],
-            "settings_id": "x",
-        }
-    )
-    summary = summarise(frame).set_index("metric")
-    row = summary.loc["pointing_game"]
-    low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
-    assert (row["n"], row["n_excluded"]) == (12, 2)
-    assert row["mean"] == pytest.approx(values.mean())
-    assert (row["ci95_low"], row["ci95_high"]) == (pytest.approx(low), pytest.approx(high))
-    assert summary.loc["degenerate", "mean"] == pytest.approx(1 / 14)
-    class_means = [np.nanmean(values_with_nan[0::2]), np.nanmean(values_with_nan[1::2])]
-    assert summary.loc["pointing_game_class_mean", "mean"] == pytest.approx(np.mean(class_means))
-    assert math.isnan(summarise(frame.iloc[:1])["ci95_low"][0])
 
 
 def test_output_folder_of_another_config_is_refused(tmp_path):

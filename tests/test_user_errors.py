@@ -116,6 +116,7 @@ class FeatureMap(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.default_target_layer = "conv"
 
     def forward(self, x):
         return self.conv(x)

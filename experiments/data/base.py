@@ -126,6 +126,8 @@ class ImageDataset(Dataset):
             else:
                 mask = resize_mask(annotation, size)
             item["mask"] = mask
+            # the resolution the mask or box was drawn at (the pointing game's tolerance)
+            item["annotation_size"] = (int(image.shape[1]), int(image.shape[2]))
         return item
 
 

@@ -11,7 +11,8 @@ from torch.utils.data import Dataset
 from experiments.data.formats.cars196 import load_cars196
 from experiments.data.formats.cifar10 import load_cifar10
 from experiments.data.formats.cub import load_cub
-from experiments.data.formats.imagefolder import load_imagefolder
+from experiments.data.formats.imagefolder import load_imagefolder, read_split_folder
+from experiments.data.formats.manifest import load_manifest
 from experiments.data.formats.miniimagenet import load_miniimagenet
 from experiments.data.formats.sop import load_sop
 from experiments.data.formats.stl10 import load_stl10
@@ -26,7 +27,7 @@ def _synthetic(
 
 
 def _tiered(root: str | Path, split: str, image_size: int = 84, normalise: bool = True):
-    return load_imagefolder(root, split, image_size, normalise, name="tieredImageNet")
+    return read_split_folder(root, split, image_size, normalise, name="tieredImageNet")
 
 
 LOADERS: dict[str, Callable[..., Dataset]] = {
@@ -34,6 +35,7 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
     "miniimagenet": load_miniimagenet,
     "tieredimagenet": _tiered,
     "imagefolder": load_imagefolder,
+    "manifest": load_manifest,
     "cub": load_cub,
     "cifar10": load_cifar10,
     "stl10": load_stl10,

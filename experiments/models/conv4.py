@@ -7,7 +7,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from experiments.models._pooling import check_pooling, pool_embedding
+from experiments.models._pooling import EmbeddingPool, check_pooling
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
@@ -53,9 +53,9 @@ class Conv4(nn.Module):
             *(conv_block(channels[i], channels[i + 1], bool(pools[i])) for i in range(4))
         )
         self.pooling = pooling
+        self.pool = EmbeddingPool(pooling)
         self.embedding_dim = hidden if pooling == "gap" else None
 
     def forward(self, images: Tensor) -> Tensor:
         """``(N, C, H, W) -> (N, D)``."""
-        features = self.encoder(images)
-        return pool_embedding(features, self.pooling)
+        return self.pool(self.encoder(images))

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
+from zennit.layer import Sum
 
-from experiments.models._pooling import check_pooling, pool_embedding
+from experiments.models._pooling import EmbeddingPool, check_pooling
 
 
 def _conv_bn(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -37,12 +39,16 @@ class ResidualBlock(nn.Module):
         self.shortcut = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
         )
+        # The residual addition as a module (zennit's Sum, summing a stacked last axis),
+        # so LRP splits relevance between the branches instead of copying it to both.
+        self.add = Sum(dim=-1)
         self.activation = nn.LeakyReLU(0.1)
         self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C_in, H, W) -> (N, C_out, H', W')`` (``H' = H // 2`` when pooling)."""
-        return self.pool(self.activation(self.body(x) + self.shortcut(x)))
+        summed = self.add(torch.stack([self.body(x), self.shortcut(x)], dim=-1))
+        return self.pool(self.activation(summed))
 
 
 class ResNet12(nn.Module):
@@ -77,6 +83,7 @@ class ResNet12(nn.Module):
                 f"layer{i + 1}", ResidualBlock(widths[i], widths[i + 1], bool(pools[i]))
             )
         self.pooling = pooling
+        self.pool = EmbeddingPool(pooling)
         self.embedding_dim = channels[-1] if pooling == "gap" else None
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -85,4 +92,4 @@ class ResNet12(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """``(N, C, H, W) -> (N, D)``."""
         x = self.layer4(self.layer3(self.layer2(self.layer1(images))))
-        return pool_embedding(x, self.pooling)
+        return self.pool(x)

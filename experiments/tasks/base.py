@@ -43,7 +43,9 @@ class Unit:
     Drop / Increase in Confidence (``None``: not available); ``reference_fn(net) -> (N, D)``
     recomputes the references with another network (randomisation sanity check);
     ``columns`` per-sample values written into each result row (lists of length N);
-    ``similarity`` what the explainers explain (a name or a callable ``(emb, ref) -> (N,)``).
+    ``similarity`` what the explainers explain (a name or a callable ``(emb, ref) -> (N,)``);
+    ``boxes (N, 4)`` and ``annotation_sizes (N, 2)`` (the resolution masks were drawn at)
+    when the data has them.
     """
 
     unit: int
@@ -56,6 +58,7 @@ class Unit:
     masks: Tensor | None = None
     other_masks: Tensor | None = None
     boxes: Tensor | None = None
+    annotation_sizes: Tensor | None = None
     reference_images: Tensor | None = None
     columns: dict[str, list] = field(default_factory=dict)
 
@@ -122,15 +125,35 @@ class TaskFamily:
 
 
 def stack_items(
-    dataset, indices: Sequence[int], device: torch.device
+    dataset, indices: Sequence[int], device: torch.device, extras: dict | None = None
 ) -> tuple[Tensor, Tensor | None, list[int]]:
-    """Images ``(N, 3, H, W)``, masks ``(N, H, W)`` (or ``None``) and labels of items."""
+    """Images ``(N, 3, H, W)``, masks ``(N, H, W)`` (or ``None``) and labels of items.
+
+    ``extras``, if given, receives ``annotation_sizes`` ``(N, 2)`` (the resolution each
+    mask was drawn at: the items' ``annotation_size`` or the dataset's) and ``boxes``
+    ``(N, 4)`` (the items' ``box``) when the dataset has them.
+    """
     items = [dataset[int(i)] for i in indices]
     images = torch.stack([it["image"] for it in items]).to(device)
     masks = None
     if getattr(dataset, "has_masks", False):
         masks = torch.stack([torch.as_tensor(it["mask"]) for it in items]).bool().to(device)
+    if extras is not None:
+        extras["annotation_sizes"] = annotation_sizes(dataset, items)
+        if items and "box" in items[0]:
+            extras["boxes"] = torch.stack([torch.as_tensor(it["box"]) for it in items]).to(device)
     return images, masks, [int(it["label"]) for it in items]
+
+
+def annotation_sizes(dataset, items: Sequence[dict] | int) -> Tensor | None:
+    """``(N, 2)`` (height, width) each item's mask was drawn at, or ``None`` if unknown."""
+    n = items if isinstance(items, int) else len(items)
+    if not isinstance(items, int) and items and "annotation_size" in items[0]:
+        return torch.tensor([list(it["annotation_size"]) for it in items], dtype=torch.float64)
+    size = getattr(dataset, "annotation_size", None)
+    if size is None:
+        return None
+    return torch.tensor([list(size)] * n, dtype=torch.float64)
 
 
 def query_order(n_items: int, num_queries: int | None, seed: int) -> Tensor:

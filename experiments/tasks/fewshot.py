@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from experiments.data.seeding import derive_seed
 from experiments.embedding import embed
-from experiments.tasks.base import Evaluation, TaskFamily, Unit, stack_items
+from experiments.tasks.base import Evaluation, TaskFamily, Unit, annotation_sizes, stack_items
 from fam.errors import FamBenchError
 from fam.layers import eval_mode
 from fam.similarity import pairwise
@@ -211,8 +211,10 @@ class FewShotEvaluation(Evaluation):
             labels = classes[position].tolist()
             other_labels = classes[other_position].tolist()
             query_idx = keys.tolist()  # pair images are identified by their render key
+            extras = {"annotation_sizes": annotation_sizes(self.dataset, len(query_idx))}
         else:
-            images, masks, labels = stack_items(self.dataset, query_idx, device)
+            extras = {}
+            images, masks, labels = stack_items(self.dataset, query_idx, device, extras)
             other_labels = None
         position = position.to(device)
 
@@ -265,6 +267,8 @@ class FewShotEvaluation(Evaluation):
             similarity=similarity,
             masks=masks,
             other_masks=other_masks,
+            boxes=extras.get("boxes"),
+            annotation_sizes=extras.get("annotation_sizes"),
             columns=columns,
         )
 

@@ -268,7 +268,8 @@ class NeighbourEvaluation(Evaluation):
             raise RuntimeError("find_neighbours must run before units are evaluated")
         sl = slice(u * self.unit_size, (u + 1) * self.unit_size)
         queries, neighbours = self.queries[sl].tolist(), self.neighbours[sl].tolist()
-        images, masks, labels = stack_items(self.dataset, queries, device)
+        extras: dict = {}
+        images, masks, labels = stack_items(self.dataset, queries, device, extras)
         ref_images, _, ref_labels = stack_items(self.bank, neighbours, device)
         reference = embed(model, ref_images)
         _, fn = resolve_similarity(self.similarity)
@@ -288,6 +289,8 @@ class NeighbourEvaluation(Evaluation):
             reference_fn=lambda net: embed(net, ref_images),
             similarity=self.similarity,
             masks=masks,
+            boxes=extras.get("boxes"),
+            annotation_sizes=extras.get("annotation_sizes"),
             reference_images=ref_images,
             columns={
                 "sample_id": queries,

@@ -1,12 +1,32 @@
-"""Checkpoint cache: canonical keys, atomic writes, strict ``weights_only`` loading."""
+"""Checkpoint cache (canonical keys, atomic writes) and the loader of every checkpoint format.
+
+:func:`load_weights` reads, always without running pickled code:
+
+- plain state_dicts (``.pt`` / ``.pth``) and Lightning ``.ckpt`` files with
+  ``torch.load(weights_only=True)``; OmegaConf objects in a Lightning checkpoint's
+  ``hyper_parameters`` (solo-learn and any Hydra project store their config there) are
+  allowed by name (:data:`OMEGACONF_GLOBALS`, plain data containers), nothing else is;
+- ``.safetensors`` files (``safetensors.torch.load_file``, no pickle at all).
+
+The state_dict is found in the file (``key``, else the first of :data:`NESTED_KEYS` that
+holds one, e.g. FEAT's ``params`` or Lightning's ``state_dict``), the prefix that holds the
+model (``prefix``, else the one whose keys fit the model best: ``module.``, ``model.``,
+``encoder.``, ``backbone.``, ``encoder.encoder.``, ...) is stripped, and foreign key names
+are mapped onto the suite's (:mod:`experiments.models.layouts`: FEAT, easyfsl, solo-learn).
+Everything outside the prefix (heads, projectors, optimiser state) is dropped and reported.
+"""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import logging
 import os
 import re
+import typing
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,9 +38,10 @@ from experiments.atomic import atomic_write
 from experiments.plain import to_plain
 from fam.errors import FamBenchError
 
-# Lightning checkpoints hold the LightningModule's state_dict; the suite's task modules
-# keep the explained network as ``self.model`` (heads live beside it and are dropped).
-LIGHTNING_PREFIXES = ("model.", "backbone.", "encoder.", "net.")
+log = logging.getLogger(__name__)
+
+#: where state_dicts sit inside checkpoint files, tried in this order (nested ones too)
+NESTED_KEYS = ("state_dict", "params", "model", "model_state_dict", "net", "network")
 SHOWN = 6
 
 
@@ -70,100 +91,300 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a state_dict or a Lightning checkpoint into ``model`` strictly.
+@dataclass
+class LoadReport:
+    """What :func:`load_weights` loaded.
 
-    Reads with ``torch.load(..., weights_only=True)``. A Lightning checkpoint's
-    ``state_dict`` is reduced to the entries under the prefix that holds the model
-    (``model.``, ``backbone.``, ...; found by matching the model's own keys), so training-
-    only heads beside it are ignored. ``module.`` (DataParallel/DDP) prefixes are stripped,
-    and entries the model declares in ``checkpoint_ignore`` (``fc.`` for torchvision
-    ResNets) are dropped. Anything else that does not fit is a :class:`FamBenchError`
-    naming the file and the keys/shapes.
+    ``missing``: model entries the file lacked (only BatchNorm ``num_batches_tracked``
+    counters may be missing; anything else is an error). ``unexpected``: file entries not
+    loaded (outside the model's prefix, or classifier heads the model drops). ``layout``:
+    the recognised foreign layout (``"feat_resnet12"``, ``"feat_convnet"``,
+    ``"easyfsl_resnet"``, ``"solo_learn_resnet"``) or ``None``. ``notes``: warnings that
+    were logged (e.g. FEAT's max embedding loaded into a GAP Conv-4).
     """
+
+    model: nn.Module = field(repr=False)
+    path: Path
+    key: str | None
+    prefix: str
+    layout: str | None
+    loaded: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        where = f"key {self.key!r}, " if self.key else ""
+        layout = f"{self.layout} layout, " if self.layout else ""
+        dropped = _shown(self.unexpected)
+        return (
+            f"Loaded {self.loaded} tensors from {self.path} ({layout}{where}prefix "
+            f"{self.prefix!r}); {len(self.missing)} missing {_shown(self.missing)}; "
+            f"{len(self.unexpected)} unexpected, not loaded {dropped}"
+        )
+
+
+def _shown(items: list[str]) -> str:
+    more = f" (+{len(items) - SHOWN} more)" if len(items) > SHOWN else ""
+    return f"{items[:SHOWN]}{more}"
+
+
+def _omegaconf_globals() -> list[Any]:
+    from omegaconf import DictConfig, ListConfig, base, nodes
+
+    node_types = [
+        getattr(nodes, n)
+        for n in (
+            "AnyNode",
+            "StringNode",
+            "IntegerNode",
+            "FloatNode",
+            "BooleanNode",
+            "BytesNode",
+            "PathNode",
+            "InterpolationResultNode",
+        )
+        if hasattr(nodes, n)
+    ]
+    containers = [collections.defaultdict, dict, list, tuple, set, int, float, bool, str]
+    return [DictConfig, ListConfig, base.ContainerMetadata, base.Metadata, typing.Any] + (
+        node_types + containers
+    )
+
+
+#: classes a Lightning ``hyper_parameters`` entry may hold besides plain data: OmegaConf's
+#: containers and nodes (data only, no code runs when they are rebuilt)
+OMEGACONF_GLOBALS = _omegaconf_globals()
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """The content of a checkpoint file, read without running pickled code (module doc)."""
     path = Path(path)
     if not path.is_file():
         raise FamBenchError(
-            f"Checkpoint {path} does not exist. Give the path of a saved state_dict or "
-            "Lightning checkpoint (.pt/.ckpt), or leave the checkpoint unset to train."
+            f"Checkpoint {path} does not exist. Give the path of a saved state_dict, a "
+            "Lightning checkpoint or a .safetensors file, or leave the checkpoint unset to "
+            "train."
         )
+    if path.suffix == ".safetensors" or _is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise FamBenchError(
+                f"Checkpoint {path} is not a readable safetensors file: {err}."
+            ) from err
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(OMEGACONF_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle/zip errors of many kinds: all mean "not loadable"
-        raise FamBenchError(
-            f"Checkpoint {path} could not be read with torch.load(weights_only=True): "
-            f"{err}. It must be a state_dict or a Lightning checkpoint of plain tensors."
-        ) from err
-    state = _state_dict_of(payload, path)
-    expected = model.state_dict()
-    state = _strip_prefix(
-        state, expected, lightning=isinstance(payload, Mapping) and "state_dict" in payload
-    )
-    ignore = tuple(getattr(model, "checkpoint_ignore", ()))
-    state = {k: v for k, v in state.items() if not (ignore and k.startswith(ignore))}
-    _check_fit(state, expected, path, model)
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-def _state_dict_of(payload: Any, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
-        payload = payload["state_dict"]
-    if not isinstance(payload, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in payload.values()
-    ):
-        raise FamBenchError(
-            f"Checkpoint {path} is neither a state_dict (name -> tensor) nor a Lightning "
-            "checkpoint with a 'state_dict' entry."
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        why = (
+            f"it holds a pickled {unsupported.group(1)} object, which weights_only loading "
+            "refuses (it could run code). Save the weights alone, e.g. "
+            "torch.save(model.state_dict(), path), or as .safetensors"
+            if unsupported
+            else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else err}"
         )
-    return dict(payload)
+        raise FamBenchError(
+            f"Checkpoint {path} could not be read with torch.load(weights_only=True): {why}."
+        ) from err
 
 
-def _strip_prefix(
-    state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], lightning: bool
-) -> dict[str, torch.Tensor]:
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    if not lightning or not expected:
-        return state
-    wanted = set(expected)
-    best, best_hits = "", len(wanted & set(state))
-    for prefix in LIGHTNING_PREFIXES:
-        hits = sum(k.startswith(prefix) and k[len(prefix) :] in wanted for k in state)
-        if hits > best_hits:
-            best, best_hits = prefix, hits
-    if not best:
-        return state
-    return {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    # 8-byte little-endian header length, then the JSON header
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 32
+
+
+def _is_state_dict(value: Any) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and len(value) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    )
+
+
+def find_state_dict(
+    payload: Any, key: str | None, path: Path
+) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """``(where, state_dict)``: ``payload[key]`` (dotted for nesting), the payload itself, or
+    the first :data:`NESTED_KEYS` entry (searched two levels deep) that is a state_dict."""
+    if key:
+        node = payload
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                top = sorted(payload) if isinstance(payload, Mapping) else type(payload).__name__
+                raise FamBenchError(
+                    f"Checkpoint {path} has no entry {key!r} (model.checkpoint_key); its "
+                    f"top-level entries are {top}."
+                )
+            node = node[part]
+        if not _is_state_dict(node):
+            raise FamBenchError(
+                f"Checkpoint {path}: entry {key!r} is not a state_dict (name -> tensor)."
+            )
+        return key, dict(node)
+    if _is_state_dict(payload):
+        return None, dict(payload)
+    frontier: list[tuple[str, Any]] = [("", payload)]
+    for _ in range(2):
+        deeper = []
+        for where, node in frontier:
+            if not isinstance(node, Mapping):
+                continue
+            for name in NESTED_KEYS:
+                if name in node:
+                    found = f"{where}{name}"
+                    if _is_state_dict(node[name]):
+                        return found, dict(node[name])
+                    deeper.append((found + ".", node[name]))
+        frontier = deeper
+    top = sorted(map(str, payload)) if isinstance(payload, Mapping) else type(payload).__name__
+    raise FamBenchError(
+        f"Checkpoint {path} holds no state_dict (name -> tensor) at its top level or under "
+        f"{list(NESTED_KEYS)}; its top-level entries are {top}. Name the entry with "
+        "model.checkpoint_key=<key> (dotted for nested entries)."
+    )
+
+
+def _candidate_prefixes(state: Mapping[str, torch.Tensor]) -> list[str]:
+    prefixes = {""}
+    for k in state:
+        parts = k.split(".")
+        prefixes.update(".".join(parts[:i]) + "." for i in range(1, len(parts)))
+    return sorted(prefixes, key=lambda p: (len(p), p))
+
+
+def _select(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    prefix: str | None,
+) -> tuple[str, str]:
+    """``(prefix, rename name)`` under which most checkpoint keys are model keys."""
+    from experiments.models.layouts import RENAMES
+
+    prefixes = [prefix] if prefix is not None else _candidate_prefixes(state)
+    best, best_hits = ("" if prefix is None else prefix, ""), -1
+    for candidate in prefixes:
+        inside = [k[len(candidate) :] for k in state if k.startswith(candidate)]
+        for name, rename in RENAMES.items():
+            hits = sum(rename(k) in expected for k in inside)
+            if hits > best_hits:
+                best, best_hits = (candidate, name), hits
+    return best
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    key: str | None = None,
+    prefix: str | None = None,
+) -> LoadReport:
+    """Load checkpoint ``path`` into ``model`` (module docstring for formats and layouts).
+
+    Args:
+        model: the network; its ``state_dict`` names are the target.
+        path: ``.pt`` / ``.pth`` / ``.ckpt`` / ``.safetensors``.
+        key: the entry of the file holding the state_dict (dotted for nesting;
+            ``model.checkpoint_key``); ``None`` finds it.
+        prefix: the key prefix holding the model (``model.checkpoint_prefix``, e.g.
+            ``"backbone."``; ``""`` for none); ``None`` finds it.
+
+    Returns:
+        A :class:`LoadReport` (also logged): missing and unexpected keys, layout.
+
+    Raises:
+        FamBenchError: the file cannot be read safely, holds no state_dict, or does not fit
+            the model (the message names the first missing/unexpected keys and shapes).
+    """
+    from experiments.models.layouts import RENAMES, check_model, identify
+
+    path = Path(path)
+    payload = read_checkpoint(path)
+    where, state = find_state_dict(payload, key, path)
+    if prefix is not None and prefix and not prefix.endswith("."):
+        prefix += "."
+    expected = model.state_dict()
+    layout = identify(state, where)
+    chosen, rename_name = _select(state, expected, prefix)
+    rename = RENAMES[rename_name]
+    ignore = tuple(getattr(model, "checkpoint_ignore", ()))
+    mapped, unexpected, stray = {}, [], []
+    for k, value in state.items():
+        if not k.startswith(chosen):
+            unexpected.append(k)
+            continue
+        name = rename(k[len(chosen) :])
+        if name in expected:
+            mapped[name] = value
+        elif ignore and name.startswith(ignore):
+            unexpected.append(k)
+        else:
+            stray.append(name)
+    missing = [k for k in expected if k not in mapped]
+    _check_fit(mapped, stray, missing, expected, path, model, layout)
+    notes = check_model(layout, model)
+    model.load_state_dict(mapped, strict=False)
+    report = LoadReport(
+        model=model,
+        path=path,
+        key=where,
+        prefix=chosen,
+        layout=layout.name if layout else None,
+        loaded=len(mapped),
+        missing=missing,
+        unexpected=sorted(unexpected),
+        notes=notes,
+    )
+    log.info(report.summary())
+    for note in notes:
+        log.warning(note)
+    return report
 
 
 def _check_fit(
     state: Mapping[str, torch.Tensor],
+    stray: list[str],
+    missing: list[str],
     expected: Mapping[str, torch.Tensor],
     path: Path,
     model: nn.Module,
+    layout: Any,
 ) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    # BatchNorm counters do not change the forward; checkpoints older than torch 0.4.1 lack them
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if v.shape != expected[k].shape
     ]
-    if not (missing or unexpected or shapes):
+    if not (missing or stray or shapes):
         return
     problems = []
     for label, items in (
         ("missing keys", missing),
-        ("unexpected keys", unexpected),
+        ("unexpected keys", stray),
         ("shape mismatches", shapes),
     ):
         if items:
-            more = f" (+{len(items) - SHOWN} more)" if len(items) > SHOWN else ""
-            problems.append(f"{len(items)} {label}: {items[:SHOWN]}{more}")
+            problems.append(f"{len(items)} {label}: {_shown(items)}")
+    hint = (
+        f" The file looks like a {layout.origin} checkpoint, which fits {layout.fits}."
+        if layout is not None
+        else ""
+    )
     raise FamBenchError(
         f"Checkpoint {path} does not fit the model {type(model).__name__} "
-        f"({getattr(model, 'model_name', 'custom')}): " + "; ".join(problems) + ". Check that "
-        "the model config (name, width, pools, cifar_stem, ...) matches the one the checkpoint "
-        "was trained with."
+        f"({getattr(model, 'model_name', 'custom')}): "
+        + "; ".join(problems)
+        + "."
+        + hint
+        + " Check that the model config (name, width, pools, cifar_stem, ...) matches the one "
+        "the checkpoint was trained with; model.checkpoint_key / model.checkpoint_prefix "
+        "choose the entry and prefix."
     )

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning as L
+import pytorch_lightning as L
 import torch
 from torch import nn
 
@@ -62,12 +62,14 @@ def train_or_load(
     """
     family = as_family(task, task_cfg)
     if checkpoint:
-        return load_weights(model, checkpoint).eval()
+        load_weights(model, checkpoint)
+        return model.eval()
     path = None
     if cache_dir is not None:
         path = cached_checkpoint(cache_dir, family.name, model, key, seed)
         if path.is_file():
-            return load_weights(model, path).eval()
+            load_weights(model, path)
+            return model.eval()
     device = model_device(model)
     _, trainer = fit(
         model,

@@ -1,0 +1,102 @@
+"""Loud warnings about runs whose numbers mean little (``warnings.json``, exit code kept).
+
+A run that finishes is not necessarily a run worth reading. These checks look at what
+it produced and warn, at the end of the run and in ``<run>/warnings.json`` (the
+leaderboard shows them beside the table), when:
+
+- ``degenerate_maps``: a method's maps are degenerate (constant or non-finite) for more
+  than half of the samples;
+- ``small_target_layer``: the target layer's map is smaller than 3x3, so every map is a
+  blurred blob of at most four values;
+- ``near_chance``: the task accuracy is within 2 points of chance (an untrained or
+  diverged model: its explanations explain noise);
+- ``excluded_samples``: a metric excluded more than 10% of a method's samples (empty
+  masks, zero maps, undefined scores), so its mean is over a subset.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import pandas as pd
+
+from evaluation.registry import is_metric_column
+
+log = logging.getLogger(__name__)
+
+DEGENERATE_SHARE = 0.5
+MIN_MAP_SIDE = 3
+CHANCE_MARGIN = 0.02
+EXCLUDED_SHARE = 0.10
+
+
+def run_warnings(
+    results: pd.DataFrame,
+    task_metrics: pd.DataFrame,
+    chance: float | None,
+    target_shape: tuple[int, int] | None,
+) -> list[dict[str, Any]]:
+    """The warnings of a finished run: ``[{"code", "message", ...}]``."""
+    out: list[dict[str, Any]] = []
+    if target_shape is not None and min(target_shape) < MIN_MAP_SIDE:
+        h, w = target_shape
+        out.append(
+            {
+                "code": "small_target_layer",
+                "message": (
+                    f"the target layer's map is {h}x{w} (< {MIN_MAP_SIDE}x{MIN_MAP_SIDE}): every "
+                    "map is an upsampled blob of a few values; choose an earlier layer "
+                    "(model.target_layer) or pool less."
+                ),
+            }
+        )
+    if chance is not None and len(task_metrics):
+        first = task_metrics.iloc[0]
+        value = float(first["value"])
+        if math.isfinite(value) and value <= chance + CHANCE_MARGIN:
+            out.append(
+                {
+                    "code": "near_chance",
+                    "message": (
+                        f"the task accuracy {first['metric']} = {value:.3f} is within "
+                        f"{CHANCE_MARGIN * 100:.0f} points of chance ({chance:.3f}): the model "
+                        "has not learned the task (train longer, lower the learning rate), so "
+                        "its explanations explain noise."
+                    ),
+                }
+            )
+    for method, group in results.groupby("method", sort=False):
+        share = float(group["degenerate"].astype(bool).mean())
+        if share > DEGENERATE_SHARE:
+            reasons = group.loc[group["degenerate"].astype(bool), "degenerate_reason"]
+            out.append(
+                {
+                    "code": "degenerate_maps",
+                    "method": method,
+                    "message": (
+                        f"{method}: {share:.0%} of its maps are degenerate "
+                        f"({', '.join(sorted(set(map(str, reasons)) - {''})) or 'constant'}); "
+                        "its metric values are those of an uninformative map."
+                    ),
+                }
+            )
+        for column in (c for c in results.columns if is_metric_column(c)):
+            values = group[column]
+            excluded = float(values.isna().mean())
+            if excluded > EXCLUDED_SHARE:
+                out.append(
+                    {
+                        "code": "excluded_samples",
+                        "method": method,
+                        "metric": column,
+                        "message": (
+                            f"{method} / {column}: {excluded:.0%} of the samples are excluded "
+                            "(undefined values); the mean is over the rest."
+                        ),
+                    }
+                )
+    for warning in out:
+        log.warning("WARNING: %s", warning["message"])
+    return out

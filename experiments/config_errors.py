@@ -1,0 +1,95 @@
+"""Config mistakes as one paragraph: the key that is wrong and the nearest valid one.
+
+Hydra and OmegaConf report an unknown key as "Could not override 'eval.num_episode'" and
+suggest appending it with ``+``, which would be silently ignored; these helpers name the
+key, the nearest valid key and its siblings instead, and never suggest a ``+key``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+_KEY_PATTERNS = (
+    r"[Cc]ould not override '([^']+)'",
+    r"[Cc]ould not append to config\. An item is already at '([^']+)'",
+    r"full_key: ([\w.\[\]@/-]+)",
+)
+
+
+def explain_error(
+    err: BaseException, overrides: list[str], config_dir: Path | None = None
+) -> str | None:
+    """A one-paragraph message for a Hydra/OmegaConf compose error, or ``None`` if it is
+    not a config mistake. An unknown key gets the nearest valid key (never a ``+key``)."""
+    from hydra.errors import HydraException
+
+    if not isinstance(err, HydraException | OmegaConfBaseException):
+        return None
+    text = " ".join(str(err).split("Config search path:")[0].split())
+    if "Available options in" in text:  # an unknown group choice (experiment=..., model=...)
+        head, _, options = text.partition("Available options in")
+        group, _, names = options.partition(":")
+        return (
+            f"{head.rstrip('.')}. Available options in {group.strip()}: "
+            f"{', '.join(names.split())}. (python run.py --help lists the groups.)"
+        )
+    key = next((m.group(1) for p in _KEY_PATTERNS if (m := re.search(p, text))), None)
+    if key is None or not any(k in text for k in ("not in", "not found", "Could not")):
+        if "Value '" in text or "could not be converted" in text or "Invalid value" in text:
+            return type_error(text)
+        return f"{text} (python run.py --help lists the config groups and their options.)"
+    if "could not be converted" in text or "Invalid value" in text:
+        return type_error(text)
+    return unknown_key_message(key, overrides, config_dir)
+
+
+def type_error(text: str) -> str:
+    text = re.sub(r"\s*object_type=\S+", "", text)
+    return f"Wrong value type: {text.replace('full_key:', 'key:')}"
+
+
+def unknown_key_message(key: str, overrides: list[str], config_dir: Path | None = None) -> str:
+    """``key`` is not in the config: name it, its nearest valid key and its siblings."""
+    if key == "model._target_":
+        value = next((o.split("=", 1)[1] for o in overrides if "model._target_=" in o), "...")
+        return (
+            f"model._target_={value} is not a model key: build your own model with "
+            f"model=custom model.target={value} (its keyword arguments as "
+            "+model.kwargs.<name>=...). Nothing was trained."
+        )
+    base = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    try:
+        cfg = compose_config_plain(base, config_dir)
+    except Exception:  # noqa: BLE001 - the suggestion is best effort
+        cfg = {}
+    from experiments.config import flatten
+
+    valid = sorted(flatten(cfg))
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = sorted(
+        {k[len(parent) + 1 :].split(".")[0] for k in valid if k.startswith(parent + ".")}
+        if parent
+        else {k.split(".")[0] for k in valid}
+    )
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    where = f" Valid keys under `{parent}`: {', '.join(siblings)}." if siblings else ""
+    return (
+        f"Unknown config key `{key}`: nothing reads it, so the run would ignore it.{hint}"
+        f"{where} (python run.py --cfg job prints the whole config.)"
+    )
+
+
+def compose_config_plain(overrides: list[str], config_dir: Path | None = None) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from experiments.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=False)

@@ -1,0 +1,123 @@
+"""A wheel built from the checkout ships the configs and runs from any directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_a_wheel_in_a_fresh_venv_runs_fam_bench_from_another_directory(tmp_path):
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    wheel = next(wheels.glob("fam_bench-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    # the dependencies come from the existing environment (a path entry, not its .pth
+    # files: the checkout's editable finder must not leak in)
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "-q",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HYDRA_FULL_ERROR")}
+    found = subprocess.run(
+        [str(python), "-c", "import experiments, fam_bench_conf; print(experiments.__file__)"],
+        cwd=elsewhere,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert str(venv) in found and str(ROOT) not in found
+    run = subprocess.run(
+        [
+            str(venv / "bin" / "fam-bench"),
+            "data.image_size=16",
+            "model.options.hidden=8",
+            "data.options.images_per_class=6",
+            "trainer.max_steps=2",
+            "task.train_way=3",
+            "task.train_shot=2",
+            "task.train_query=2",
+            "eval.num_episodes=1",
+            "eval.n_way=3",
+            "eval.n_shot=2",
+            "eval.n_query=1",
+            "methods=[fam,random]",
+            "metrics=[pointing_game]",
+            "eval.progress=false",
+            f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = pd.read_csv(tmp_path / "run" / "results.csv")
+    assert set(results["method"]) == {"fam", "random"} and len(results) == 2 * 3
+    board = subprocess.run(
+        [
+            str(venv / "bin" / "fam-bench-leaderboard"),
+            str(tmp_path / "run"),
+            "--out",
+            str(tmp_path / "board"),
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert board.returncode == 0, board.stderr[-3000:]
+    assert (tmp_path / "board" / "leaderboard.md").is_file()

@@ -1,0 +1,175 @@
+"""Relevance-CAM at depth: relevance is conserved block by block on the suite's models.
+
+LRP rules apply to modules only. Before pooling and residual additions were modules,
+zennit passed the gradient through them: ResNet-12's ``+`` copied relevance into both
+branches (relevance / seed 1.93 at layer3, 3.7 at layer2, 7.1 at layer1) and a
+functional global mean spread relevance evenly over positions, including ones that
+cannot pass it on (torchvision ResNet-50 as ``ResNetEncoder``: 0.30-0.82 below layer4).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from baselines import RelevanceCAM
+from baselines.relevancecam import TrunkPoolCanonizer
+from experiments.models import build_model
+from fam import closed_form
+
+BLOCKS = {
+    "conv4": ["encoder.0", "encoder.1", "encoder.2", "encoder.3"],
+    "resnet12": ["layer1", "layer2", "layer3", "layer4"],
+    "resnet18": ["layer1", "layer2", "layer3", "layer4"],
+    "resnet50": ["layer1", "layer2", "layer3", "layer4"],
+    "torchvision_resnet18": ["layer1", "layer2", "layer3", "layer4"],
+}
+OPTIONS = {"resnet12": {"channels": [8, 16, 24, 32]}}
+SIZE = {"conv4": 42, "resnet12": 42, "resnet18": 48, "resnet50": 32, "torchvision_resnet18": 48}
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "torchvision_resnet18":
+        model = torchvision.models.resnet18(weights=None)
+        model.fc = nn.Identity()
+    else:
+        model = build_model(name, **OPTIONS.get(name, {}))
+    # A few training-mode passes give BatchNorm non-trivial statistics to merge.
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, 3, SIZE[name], SIZE[name]))
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=sorted(BLOCKS))
+def case(request):
+    name = request.param
+    model = _model(name)
+    size = SIZE[name]
+    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        emb = model(images)
+    return name, model, images, emb
+
+
+@pytest.mark.parametrize("composite", [{"zero_bias": True}, {"composite": "zplus"}])
+def test_relevance_is_conserved_at_every_block(case, composite):
+    """Seed ``e_d^2`` (dot with the image's own embedding: all non-negative, so the ratio
+    is well defined); relevance sum / seed sum within 0.05 of 1 at every block."""
+    name, model, images, emb = case
+    seed = emb.pow(2).sum(1)
+    for layer in BLOCKS[name]:
+        explainer = RelevanceCAM(model, layer, **composite)
+        relevance = explainer.layer_relevance(images, emb, "dot")
+        ratio = relevance.sum(dim=(1, 2, 3)) / seed
+        assert relevance.abs().sum() > 0
+        assert ((ratio - 1).abs() < 0.05).all(), (name, layer, ratio.tolist())
+
+
+def test_resnet12_splits_relevance_between_body_and_shortcut():
+    """With the ``Sum`` module the two branches share the block's relevance: read at the
+    body's and at the shortcut's output, the parts add up to the block output's sum
+    (with a plain ``+`` each branch got all of it: twice the total)."""
+    model = _model("resnet12")
+    images = torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        emb = model(images)
+
+    def total(layer: str) -> torch.Tensor:
+        explainer = RelevanceCAM(model, layer, zero_bias=True)
+        return explainer.layer_relevance(images, emb, "dot").sum((1, 2, 3))
+
+    body, shortcut = total("layer3.body"), total("layer3.shortcut")
+    assert (body.abs() > 0).all() and (shortcut.abs() > 0).all()
+    torch.testing.assert_close(body + shortcut, total("layer3"), rtol=1e-3, atol=0)
+
+
+def test_default_composite_conserves_at_the_last_block_and_loses_to_biases_below():
+    """EpsilonPlusFlat keeps zennit's defaults: z+ keeps positive biases, which absorb
+    relevance below the last block; zero_bias=True removes exactly that loss."""
+    model = _model("conv4")
+    images = torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        emb = model(images)
+    seed = emb.pow(2).sum(1)
+    last = RelevanceCAM(model, "encoder.3").layer_relevance(images, emb, "dot").sum((1, 2, 3))
+    torch.testing.assert_close(last / seed, torch.ones(2), rtol=1e-4, atol=0)
+    first = RelevanceCAM(model, "encoder.0").layer_relevance(images, emb, "dot").sum((1, 2, 3))
+    assert (first / seed < 0.99).all()
+
+
+def test_trunk_pool_canonizer_keeps_the_output_and_is_removed():
+    model = _model("resnet18")
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = model(images)
+    instances = TrunkPoolCanonizer().apply(model)
+    assert len(instances) == 1
+    assert any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
+    with torch.no_grad():
+        canonized = model(images)
+    for instance in instances:
+        instance.remove()
+    torch.testing.assert_close(canonized, before)
+    assert "forward" not in vars(model)
+    assert not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
+    # Not applied where the pooling is a module already (torchvision's own ResNet).
+    assert TrunkPoolCanonizer().apply(_model("torchvision_resnet18")) == []
+
+
+BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _expected_keys(name: str) -> set[str]:
+    """The state_dict keys cached checkpoints were saved with (before the modules)."""
+    if name == "conv4":
+        return {
+            f"encoder.{i}.{key}"
+            for i in range(4)
+            for key in ["0.weight", "0.bias", *(f"1.{b}" for b in BN)]
+        }
+    per_block = [f"body.{c}.weight" for c in (0, 3, 6)] + ["shortcut.0.weight"]
+    per_block += [f"body.{b}.{p}" for b in (1, 4, 7) for p in BN]
+    per_block += [f"shortcut.1.{p}" for p in BN]
+    return {f"layer{i}.{key}" for i in range(1, 5) for key in per_block}
+
+
+@pytest.mark.parametrize("name", ["conv4", "resnet12"])
+def test_pooling_and_sum_modules_leave_state_dict_keys_unchanged(name):
+    assert set(_model(name).state_dict()) == _expected_keys(name)
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot", "euclidean"])
+def test_contrastive_seed_is_the_share_minus_the_reference_free_dual(similarity):
+    """CLRP-style: ``p_d - (sum_j p_j) e_d^2 / |e|^2``; it sums to zero, and at the last
+    layer of a GAP model the channel weights are exactly that seed."""
+    model = _model("conv4")
+    images = torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(5))
+    reference = torch.rand(2, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        emb = model(images)
+    share = closed_form(emb[:, :, None], reference[:, :, None], similarity, "product")
+    dual = share.sum(1, keepdim=True) * emb.pow(2) / emb.pow(2).sum(1, keepdim=True)
+    explainer = RelevanceCAM(model, "encoder.3", relevance_seed="contrastive", zero_bias=True)
+    seed = explainer.seed_relevance(images, reference, similarity)
+    torch.testing.assert_close(seed, share - dual)
+    torch.testing.assert_close(seed.sum(1), torch.zeros(2), atol=1e-6, rtol=0)
+    weights = explainer.layer_relevance(images, reference, similarity).sum((2, 3))
+    scale = float((share - dual).abs().max())
+    torch.testing.assert_close(weights, share - dual, rtol=1e-3, atol=1e-5 * scale)
+
+
+def test_bad_relevance_options_raise_clear_errors():
+    from fam.errors import FamBenchError
+
+    model = _model("conv4")
+    with pytest.raises(FamBenchError, match="relevance_seed"):
+        RelevanceCAM(model, "encoder.3", relevance_seed="dual")
+    with pytest.raises(FamBenchError, match="zero_params"):
+        RelevanceCAM(model, "encoder.3", composite="guided_backprop", zero_bias=True)
+    with pytest.raises(FamBenchError, match="zplus"):
+        RelevanceCAM(model, "encoder.3", composite="zplus_everywhere")
