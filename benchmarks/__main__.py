@@ -1,4 +1,5 @@
-"""Run every benchmark: ``python -m benchmarks [--device cuda] [--quick] [--only NAME]``.
+"""Run every benchmark: ``python -m benchmarks [--device cuda] [--quick] [--only NAME]``
+(``bench_e2e`` also takes ``--e2e-episodes N --e2e-queries Q``).
 
 Prints each Markdown table and writes it to ``benchmarks/results/<name>-<device>.md``.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ["bench_explainers", "bench_metrics"]
+BENCHMARKS = ["bench_explainers", "bench_metrics", "bench_e2e"]
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -32,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument(
         "--only", choices=BENCHMARKS, action="append", help="run only these benchmarks"
+    )
+    parser.add_argument(
+        "--e2e-episodes", type=int, help="bench_e2e: episodes of the miniImageNet-protocol run"
+    )
+    parser.add_argument(
+        "--e2e-queries", type=int, help="bench_e2e: queries per class of that run (protocol: 15)"
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

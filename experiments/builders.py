@@ -296,6 +296,12 @@ def build_methods(run: RunConfig) -> dict[str, Method]:
 
 
 # -- metric settings ----------------------------------------------------------------------
+def resolve_amp(amp: str, device: torch.device) -> bool:
+    """``metric.amp``: ``auto`` is bf16 autocast + channels_last on CUDA and fp32 elsewhere
+    (so CPU numbers never depend on it); ``true`` forces autocast (bf16 on CPU too)."""
+    return amp == "true" or (amp == "auto" and device.type == "cuda")
+
+
 def metric_settings(run: RunConfig, family: Any, evaluation: Any) -> dict[str, Any]:
     """The resolved settings every number depends on (step and tolerance in pixels) and
     the evaluation protocol (``protocol``): they make up ``settings_id``."""
@@ -317,7 +323,7 @@ def metric_settings(run: RunConfig, family: Any, evaluation: Any) -> dict[str, A
         "confidence_space": m.confidence_space,
         "score": getattr(evaluation, "score", "similarity"),
         "similarity": evaluation.similarity,
-        "amp": bool(m.amp),
+        "amp": resolve_amp(m.amp, device_for(run.trainer.accelerator)),
         "sanity_samples": m.sanity_samples,
         "image_size": size,
         # The evaluation protocol and the explained layer change the numbers as much as the

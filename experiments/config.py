@@ -43,6 +43,7 @@ def _conf_dir() -> Path:
 
 CONF_DIR = _conf_dir()
 SUBSTRATES = ("zeros", "blur", "mean")
+AMP_CHOICES = ("auto", "true", "false")
 
 
 def _choice(path: str, value: Any, options: tuple[str, ...]) -> None:
@@ -112,9 +113,12 @@ class MetricConfig:
     score: str = "probability"
     sanity_samples: int = 8
     batch_size: int = 256
-    amp: bool = False
+    #: ``auto``: bf16 autocast + channels_last when the run's device is CUDA, fp32 on CPU
+    amp: str = "auto"
 
     def __post_init__(self) -> None:
+        self.amp = str(self.amp).lower()  # YAML/CLI booleans arrive as "True"/"False"
+        _choice("metric.amp", self.amp, AMP_CHOICES)
         _at_least("metric.step", self.step, 1, optional=True)
         _choice("metric.deletion_substrate", self.deletion_substrate, SUBSTRATES)
         _choice("metric.insertion_substrate", self.insertion_substrate, SUBSTRATES)

@@ -89,6 +89,9 @@ def fingerprint_of(run: config.RunConfig, methods: dict[str, builders.Method]) -
         for key in path[:-1]:
             node = node.get(key, {})
         node.pop(path[-1], None)
+    # metric.amp=auto means fp32 on CPU and bf16 on CUDA: the precision used is what counts
+    device = builders.device_for(run.trainer.accelerator)
+    container["metric"]["amp"] = builders.resolve_amp(run.metric.amp, device)
     container["method"] = {name: m.options for name, m in methods.items()}
     return config.short_hash(container), container
 

@@ -10,6 +10,7 @@ into full batches).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -68,13 +69,33 @@ def _note_fallback(name: str, explainer: Any) -> None:
         )
 
 
+def takes_amp(explainer: Any) -> bool:
+    """Whether an explainer offers bf16 autocast (its constructor takes ``amp``); the
+    others (LRP rules, the map floors) always run in fp32."""
+    try:
+        return "amp" in inspect.signature(type(explainer).__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def make_explainer(job: Job, method: Any, model: nn.Module, seed: int) -> Any:
+    """The method's explainer, under ``metric.amp`` (resolved) when it offers autocast."""
+    explainer = method.make(model, job.target_layer, seed)
+    if job.settings.get("amp") and takes_amp(explainer):
+        explainer.amp = True
+    return explainer
+
+
 def explain(job: Job, unit: Unit, u: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Maps ``(M*N, H, W)``, degenerate flags ``(M*N,)`` and reasons of every method."""
+    """Maps ``(M*N, H, W)``, degenerate flags ``(M*N,)`` and reasons of every method.
+
+    Nothing in the batch loop reads a value back to the host; the flags become reason
+    strings once, after every method ran."""
     n = len(unit.images)
-    maps, flags, reasons = [], [], []
+    maps, flags, given = [], [], []
     for name, method in job.methods.items():
-        explainer = method.make(
-            job.model, job.target_layer, derive_seed(job.seed, Stream.EXPLAINER, u)
+        explainer = make_explainer(
+            job, method, job.model, derive_seed(job.seed, Stream.EXPLAINER, u)
         )
         for i in range(0, n, job.explain_batch):
             batch = explainer(
@@ -90,12 +111,17 @@ def explain(job: Job, unit: Unit, u: int) -> tuple[torch.Tensor, torch.Tensor, l
                 else torch.zeros(len(batch), dtype=torch.bool, device=batch.device)
             )
             flags.append(flag)
-            reason = getattr(explainer, "degenerate_reason", None)
-            if reason is None:
-                reason = ["constant" if f else "" for f in flag.tolist()]
-            reasons.extend(reason)
+            given.append(getattr(explainer, "degenerate_reason", None))
         _note_fallback(name, explainer)
-    return torch.cat(maps).float(), torch.cat(flags), reasons
+    all_flags = torch.cat(flags)
+    host_flags = iter(all_flags.tolist())
+    reasons: list[str] = []
+    for flag, reason in zip(flags, given, strict=True):
+        batch_flags = [next(host_flags) for _ in range(len(flag))]
+        reasons.extend(
+            reason if reason is not None else ["constant" if f else "" for f in batch_flags]
+        )
+    return torch.cat(maps).float(), all_flags, reasons
 
 
 def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
@@ -182,7 +208,7 @@ def sanity_rows(job: Job, unit: Unit) -> list[dict]:
     for name, method in job.methods.items():
 
         def make(net: nn.Module, method=method):
-            return method.make(net, job.target_layer, derive_seed(job.seed, Stream.EXPLAINER, 0))
+            return make_explainer(job, method, net, derive_seed(job.seed, Stream.EXPLAINER, 0))
 
         result = randomisation_sanity(
             job.model,
@@ -209,6 +235,9 @@ def _worker(fabric, job: Job, todo: list[int], after_unit: Callable[[int], None]
         # Processes share the CPU cores instead of each spawning a full thread pool.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     job.model.to(device).eval()
+    if job.settings.get("amp") and device.type == "cuda":
+        # bf16 convolutions are fastest in NHWC; explainers and metrics feed NHWC inputs
+        job.model.to(memory_format=torch.channels_last)
     store = OutputStore(job.out)  # the parent process holds the folder's lock
     mine = todo[rank::world]
     bar = tqdm(mine, desc="explain+score", unit="unit", disable=not job.progress or rank != 0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
 
@@ -350,8 +351,11 @@ class SyntheticShapes(Dataset):
             ``[0, 1]`` images (e.g. for SimCLR augmentations).
 
     Items are dicts ``{"image": (3, S, S) float, "label": int, "index": int,
-    "mask": (S, S) bool}``. A class's images are rendered together on first use and
-    cached as uint8 (``images_per_class * 3 * S * S`` bytes per class).
+    "mask": (S, S) bool}``. An item is rendered when it is first asked for (only that
+    item: an episode costs its own images, not its classes') and kept as uint8 in a
+    least-recently-used cache of at most ``cache_bytes`` (``4 * S * S`` bytes an item);
+    an evicted item is rendered again, with the same pixels (rendering is a pure function
+    of the item, whatever else is rendered with it).
     """
 
     has_masks = True
@@ -359,6 +363,9 @@ class SyntheticShapes(Dataset):
     #: TorchRay's reference 224 px, so the pointing game's 15 px tolerance
     #: (metric.tolerance_at=annotation) is 15 * image_size / 224 input pixels.
     annotation_size = (224, 224)
+    #: bound of the item cache (bytes): the default's training split at 32 px (15 MB) and
+    #: a 600-image-per-class test split at 84 px (340 MB) fit; memory never grows past it
+    cache_bytes: int = 512 * 2**20
 
     def __init__(
         self,
@@ -392,7 +399,8 @@ class SyntheticShapes(Dataset):
         self.normalise = normalise
         self.mean, self.std = MEAN, STD
         self.labels = torch.arange(len(self.class_ids)).repeat_interleave(self.images_per_class)
-        self._cache: dict[int, tuple[Tensor, Tensor]] = {}
+        self._cache: OrderedDict[int, tuple[Tensor, Tensor]] = OrderedDict()
+        self.rendered = 0  # items rendered so far (re-renders of evicted items included)
 
     @property
     def num_classes(self) -> int:
@@ -422,12 +430,21 @@ class SyntheticShapes(Dataset):
         ]
         return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
-    def _class_images(self, label: int) -> tuple[Tensor, Tensor]:
-        if label not in self._cache:
-            n = self.images_per_class
-            images, masks = self.render(torch.full((n,), label), torch.arange(n))
-            self._cache[label] = (_to_uint8(images), masks)
-        return self._cache[label]
+    def _item(self, index: int) -> tuple[Tensor, Tensor]:
+        """``(uint8 image (3, S, S), mask (S, S))`` of item ``index``, cached (LRU)."""
+        cached = self._cache.get(index)
+        if cached is not None:
+            self._cache.move_to_end(index)
+            return cached
+        label, k = divmod(index, self.images_per_class)
+        images, masks = self.render(torch.tensor([label]), torch.tensor([k]))
+        self.rendered += 1
+        cached = (_to_uint8(images)[0], masks[0])
+        self._cache[index] = cached
+        item_bytes = 4 * self.image_size**2
+        while len(self._cache) * item_bytes > self.cache_bytes and len(self._cache) > 1:
+            self._cache.popitem(last=False)
+        return cached
 
     def _finish(self, image: Tensor) -> Tensor:
         return normalise_image(image, self.mean, self.std) if self.normalise else image
@@ -435,13 +452,12 @@ class SyntheticShapes(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        label, k = divmod(int(index), self.images_per_class)
-        images, masks = self._class_images(label)
+        image, mask = self._item(int(index))
         return {
-            "image": self._finish(images[k].float() / 255),
-            "label": label,
+            "image": self._finish(image.float() / 255),
+            "label": int(index) // self.images_per_class,
             "index": int(index),
-            "mask": masks[k],
+            "mask": mask,
         }
 
     def pairs(self, class_a: Tensor, class_b: Tensor, keys: Tensor) -> dict:
