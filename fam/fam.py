@@ -87,6 +87,9 @@ class FAM(Explainer):
         self.path = path
         self.ablation_batch = ablation_batch
         self.detect_tol = detect_tol
+        # the pooling found on the first batch (a structural property of model and layer):
+        # later batches reuse it, so only the first call waits for the device
+        self._pooling_found: tuple[tuple[int, ...], str | None] | None = None
         #: the path the last call took: "gap", "flatten" or "forward_ablation"
         self.last_path: str | None = None
 
@@ -132,6 +135,15 @@ class FAM(Explainer):
         return closed_form(e, r, target.name, self.contribution)
 
     def _pooling(self, emb: Tensor, acts: Tensor) -> str | None:
+        shapes = (emb.shape[1], *acts.shape[1:])
+        if self._pooling_found is not None and self._pooling_found[0] == shapes:
+            return self._pooling_found[1]
+        found = self._detect_pooling(emb, acts)
+        if bool(torch.isfinite(emb).any()):  # an all-nan batch decides nothing
+            self._pooling_found = (shapes, found)
+        return found
+
+    def _detect_pooling(self, emb: Tensor, acts: Tensor) -> str | None:
         if self.path == "forward_ablation":
             return None
         n, k, h, w = acts.shape
