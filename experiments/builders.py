@@ -275,6 +275,8 @@ def metric_settings(run: RunConfig, family: Any, evaluation: Any) -> dict[str, A
         "tolerance_px": round(tolerance, 4),
         "score": getattr(evaluation, "score", "similarity"),
         "similarity": evaluation.similarity,
+        # the probability's distractors and temperature (contrastive / retrieval)
+        **getattr(evaluation, "score_settings", {}),
         "amp": bool(m.amp),
         "sanity_samples": m.sanity_samples,
         "image_size": size,

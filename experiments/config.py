@@ -94,6 +94,8 @@ class MetricConfig:
     tolerance: float = 15.0
     tolerance_image_size: int = 224
     score: str = "probability"
+    distractors: int = 10
+    temperature: float | None = None
     sanity_samples: int = 8
     batch_size: int = 256
     amp: bool = False
@@ -108,6 +110,9 @@ class MetricConfig:
         _at_least("metric.tolerance", self.tolerance, 0)
         _at_least("metric.tolerance_image_size", self.tolerance_image_size, 1)
         _choice("metric.score", self.score, ("probability", "similarity"))
+        _at_least("metric.distractors", self.distractors, 1)
+        if self.temperature is not None and self.temperature <= 0:
+            raise FamBenchError(f"metric.temperature must be > 0 or null, got {self.temperature}.")
         _at_least("metric.sanity_samples", self.sanity_samples, 1)
         _at_least("metric.batch_size", self.batch_size, 1)
 

@@ -10,14 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from experiments.tasks.base import (
-    Evaluation,
-    TaskFamily,
-    Unit,
-    embed,
-    query_order,
-    stack_items,
-)
+from experiments.embedding import embed
+from experiments.tasks.base import Evaluation, TaskFamily, Unit, query_order, stack_items
 from fam.errors import FamBenchError
 
 TASKS: dict[str, type[TaskFamily]] = {}

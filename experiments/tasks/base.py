@@ -43,7 +43,11 @@ class Unit:
     Drop / Increase in Confidence (``None``: not available); ``reference_fn(net) -> (N, D)``
     recomputes the references with another network (randomisation sanity check);
     ``columns`` per-sample values written into each result row (lists of length N);
-    ``similarity`` what the explainers explain (a name or a callable ``(emb, ref) -> (N,)``).
+    ``similarity`` what the explainers explain (a name or a callable ``(emb, ref) -> (N,)``);
+    ``embedding_score(emb (B, D), index (B,)) -> (B,)`` the task probability (whatever
+    ``metric.score`` says) of embeddings of (perturbed) samples ``index``, for
+    explainers that declare ``needs_task_score`` (Score-CAM's post-softmax score);
+    ``None`` when the task has none.
     """
 
     unit: int
@@ -57,6 +61,7 @@ class Unit:
     other_masks: Tensor | None = None
     boxes: Tensor | None = None
     reference_images: Tensor | None = None
+    embedding_score: ScoreFn | None = None
     columns: dict[str, list] = field(default_factory=dict)
 
 

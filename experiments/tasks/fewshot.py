@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from experiments.data.seeding import derive_seed
-from experiments.tasks.base import Evaluation, TaskFamily, Unit, embed, stack_items
+from experiments.embedding import embed
+from experiments.tasks.base import Evaluation, TaskFamily, Unit, stack_items
 from fam.errors import FamBenchError
 from fam.layers import eval_mode
 from fam.similarity import pairwise
@@ -224,9 +225,12 @@ class FewShotEvaluation(Evaluation):
         def logits(x: Tensor) -> Tensor:
             return pairwise(similarity, model(x).float(), prototypes)
 
-        def probability(x: Tensor, index: Tensor) -> Tensor:
-            probs = torch.softmax(logits(x), dim=1)
+        def embedding_probability(emb: Tensor, index: Tensor) -> Tensor:
+            probs = torch.softmax(pairwise(similarity, emb, prototypes), dim=1)
             return probs.gather(1, position[index][:, None])[:, 0]
+
+        def probability(x: Tensor, index: Tensor) -> Tensor:
+            return embedding_probability(model(x).float(), index)
 
         def raw_similarity(x: Tensor, index: Tensor) -> Tensor:
             return logits(x).gather(1, position[index][:, None])[:, 0]
@@ -264,6 +268,7 @@ class FewShotEvaluation(Evaluation):
             similarity=similarity,
             masks=masks,
             other_masks=other_masks,
+            embedding_score=embedding_probability,
             columns=columns,
         )
 
