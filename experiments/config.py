@@ -95,6 +95,7 @@ class MetricConfig:
     tolerance_image_size: int = 224
     score: str = "probability"
     distractors: int = 10
+    distractor_classes: str = "other"
     temperature: float | None = None
     sanity_samples: int = 8
     batch_size: int = 256
@@ -111,6 +112,7 @@ class MetricConfig:
         _at_least("metric.tolerance_image_size", self.tolerance_image_size, 1)
         _choice("metric.score", self.score, ("probability", "similarity"))
         _at_least("metric.distractors", self.distractors, 1)
+        _choice("metric.distractor_classes", self.distractor_classes, ("other", "any"))
         if self.temperature is not None and self.temperature <= 0:
             raise FamBenchError(f"metric.temperature must be > 0 or null, got {self.temperature}.")
         _at_least("metric.sanity_samples", self.sanity_samples, 1)

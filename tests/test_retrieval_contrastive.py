@@ -149,9 +149,7 @@ def test_scorecam_maps_change_with_the_reference(retrieval, cache, tmp_path):
     unit = evaluation.unit(0, model, torch.device("cpu"))
     labels = torch.tensor(unit.columns["reference_label"])
     # each image against the reference of another sample of another class
-    other = torch.tensor(
-        [int(torch.nonzero(labels != labels[i])[0]) for i in range(len(labels))]
-    )
+    other = torch.tensor([int(torch.nonzero(labels != labels[i])[0]) for i in range(len(labels))])
     scorecam = ScoreCAM(model)
     own = scorecam(unit.images, unit.reference, "cosine", task_score=unit.embedding_score)
     swapped_ref = unit.reference[other]
