@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from fam.errors import FamBenchError
 from fam.explainer import Explainer
+from fam.layers import eval_mode
 from fam.maps import minmax_normalise
-from fam.similarity import SimilarityLike
+from fam.similarity import SimilarityLike, SimilarityTarget
 
 
 def gaussian_blur_maps(maps: Tensor, sigma: float) -> Tensor:
@@ -43,7 +44,8 @@ class MaskOracle(Explainer):
     empty mask gives a zero map, flagged the same way.
 
     Args:
-        model, target_layer: unused beyond input checks (the oracle never runs the model).
+        model, target_layer: used only to check the inputs (one forward pass) and for the
+            layer resolution of ``upsample=False`` maps.
         blur: Gaussian sigma as a fraction of the image side (0 = the binary mask).
     """
 
@@ -66,15 +68,20 @@ class MaskOracle(Explainer):
         upsample: bool = True,
         masks: Tensor | None = None,
     ) -> Tensor:
-        """The blurred masks at image resolution (``upsample`` is accepted and ignored:
-        the ground truth has no layer resolution)."""
-        self._check_inputs(images, reference)
+        """The blurred masks ``(N, H, W)``; ``upsample=False``: area-averaged to the target
+        layer's resolution ``(N, h, w)`` like every method's raw maps."""
+        reference = self._check_inputs(images, reference)
+        # one forward pass checks the reference and the similarity like every method's
+        with torch.no_grad(), eval_mode(self.model):
+            emb, acts = self.forward(images)
+            self.score(emb, SimilarityTarget(reference, similarity))
+        self._layer_size = tuple(acts.shape[-2:])
         n, _, h, w = images.shape
         if masks is None:
             maps = images.new_zeros(n, h, w, dtype=torch.float32)
             self.degenerate = torch.ones(n, dtype=torch.bool, device=images.device)
             self.degenerate_reason = ["no ground truth"] * n
-            return maps
+            return maps if upsample else self._at_layer(maps)
         if tuple(masks.shape) != (n, h, w):
             raise FamBenchError(
                 f"masks must have shape ({n}, {h}, {w}) like the images, got {tuple(masks.shape)}."
@@ -84,4 +91,8 @@ class MaskOracle(Explainer):
         empty = maps.flatten(1).amax(1) <= 0
         self.degenerate = empty
         self.degenerate_reason = ["no ground truth" if e else "" for e in empty.tolist()]
-        return minmax_normalise(maps)
+        maps = minmax_normalise(maps)
+        return maps if upsample else self._at_layer(maps)
+
+    def _at_layer(self, maps: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(maps[:, None], self._layer_size)[:, 0]
