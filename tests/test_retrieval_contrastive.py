@@ -207,10 +207,10 @@ def test_mask_oracle_returns_the_blurred_mask_and_flags_missing_ground_truth():
     masks = torch.zeros(2, 16, 16, dtype=torch.bool)
     masks[0, 4:9, 4:9] = True
     oracle = MaskOracle(model, blur=0.05)
-    maps = oracle(images, torch.randn(2, 64), "cosine", masks=masks)
+    maps = oracle(images, torch.randn(2, 8), "cosine", masks=masks)
     assert maps.shape == (2, 16, 16)
     assert maps[0].max() == 1.0 and bool(masks[0].flatten()[maps[0].flatten().argmax()])
     assert maps[0][~masks[0]].max() < 1.0  # blurred: the rim ranks below the core
     assert oracle.degenerate.tolist() == [False, True]
-    none = oracle(images, torch.randn(2, 64), "cosine")
+    none = oracle(images, torch.randn(2, 8), "cosine")
     assert (none == 0).all() and oracle.degenerate.all()
