@@ -418,32 +418,25 @@ class NeighbourEvaluation(Evaluation):
         bank_ids = torch.arange(len(self.bank)) if bank_indices is None else bank_indices
         bank_emb = self._embed_items(model, self.bank, bank_ids, device, batch_size)
         bank_unit = F.normalize(bank_emb, dim=1)
-        best = []
+        query_emb = self._embed_items(model, self.dataset, self.queries, device, batch_size)
+        own = self.queries if exclude_self else None
+        rows, distractors = [], []
         for i in range(0, len(self.queries), batch_size):
-            q = self.queries[i : i + batch_size]
-            emb = F.normalize(self._embed_items(model, self.dataset, q, device, batch_size), dim=1)
-            sims = emb @ bank_unit.T
+            emb = query_emb[i : i + batch_size]
+            sims = F.normalize(emb, dim=1) @ bank_unit.T
             if exclude_self:
-                own = bank_ids.to(device)[None, :] == q.to(device)[:, None]
-                sims = sims.masked_fill(own, float("-inf"))
-            best.append(sims.argmax(1).cpu())
-        rows = torch.cat(best)
+                q = self.queries[i : i + batch_size].to(device)
+                sims = sims.masked_fill(bank_ids.to(device)[None, :] == q[:, None], float("-inf"))
+            rows.append(sims.argmax(1).cpu())
+        rows = torch.cat(rows)
         self.neighbours, self.reference_rows = bank_ids[rows], rows
         self.bank_ids, self.bank_emb = bank_ids, bank_emb.cpu()
         self.bank_labels = labels_of(self.bank)[bank_ids]
-        own = self.queries if exclude_self else None
-        self.distractor_ids = torch.cat(
-            [
-                self._distractors_of(
-                    self._embed_items(
-                        model, self.dataset, self.queries[i : i + batch_size], device, batch_size
-                    ),
-                    rows[i : i + batch_size],
-                    None if own is None else own[i : i + batch_size],
-                ).cpu()
-                for i in range(0, len(self.queries), batch_size)
-            ]
-        )
+        for i in range(0, len(self.queries), batch_size):
+            mine = None if own is None else own[i : i + batch_size]
+            emb = query_emb[i : i + batch_size]
+            distractors.append(self._distractors_of(emb, rows[i : i + batch_size], mine).cpu())
+        self.distractor_ids = torch.cat(distractors)
 
     def _pair_queries(self, u: int, ref_labels: list[int], device) -> dict:
         """Pair images holding an object of the reference's class and one of another."""
