@@ -18,7 +18,9 @@ from experiments.config import compose_config
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 #: options whose defaults changed after the redesign, set to the old behaviour
-OLD_BEHAVIOUR: list[str] = []
+OLD_BEHAVIOUR: list[str] = [
+    "method.scorecam.score=similarity",  # Score-CAM now weights by the task probability
+]
 
 
 @pytest.mark.slow
