@@ -10,6 +10,7 @@ from baselines.eigencam import EigenCAM
 from baselines.gradcam import GradCAM
 from baselines.gradcam_plusplus import GradCAMPlusPlus
 from baselines.layercam import LayerCAM
+from baselines.mask_oracle import MaskOracle
 from baselines.random_map import RandomMap
 from baselines.relevancecam import RelevanceCAM
 from baselines.scorecam import ScoreCAM
@@ -21,6 +22,7 @@ __all__ = [
     "GradCAM",
     "GradCAMPlusPlus",
     "LayerCAM",
+    "MaskOracle",
     "RandomMap",
     "RelevanceCAM",
     "ScoreCAM",

@@ -54,7 +54,11 @@ METHODS: list[tuple[str, Callable, type | None]] = [
     ("gradcampp", lambda m, layer, amp: bl.GradCAMPlusPlus(m, layer, amp=amp), pgc.GradCAMPlusPlus),
     ("xgradcam", lambda m, layer, amp: bl.XGradCAM(m, layer, amp=amp), pgc.XGradCAM),
     ("layercam", lambda m, layer, amp: bl.LayerCAM(m, layer, amp=amp), pgc.LayerCAM),
-    ("scorecam", lambda m, layer, amp: bl.ScoreCAM(m, layer, batch_size=64, amp=amp), pgc.ScoreCAM),
+    (
+        "scorecam",
+        lambda m, layer, amp: bl.ScoreCAM(m, layer, score="similarity", batch_size=64, amp=amp),
+        pgc.ScoreCAM,
+    ),
     ("relevancecam", lambda m, layer, amp: bl.RelevanceCAM(m, layer), None),
     ("eigencam", lambda m, layer, amp: bl.EigenCAM(m, layer, amp=amp), pgc.EigenCAM),
     ("random", lambda m, layer, amp: bl.RandomMap(m, layer), None),

@@ -323,6 +323,8 @@ def metric_settings(run: RunConfig, family: Any, evaluation: Any) -> dict[str, A
         "confidence_space": m.confidence_space,
         "score": getattr(evaluation, "score", "similarity"),
         "similarity": evaluation.similarity,
+        # the probability's distractors and temperature (contrastive / retrieval)
+        **getattr(evaluation, "score_settings", {}),
         "amp": resolve_amp(m.amp, device_for(run.trainer.accelerator)),
         "sanity_samples": m.sanity_samples,
         "image_size": size,

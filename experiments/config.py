@@ -111,6 +111,9 @@ class MetricConfig:
     confidence_space: str = "image"
     ties: str = "random"
     score: str = "probability"
+    distractors: int = 10
+    distractor_classes: str = "other"
+    temperature: float | None = None
     sanity_samples: int = 8
     batch_size: int = 256
     #: ``auto``: bf16 autocast + channels_last when the run's device is CUDA, fp32 on CPU
@@ -132,6 +135,10 @@ class MetricConfig:
         _choice("metric.confidence_space", self.confidence_space, ("image", "normalised"))
         _choice("metric.ties", self.ties, ("random", "stable"))
         _choice("metric.score", self.score, ("probability", "similarity"))
+        _at_least("metric.distractors", self.distractors, 1)
+        _choice("metric.distractor_classes", self.distractor_classes, ("other", "any"))
+        if self.temperature is not None and self.temperature <= 0:
+            raise FamBenchError(f"metric.temperature must be > 0 or null, got {self.temperature}.")
         _at_least("metric.sanity_samples", self.sanity_samples, 1)
         _at_least("metric.batch_size", self.batch_size, 1)
 

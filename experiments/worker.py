@@ -10,6 +10,7 @@ into full batches).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -86,6 +87,24 @@ def make_explainer(job: Job, method: Any, model: nn.Module, seed: int) -> Any:
     return explainer
 
 
+def unit_inputs(explainer: Any, unit: Unit, start: int, size: int) -> dict[str, Any]:
+    """Keyword inputs an explainer declares it needs, for unit samples ``start:start+size``:
+    ``masks`` (``needs_masks``; ``None`` without ground truth) and ``task_score``
+    (``needs_task_score``: the unit's ``embedding_score`` with indices of the call)."""
+    extra: dict[str, Any] = {}
+    if getattr(explainer, "needs_masks", False):
+        extra["masks"] = None if unit.masks is None else unit.masks[start : start + size]
+    if getattr(explainer, "needs_task_score", False):
+        if unit.embedding_score is None:
+            raise FamBenchError(
+                f"{type(explainer).__name__} explains the task's probability, which this task "
+                "does not provide (Unit.embedding_score); choose its similarity option."
+            )
+        score = unit.embedding_score
+        extra["task_score"] = lambda emb, index: score(emb, index + start)
+    return extra
+
+
 def explain(job: Job, unit: Unit, u: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Maps ``(M*N, H, W)``, degenerate flags ``(M*N,)`` and reasons of every method.
 
@@ -102,6 +121,7 @@ def explain(job: Job, unit: Unit, u: int) -> tuple[torch.Tensor, torch.Tensor, l
                 unit.images[i : i + job.explain_batch],
                 unit.reference[i : i + job.explain_batch],
                 unit.similarity,
+                **unit_inputs(explainer, unit, i, job.explain_batch),
             ).detach()
             maps.append(batch)
             flag = getattr(explainer, "degenerate", None)
@@ -208,7 +228,9 @@ def sanity_rows(job: Job, unit: Unit) -> list[dict]:
     for name, method in job.methods.items():
 
         def make(net: nn.Module, method=method):
-            return make_explainer(job, method, net, derive_seed(job.seed, Stream.EXPLAINER, 0))
+            explainer = make_explainer(job, method, net, derive_seed(job.seed, Stream.EXPLAINER, 0))
+            # the first k samples of the unit, with the inputs the explainer declares
+            return functools.partial(explainer, **unit_inputs(explainer, unit, 0, k))
 
         result = randomisation_sanity(
             job.model,

@@ -148,7 +148,9 @@ def test_scorecam_matches_pytorch_grad_cam(cases, model_name, similarity):
     module = dict(model.named_modules())[layer]
     expected = _reference_raw(RefScoreCAM, model, module, images, _targets(reference, similarity))
     # A batch size that does not divide N*K exercises the packing of (image, channel) jobs.
-    got = ScoreCAM(model, layer, batch_size=37)(images, reference, similarity, upsample=False)
+    got = ScoreCAM(model, layer, score="similarity", batch_size=37)(
+        images, reference, similarity, upsample=False
+    )
     _assert_maps_close(got, expected)
 
 

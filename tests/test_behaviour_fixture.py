@@ -27,6 +27,7 @@ OLD_BEHAVIOUR: list[str] = [
     "metric.confidence_space=normalised",
     "metric.tolerance_at=input",
     "method.eigencam.sign_correction=true",
+    "method.scorecam.score=similarity",  # Score-CAM now weights by the task probability
 ]
 
 

@@ -6,6 +6,8 @@ parameters' ``.grad``, BatchNorm statistics), batch-independence, and clear erro
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from baselines import (
     GradCAM,
     GradCAMPlusPlus,
     LayerCAM,
+    MaskOracle,
     RandomMap,
     RelevanceCAM,
     ScoreCAM,
@@ -32,15 +35,17 @@ METHODS = {
     "gradcampp": GradCAMPlusPlus,
     "xgradcam": XGradCAM,
     "layercam": LayerCAM,
-    "scorecam": lambda m, layer: ScoreCAM(m, layer, batch_size=24),
+    # the raw-score variant: the probability needs a task (tests/test_retrieval_contrastive.py)
+    "scorecam": lambda m, layer: ScoreCAM(m, layer, batch_size=24, score="similarity"),
     "relevancecam": RelevanceCAM,
     "eigencam": EigenCAM,
     "eigencam_signed": lambda m, layer: EigenCAM(m, layer, sign_correction=True),
     "random": lambda m, layer: RandomMap(m, layer, seed=0),
     "center": CenterMap,
+    "mask": MaskOracle,
 }
 #: maps that are a function of the model's activations (zero activations -> zero map)
-ACTIVATION_MAPS = sorted(set(METHODS) - {"random", "center"})
+ACTIVATION_MAPS = sorted(set(METHODS) - {"random", "center", "mask"})
 LAYER = "encoder.3"
 SIZE = 24
 
@@ -256,7 +261,7 @@ def test_amp_maps_agree_with_fp32(method):
         "fam": FAM,
         "gradcam": GradCAM,
         "layercam": LayerCAM,
-        "scorecam": ScoreCAM,
+        "scorecam": functools.partial(ScoreCAM, score="similarity"),
         "eigencam": lambda m, layer, **kw: EigenCAM(m, layer, sign_correction=True, **kw),
     }[method]
     fp32 = build(model, LAYER)(images, reference, "dot")

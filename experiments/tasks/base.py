@@ -46,6 +46,10 @@ class Unit:
     ``similarity`` what the explainers explain (a name or a callable ``(emb, ref) -> (N,)``);
     ``boxes (N, 4)`` and ``annotation_sizes (N, 2)`` (the resolution masks were drawn at)
     when the data has them.
+    ``embedding_score(emb (B, D), index (B,)) -> (B,)`` the task probability (whatever
+    ``metric.score`` says) of embeddings of (perturbed) samples ``index``, for
+    explainers that declare ``needs_task_score`` (Score-CAM's post-softmax score);
+    ``None`` when the task has none.
     """
 
     unit: int
@@ -60,6 +64,7 @@ class Unit:
     boxes: Tensor | None = None
     annotation_sizes: Tensor | None = None
     reference_images: Tensor | None = None
+    embedding_score: ScoreFn | None = None
     columns: dict[str, list] = field(default_factory=dict)
 
 

@@ -253,11 +253,14 @@ class FewShotEvaluation(Evaluation):
         def logits(x: Tensor) -> Tensor:
             return pairwise(similarity, model(x).float(), prototypes)
 
-        tau = self.temperature
+        tau = self.temperature  # the model's own logit scale
+
+        def embedding_probability(emb: Tensor, index: Tensor) -> Tensor:
+            probs = torch.softmax(tau * pairwise(similarity, emb, prototypes), dim=1)
+            return probs.gather(1, position[index][:, None])[:, 0]
 
         def probability(x: Tensor, index: Tensor) -> Tensor:
-            probs = torch.softmax(tau * logits(x), dim=1)
-            return probs.gather(1, position[index][:, None])[:, 0]
+            return embedding_probability(model(x).float(), index)
 
         def raw_similarity(x: Tensor, index: Tensor) -> Tensor:
             return logits(x).gather(1, position[index][:, None])[:, 0]
@@ -297,6 +300,7 @@ class FewShotEvaluation(Evaluation):
             other_masks=other_masks,
             boxes=extras.get("boxes"),
             annotation_sizes=extras.get("annotation_sizes"),
+            embedding_score=embedding_probability,
             columns=columns,
         )
 

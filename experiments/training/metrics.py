@@ -151,3 +151,24 @@ def recall_at_k(
         )["precision_at_1"]
     )
     return result
+
+
+def linear_probe_accuracy(
+    model: nn.Module, train_set: Any, test_set: Any, max_iter: int = 1000, c: float = 1.0
+) -> float:
+    """Linear-probe accuracy: scikit-learn ``LogisticRegression`` on frozen embeddings.
+
+    The standard SSL evaluation (SimCLR, Chen et al. 2020): the encoder is frozen, a
+    multinomial logistic regression (lbfgs, L2 ``C=c``) is fitted on the standardised
+    embeddings of ``train_set`` and scored (top-1) on ``test_set``; both must share their
+    label space. Deterministic (lbfgs has no randomness).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    train = embed(model, train_set).cpu().double().numpy()
+    test = embed(model, test_set).cpu().double().numpy()
+    scaler = StandardScaler().fit(train)
+    probe = LogisticRegression(C=c, max_iter=max_iter)
+    probe.fit(scaler.transform(train), labels_of(train_set).numpy())
+    return float(probe.score(scaler.transform(test), labels_of(test_set).numpy()))

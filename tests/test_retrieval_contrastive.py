@@ -1,0 +1,228 @@
+"""The embedded retrieval and contrastive experiments: they train and run end to end, the
+probability score separates the ground truth from random, maps depend on the reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baselines import MaskOracle, ScoreCAM
+from evaluation.pointing import pointing_game
+from experiments import builders, config, pipeline
+from experiments.config import compose_config
+from experiments.tasks import family_for
+
+pytestmark = pytest.mark.slow
+
+# Reduced settings: fewer queries (and SimCLR training steps) than the experiment files,
+# the same model, data and protocol. Retrieval keeps its 300 steps: at 150 FAM's pointing
+# game was 0.19 (random 0.03), at 300 0.75.
+RETRIEVAL = [
+    "experiment=synthetic_retrieval",
+    "eval.num_queries=32",
+    "eval.figure_samples=2",
+]
+SIMCLR = [
+    "experiment=synthetic_simclr",
+    "trainer.max_steps=100",
+    "eval.num_queries=32",
+    "eval.figure_samples=2",
+]
+METHODS = "methods=[fam,scorecam,random,mask]"
+CAUSAL = "metrics=[deletion_auc,insertion_auc,pointing_game]"
+
+
+def compose(cache: Path, *overrides: str):
+    return compose_config(
+        [f"cache_dir={cache}", "trainer.accelerator=cpu", "eval.progress=false", *overrides]
+    )
+
+
+def means(result: dict, metric: str) -> pd.Series:
+    return result["results"].groupby("method")[metric].mean()
+
+
+def task_metrics(out: Path) -> dict[str, float]:
+    frame = pd.read_csv(out / "task_metrics.csv")
+    return dict(zip(frame["metric"], frame["value"], strict=True))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="module")
+def retrieval(cache, tmp_path_factory) -> dict[str, dict]:
+    """The reduced retrieval run under both scores (one trained model)."""
+    return {
+        score: pipeline.run(
+            compose(cache, *RETRIEVAL, METHODS, CAUSAL, f"metric.score={score}"),
+            tmp_path_factory.mktemp(f"retrieval-{score}"),
+        )
+        for score in ("probability", "similarity")
+    }
+
+
+@pytest.fixture(scope="module")
+def simclr(cache, tmp_path_factory) -> dict:
+    return pipeline.run(compose(cache, *SIMCLR, METHODS, CAUSAL), tmp_path_factory.mktemp("simclr"))
+
+
+def test_synthetic_retrieval_trains_and_runs_end_to_end(retrieval):
+    result = retrieval["probability"]
+    assert task_metrics(result["out"])["recall@1"] >= 0.5
+    results = result["results"]
+    assert len(results) == 32 * 4
+    assert results[["deletion_auc", "insertion_auc"]].stack().between(0, 1).all()
+    # maps.png shows the retrieved gallery image beside the query
+    figure = result["figure"]
+    assert figure["references"] is not None
+    assert figure["references"].shape == figure["images"].shape
+
+
+def test_synthetic_simclr_trains_and_reports_knn_and_linear_probe(simclr):
+    metrics = task_metrics(simclr["out"])
+    # 64 classes, chance 1/64; 100 SimCLR steps are far from the issue's 0.6 (README)
+    assert metrics["knn20_accuracy"] > 2 / 64
+    assert metrics["linear_probe_accuracy"] > 2 / 64
+    assert simclr["figure"]["references"] is not None
+    assert len(simclr["results"]) == 32 * 4
+
+
+def test_probability_score_separates_mask_from_random_and_beats_the_similarity_on_insertion(
+    retrieval,
+):
+    spreads = {}
+    for score, result in retrieval.items():
+        deletion, insertion = means(result, "deletion_auc"), means(result, "insertion_auc")
+        spreads[score] = (
+            deletion["random"] - deletion["mask"],
+            insertion["mask"] - insertion["random"],
+        )
+    deletion_gap, insertion_gap = spreads["probability"]
+    assert insertion_gap > 0.05, spreads
+    assert insertion_gap > spreads["similarity"][1], spreads
+    # On this Conv-4 the raw cosine separates them on deletion by far more than the
+    # probability does (measured 0.29 vs 0.04 on these 32 queries): README, "Retrieval /
+    # contrastive probability". Both must at least rank the ground truth first.
+    assert deletion_gap > 0.02, spreads
+    assert spreads["similarity"][0] > 0.05, spreads
+
+
+def test_fam_points_far_above_random_on_retrieval(retrieval):
+    pointing = means(retrieval["probability"], "pointing_game")
+    assert pointing["fam"] >= pointing["random"] + 0.25, pointing
+    assert pointing["mask"] == 1.0
+
+
+def test_fam_points_above_random_on_simclr(simclr):
+    pointing = means(simclr, "pointing_game")
+    assert pointing["fam"] >= pointing["random"] + 0.1, pointing
+    assert pointing["mask"] == 1.0
+
+
+def test_the_probability_settings_go_into_settings_id(retrieval):
+    ids = {s: r["settings_ids"]["fam"] for s, r in retrieval.items()}
+    assert ids["probability"] != ids["similarity"]
+
+
+def evaluation_of(cache: Path, tmp: Path, *overrides: str):
+    """The trained model and the task evaluation of a composed run (model from the cache)."""
+    run_cfg = config.load(compose(cache, *overrides))
+    family = family_for(run_cfg.task)
+    run_cfg.task = config.plain(family.config)
+    device = torch.device("cpu")
+    train_set, eval_set = builders.build_datasets(run_cfg)
+    model = builders.build_model(run_cfg, family, train_set, device, tmp, None, [])
+    return model, family.evaluation(run_cfg, train_set, eval_set, model, device), run_cfg
+
+
+def probability_against(evaluation, unit, reference: torch.Tensor):
+    """The unit's task probability with another reference (the unit's distractors)."""
+    rows = evaluation.distractor_ids[: len(unit.images)]
+    distractors = evaluation.bank_emb[rows]
+    temperature = evaluation.temperature
+
+    def score(emb, index):
+        own = F.cosine_similarity(emb, reference[index], dim=1)
+        others = F.cosine_similarity(emb[:, None], distractors[index], dim=2)
+        return torch.softmax(torch.cat([own[:, None], others], 1) / temperature, 1)[:, 0]
+
+    return score
+
+
+def test_scorecam_maps_change_with_the_reference(retrieval, cache, tmp_path):
+    model, evaluation, _ = evaluation_of(cache, tmp_path, *RETRIEVAL)
+    unit = evaluation.unit(0, model, torch.device("cpu"))
+    labels = torch.tensor(unit.columns["reference_label"])
+    # each image against the reference of another sample of another class
+    other = torch.tensor([int(torch.nonzero(labels != labels[i])[0]) for i in range(len(labels))])
+    scorecam = ScoreCAM(model)
+    own = scorecam(unit.images, unit.reference, "cosine", task_score=unit.embedding_score)
+    swapped_ref = unit.reference[other]
+    swapped = scorecam(
+        unit.images,
+        swapped_ref,
+        "cosine",
+        task_score=probability_against(evaluation, unit, swapped_ref),
+    )
+    corr = F.cosine_similarity(
+        (own - own.mean((1, 2), keepdim=True)).flatten(1),
+        (swapped - swapped.mean((1, 2), keepdim=True)).flatten(1),
+    )
+    assert corr.median() < 0.9, corr
+
+
+def test_on_pairs_explaining_the_other_objects_reference_moves_the_maximum(
+    retrieval, cache, tmp_path
+):
+    model, evaluation, run_cfg = evaluation_of(
+        cache, tmp_path, *RETRIEVAL, "experiment=synthetic_retrieval_pairs"
+    )
+    unit = evaluation.unit(0, model, torch.device("cpu"))
+    assert unit.other_masks is not None
+    with torch.no_grad():
+        emb = F.normalize(model(unit.images), dim=1)
+    # the other object's reference: its class's gallery image nearest to the pair image
+    gallery = F.normalize(evaluation.bank_emb, dim=1)
+    labels = evaluation.bank.labels
+    other_ref = []
+    for i, b in enumerate(unit.columns["other_label"]):
+        sims = (gallery @ emb[i]).masked_fill(labels != b, float("-inf"))
+        other_ref.append(evaluation.bank_emb[int(sims.argmax())])
+    other_ref = torch.stack(other_ref)
+    tol = 15 * run_cfg.data.image_size / 224
+    scorecam = ScoreCAM(model)
+    own = scorecam(unit.images, unit.reference, "cosine", task_score=unit.embedding_score)
+    moved = scorecam(
+        unit.images,
+        other_ref,
+        "cosine",
+        task_score=probability_against(evaluation, unit, other_ref),
+    )
+    on_own = pointing_game(own, unit.masks, tol).mean(), pointing_game(moved, unit.masks, tol)
+    on_other = pointing_game(moved, unit.other_masks, tol).mean()
+    assert on_other > pointing_game(own, unit.other_masks, tol).mean() + 0.2
+    assert on_own[0] > on_own[1].mean() + 0.2
+
+
+def test_mask_oracle_returns_the_blurred_mask_and_flags_missing_ground_truth():
+    from experiments.models.conv4 import Conv4
+
+    model = Conv4(hidden=8, pools=(True, True, False, False)).eval()
+    images = torch.randn(2, 3, 16, 16)
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0, 4:9, 4:9] = True
+    oracle = MaskOracle(model, blur=0.05)
+    maps = oracle(images, torch.randn(2, 8), "cosine", masks=masks)
+    assert maps.shape == (2, 16, 16)
+    assert maps[0].max() == 1.0 and bool(masks[0].flatten()[maps[0].flatten().argmax()])
+    assert maps[0][~masks[0]].max() < 1.0  # blurred: the rim ranks below the core
+    assert oracle.degenerate.tolist() == [False, True]
+    none = oracle(images, torch.randn(2, 8), "cosine")
+    assert (none == 0).all() and oracle.degenerate.all()
