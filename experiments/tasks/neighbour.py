@@ -91,8 +91,6 @@ class ContrastiveConfig:
             raise FamBenchError(
                 f"task.algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}."
             )
-
-    def __post_init__(self) -> None:
         if self.holdout_per_class < 0:
             raise FamBenchError(
                 f"task.holdout_per_class must be >= 0, got {self.holdout_per_class}."
