@@ -58,7 +58,12 @@ class MaskOracle(Explainer):
         if blur < 0:
             raise FamBenchError(f"mask blur must be >= 0, got {blur}.")
         self.blur = blur
-        self.degenerate_reason: list[str] | None = None
+        self._reasons: list[str] | None = None
+
+    @property
+    def degenerate_reason(self) -> list[str] | None:
+        """Per sample of the last call: ``""`` or ``"no ground truth"`` (an empty mask)."""
+        return self._reasons
 
     def __call__(
         self,
@@ -80,7 +85,7 @@ class MaskOracle(Explainer):
         if masks is None:
             maps = images.new_zeros(n, h, w, dtype=torch.float32)
             self.degenerate = torch.ones(n, dtype=torch.bool, device=images.device)
-            self.degenerate_reason = ["no ground truth"] * n
+            self._reasons = ["no ground truth"] * n
             return maps if upsample else self._at_layer(maps)
         if tuple(masks.shape) != (n, h, w):
             raise FamBenchError(
@@ -90,7 +95,7 @@ class MaskOracle(Explainer):
         maps = maps * (masks.flatten(1).any(1)[:, None, None]).float()
         empty = maps.flatten(1).amax(1) <= 0
         self.degenerate = empty
-        self.degenerate_reason = ["no ground truth" if e else "" for e in empty.tolist()]
+        self._reasons = ["no ground truth" if e else "" for e in empty.tolist()]
         maps = minmax_normalise(maps)
         return maps if upsample else self._at_layer(maps)
 

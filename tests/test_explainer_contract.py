@@ -242,10 +242,22 @@ def test_every_method_config_builds_its_explainer():
     assert {f.stem for f in files} == set(METHODS)
     model = _model()
     images, reference = _inputs()
+    inputs = {  # what an explainer may declare it needs (the worker passes the same)
+        "needs_masks": {"masks": torch.ones(3, SIZE, SIZE, dtype=torch.bool)},
+        "needs_task_score": {
+            "task_score": lambda emb, index: torch.cosine_similarity(emb, reference[index])
+        },
+    }
     for f in files:
         cfg = OmegaConf.load(f)
         explainer = instantiate(cfg, _partial_=True)(model, LAYER)
-        assert explainer(images, reference, "cosine").shape == (3, SIZE, SIZE)
+        extra = {
+            k: v
+            for need, kw in inputs.items()
+            if getattr(explainer, need, False)
+            for k, v in kw.items()
+        }
+        assert explainer(images, reference, "cosine", **extra).shape == (3, SIZE, SIZE)
 
 
 @pytest.mark.parametrize("method", ["fam", "gradcam", "layercam", "scorecam", "eigencam"])

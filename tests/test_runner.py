@@ -71,6 +71,9 @@ def test_the_ten_experiments_exist_and_compose_with_their_protocol_settings():
             "retrieval_cub",
             "retrieval_sop",
             "retrieval_cars",
+            "synthetic_retrieval",
+            "synthetic_retrieval_pairs",
+            "synthetic_simclr",
         ]
     )
     expected = {  # experiment: (data, model, task, image size, similarity)
@@ -84,6 +87,9 @@ def test_the_ten_experiments_exist_and_compose_with_their_protocol_settings():
         "retrieval_cub": ("cub", "resnet50", "retrieval", 224, "cosine"),
         "retrieval_sop": ("sop", "resnet50", "retrieval", 224, "cosine"),
         "retrieval_cars": ("cars196", "resnet50", "retrieval", 224, "cosine"),
+        "synthetic_retrieval": ("synthetic", "conv4", "retrieval", 32, "cosine"),
+        "synthetic_retrieval_pairs": ("synthetic", "conv4", "retrieval", 32, "cosine"),
+        "synthetic_simclr": ("synthetic", "conv4", "contrastive", 32, "cosine"),
     }
     for name in EXPERIMENTS:
         cfg = composed(f"experiment={name}")
@@ -96,7 +102,7 @@ def test_the_ten_experiments_exist_and_compose_with_their_protocol_settings():
             cfg.task.similarity,
         )
         assert got == expected[name], name
-        assert set(cfg.methods) == set(METHODS)
+        assert set(METHODS) <= set(cfg.methods) <= {*METHODS, "mask"}
         settings = settings_of(config.load(cfg))
         # RISE: 224 px per step at 224 px; TorchRay: 15 px tolerance at 224 px.
         assert settings["step"] == cfg.data.image_size

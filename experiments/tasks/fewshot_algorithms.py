@@ -547,9 +547,12 @@ class EpisodeEvaluation(FewShotEvaluation):
         similarity = clf.similarity
         simfn = similarity if callable(similarity) else (lambda a, b: pairwise(similarity, a, b))
 
-        def probability(x: Tensor, index: Tensor) -> Tensor:
-            probs = clf.probabilities(model(x).float())
+        def embedding_probability(emb: Tensor, index: Tensor) -> Tensor:
+            probs = clf.probabilities(emb)
             return probs.gather(1, position[index][:, None])[:, 0]
+
+        def probability(x: Tensor, index: Tensor) -> Tensor:
+            return embedding_probability(model(x).float(), index)
 
         def raw_similarity(x: Tensor, index: Tensor) -> Tensor:
             return simfn(model(x).float(), reference[index])
@@ -599,6 +602,7 @@ class EpisodeEvaluation(FewShotEvaluation):
             other_masks=q["other_masks"],
             boxes=q["extras"].get("boxes"),
             annotation_sizes=q["extras"].get("annotation_sizes"),
+            embedding_score=embedding_probability,
             columns=columns,
         )
 
