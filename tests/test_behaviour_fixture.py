@@ -25,6 +25,8 @@ from experiments.config import compose_config
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 #: options whose defaults changed after the redesign, set to the old behaviour
 OLD_BEHAVIOUR: list[str] = [
+    "methods=[fam,fam_product,gradcam,gradcampp,xgradcam,layercam,scorecam,relevancecam,"
+    "eigencam,random,center]",  # the default run now also explains with the `mask` oracle
     "metric.ties=stable",
     "metric.energy_region=mask",
     "metric.confidence_space=normalised",
