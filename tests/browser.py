@@ -8,9 +8,12 @@ after its ``load`` event: every ``<img>`` must have decoded (``naturalWidth > 0`
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -53,7 +56,9 @@ def load_page(path: Path) -> PageReport:
     binary = chromium_path()
     if binary is None:
         raise RuntimeError("no chromium binary")
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes may still write to the profile as it exits: kill the
+    # whole process group, and never fail a test on the temporary profile's clean-up.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
             [
                 binary,
@@ -69,15 +74,17 @@ def load_page(path: Path) -> PageReport:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
         try:
             return _drive(proc, Path(path), websocket)
         finally:
-            proc.terminate()
             try:
+                os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
 
