@@ -24,8 +24,30 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 perturbed image for the sample ``index`` it was made from (reference held fixed)."""
 
 
-def check_images_maps(images: Tensor, maps: Tensor) -> Tensor:
-    """Validate ``images (N, C, H, W)`` and ``maps (N, H, W)``; return maps as float."""
+def check_image_index(images: Tensor, maps: Tensor, image_index: Tensor | None) -> Tensor:
+    """Validate the image of each map: ``(R,)`` long into ``images`` (default: map ``i``
+    explains image ``i``, so ``R == N``). Returns it on the images' device."""
+    n, r = images.shape[0], maps.shape[0]
+    if image_index is None:
+        if r != n:
+            raise FamBenchError(
+                f"{r} maps for {n} images: pass image_index (the image of each map) when "
+                "several maps explain the same image."
+            )
+        return torch.arange(n, device=images.device)
+    index = torch.as_tensor(image_index, device=images.device)
+    if index.shape != (r,) or index.is_floating_point():
+        raise FamBenchError(
+            f"image_index needs one integer per map ({r},), got {tuple(index.shape)} {index.dtype}."
+        )
+    if r and not bool(((index >= 0) & (index < n)).all()):
+        raise FamBenchError(f"image_index must lie in [0, {n}) (one of the {n} images).")
+    return index.long()
+
+
+def check_images_maps(images: Tensor, maps: Tensor, shared: bool = False) -> Tensor:
+    """Validate ``images (N, C, H, W)`` and ``maps (N, H, W)`` (``shared``: ``(R, H, W)``,
+    any number of maps of those images); return maps as float."""
     if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
         got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise FamBenchError(f"images must be a float tensor (N, C, H, W), got {got}.")
@@ -34,6 +56,8 @@ def check_images_maps(images: Tensor, maps: Tensor) -> Tensor:
     if maps.dim() == 4 and maps.shape[1] == 1:
         maps = maps[:, 0]
     n, _, h, w = images.shape
+    if shared and maps.dim() == 3:
+        n = maps.shape[0]
     if tuple(maps.shape) != (n, h, w):
         raise FamBenchError(
             f"maps have shape {tuple(maps.shape)} but the images {tuple(images.shape)} need "

@@ -31,8 +31,10 @@ as ``where(rank < k*step, source, start)`` from a precomputed rank per pixel. Jo
 several samples and steps share a batch of ``batch_size`` images, so the model always sees
 full batches; no more than one batch of perturbed images exists at any time, whatever
 ``N`` is; scores go into one preallocated device tensor (no host sync in the loop). The
-unperturbed image (deletion's first point = insertion's last) is scored once, and so is
-the pure substrate when both curves use the same named substrate.
+points that do not depend on the map (the unperturbed image = deletion's first and
+insertion's last point, the fully deleted image, the pure insertion substrate; the last
+two are one job when both curves use the same named substrate) are scored once per
+image: with ``image_index`` the maps of several methods share them (issue 14).
 """
 
 from __future__ import annotations
@@ -48,7 +50,13 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 from torch import Tensor, nn
 
-from evaluation._batched import ScoreFn, check_images_maps, check_positive_int, stream_scores
+from evaluation._batched import (
+    ScoreFn,
+    check_image_index,
+    check_images_maps,
+    check_positive_int,
+    stream_scores,
+)
 from fam.errors import FamBenchError
 
 Substrate = str | Tensor | Callable[[Tensor], Tensor]
@@ -208,8 +216,9 @@ def deletion_insertion(
     amp: bool = False,
     ties: str = "random",
     seed: int | torch.Generator | Tensor = 0,
+    image_index: Tensor | None = None,
 ) -> DeletionInsertionResult:
-    """Deletion and insertion curves and AUCs for each image (module docstring).
+    """Deletion and insertion curves and AUCs for each map (module docstring).
 
     Args:
         score_fn: ``(perturbed (B, C, H, W), index (B,) long) -> (B,)``, the score of each
@@ -217,7 +226,12 @@ def deletion_insertion(
             and steps. It runs under ``torch.no_grad``; it owns the model's mode unless
             ``model`` is given.
         images: ``(N, C, H, W)`` normalised images on the model's device.
-        maps: ``(N, H, W)`` maps at image resolution (only their order matters).
+        maps: ``(N, H, W)`` maps at image resolution (only their order matters); with
+            ``image_index``, ``(R, H, W)``: several maps (e.g. one per method) per image.
+        image_index: ``(R,)`` the image each map explains (default: map ``i`` explains
+            image ``i``). The map-independent points (the unperturbed image, the fully
+            deleted image, the insertion substrate) are scored once per image, not once
+            per map, and ``score_fn``'s ``index`` is the image's.
         step: pixels changed per step.
         deletion_substrate, insertion_substrate: ``"zeros" | "blur" | "mean"``, a tensor or a
             callable (:func:`make_substrate`).
@@ -229,9 +243,9 @@ def deletion_insertion(
         ties: ``"random"`` (default) or ``"stable"`` order of tied pixels (module docstring).
         seed: for ``ties="random"``: an int seeding a fresh generator on the images'
             device (the same call gives the same curves), a ``torch.Generator`` on that
-            device whose stream the call continues, or a ``(N,)`` integer tensor of
-            per-sample seeds (e.g. dataset indices): each sample's tie order then depends
-            only on its own seed, whatever else is in the call.
+            device whose stream the call continues, or a per-map integer tensor ``(R,)``
+            of seeds (e.g. dataset indices): each map's tie order then depends only on
+            its own seed, whatever else is in the call.
 
     Samples whose map is not finite everywhere get nan AUCs and curves (the others are
     unaffected).
@@ -240,13 +254,14 @@ def deletion_insertion(
     substrates and the pixel ranks (about three copies of ``images``); pass the images
     in chunks (e.g. a data-loader batch) to bound it.
     """
-    maps = check_images_maps(images, maps)
+    maps = check_images_maps(images, maps, shared=True)
+    image_index = check_image_index(images, maps, image_index)
     if ties not in TIES:
         raise FamBenchError(f"ties must be one of {list(TIES)}, got {ties!r}.")
     if ties == "random" and isinstance(seed, Tensor):
-        if seed.shape != (images.shape[0],) or seed.is_floating_point():
+        if seed.shape != (maps.shape[0],) or seed.is_floating_point():
             raise FamBenchError(
-                f"A seed tensor needs one integer per sample ({images.shape[0]},), got "
+                f"A seed tensor needs one integer per map ({maps.shape[0]},), got "
                 f"{tuple(seed.shape)} {seed.dtype}."
             )
     elif ties == "random":
@@ -270,31 +285,32 @@ def deletion_insertion(
             insertion_substrate, images, blur_kernel_size=blur_kernel_size, blur_sigma=blur_sigma
         )
         # Pool of whole images a job picks its start and source from: [image | deletion
-        # substrate | insertion substrate], indexed kind * N + sample.
+        # substrate | insertion substrate], indexed kind * N + image.
         pool = torch.cat([images, deleted, inserted]).flatten(2)
         ranks = pixel_ranks(maps, ties, seed)
 
     shared_substrate = (
         isinstance(deletion_substrate, str) and deletion_substrate == insertion_substrate
     )
-    jobs = _Jobs(n, n_steps, step, shared_substrate, device)
+    jobs = _Jobs(image_index, n, n_steps, step, shared_substrate)
 
     def build(start: int, stop: int) -> tuple[Tensor, Tensor]:
-        sample = jobs.sample[start:stop]
-        take_source = ranks.index_select(0, sample) < jobs.threshold[start:stop, None]
+        take_source = (
+            ranks.index_select(0, jobs.map_row[start:stop]) < jobs.threshold[start:stop, None]
+        )
         perturbed = torch.where(
             take_source[:, None],
             pool.index_select(0, jobs.source[start:stop]),
             pool.index_select(0, jobs.start[start:stop]),
         )
-        return perturbed.view(stop - start, -1, h, w), sample
+        return perturbed.view(stop - start, -1, h, w), jobs.image[start:stop]
 
     scores = stream_scores(
         score_fn, jobs.total, build, batch_size=batch_size, device=device, model=model, amp=amp
-    ).view(n, jobs.per_sample)
-    scores = torch.where(finite[:, None], scores, torch.nan)
-    deletion_curve = scores[:, jobs.deletion_columns]
-    insertion_curve = scores[:, jobs.insertion_columns]
+    )
+    deletion_curve, insertion_curve = jobs.curves(scores)
+    deletion_curve = torch.where(finite[:, None], deletion_curve, torch.nan)
+    insertion_curve = torch.where(finite[:, None], insertion_curve, torch.nan)
     fractions = (
         (torch.arange(n_steps + 1, device=device, dtype=torch.float64) * step)
         .clamp_max(hw)
@@ -345,37 +361,59 @@ def _generator(seed: int | torch.Generator, device: torch.device) -> torch.Gener
 
 
 class _Jobs:
-    """The job table, on the device: for job ``j`` its sample, start and source pool rows,
-    and pixel-rank threshold ``k*step`` (pixels with rank below it come from the source).
+    """The job table, on the device: for job ``j`` its image (``score_fn``'s index), the
+    map whose pixel ranks it reads, its start and source pool rows, and its pixel-rank
+    threshold ``k*step`` (pixels with rank below it come from the source).
 
-    Per sample the jobs are: the unperturbed image, deletion points ``1..n_steps``, then
-    insertion points ``0..n_steps-1`` (point 0 skipped when it equals deletion's last).
-    Jobs are sample-major, so consecutive batches mix neighbouring samples and steps.
+    The map-independent points come first, once per image: the unperturbed image
+    (deletion's first point, insertion's last), the fully deleted image (deletion's last)
+    and the pure insertion substrate (insertion's first; the deletion's last again when
+    both curves use the same named substrate). Then, per map, deletion points
+    ``1..n_steps-1`` and insertion points ``1..n_steps-1``. Map jobs are map-major, so
+    consecutive batches mix neighbouring maps and steps.
     """
 
     def __init__(
-        self, n: int, n_steps: int, step: int, shared_substrate: bool, device: torch.device
+        self, image_index: Tensor, n: int, n_steps: int, step: int, shared_substrate: bool
     ) -> None:
-        image, deleted, inserted = 0, 1, 2
-        ks = list(range(n_steps + 1))
-        insertion_ks = ks[1:-1] if shared_substrate else ks[:-1]
-        # (start kind, source kind, k) for each job of one sample.
-        local = (
-            [(image, image, 0)]
-            + [(image, deleted, k) for k in ks[1:]]
-            + [(inserted, image, k) for k in insertion_ks]
-        )
-        self.per_sample = len(local)
-        self.total = n * self.per_sample
-        self.deletion_columns = torch.tensor(ks, device=device)
-        # Insertion point 0 is deletion's last point when the substrates are shared.
-        insertion_columns = [n_steps] if shared_substrate else []
-        insertion_columns += list(range(n_steps + 1, n_steps + 1 + len(insertion_ks)))
-        self.insertion_columns = torch.tensor(insertion_columns + [0], device=device)
+        device = image_index.device
+        r = image_index.shape[0]
+        kind_image, kind_deleted, kind_inserted = 0, 1, 2
+        constant_kinds = [kind_image, kind_deleted] + ([] if shared_substrate else [kind_inserted])
+        self.n, self.r = n, r
+        self.n_constant = len(constant_kinds)
+        # map-dependent jobs of one map: (start kind, source kind, k)
+        inner = range(1, n_steps)
+        local = [(kind_image, kind_deleted, k) for k in inner]
+        local += [(kind_inserted, kind_image, k) for k in inner]
+        self.per_map = len(local)
+        self.total = n * self.n_constant + r * self.per_map
 
-        table = torch.tensor(local, device=device, dtype=torch.long)
-        sample = torch.arange(n, device=device).repeat_interleave(self.per_sample)
-        self.sample = sample
-        self.start = table[:, 0].repeat(n) * n + sample
-        self.source = table[:, 1].repeat(n) * n + sample
-        self.threshold = (table[:, 2] * step).to(torch.int32).repeat(n)
+        images = torch.arange(n, device=device)
+        kinds = torch.tensor(constant_kinds, device=device)
+        # constant jobs: image-major, threshold 0 (nothing from the source: the start row)
+        c_image = images.repeat_interleave(self.n_constant)
+        c_start = kinds.repeat(n) * n + c_image
+        c_zero = torch.zeros_like(c_image)
+        table = torch.tensor(local, device=device, dtype=torch.long).view(-1, 3)
+        row = torch.arange(r, device=device).repeat_interleave(self.per_map)
+        m_image = image_index.index_select(0, row)
+        self.image = torch.cat([c_image, m_image])
+        self.map_row = torch.cat([c_zero, row])
+        self.start = torch.cat([c_start, table[:, 0].repeat(r) * n + m_image])
+        self.source = torch.cat([c_start, table[:, 1].repeat(r) * n + m_image])
+        self.threshold = torch.cat([c_zero, (table[:, 2] * step).repeat(r)]).to(torch.int32)
+        self.image_index = image_index
+        self.column = {kind: i for i, kind in enumerate(constant_kinds)}
+        self.column.setdefault(kind_inserted, self.column[kind_deleted])
+
+    def curves(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """``(R, n_steps + 1)`` deletion and insertion curves from the jobs' scores."""
+        constant = scores[: self.n * self.n_constant].view(self.n, self.n_constant)
+        constant = constant.index_select(0, self.image_index)
+        inner = scores[self.n * self.n_constant :].view(self.r, self.per_map)
+        half = self.per_map // 2
+        image, deleted, inserted = (constant[:, self.column[k], None] for k in (0, 1, 2))
+        deletion = torch.cat([image, inner[:, :half], deleted], 1)
+        insertion = torch.cat([inserted, inner[:, half:], image], 1)
+        return deletion, insertion

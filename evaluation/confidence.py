@@ -31,7 +31,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from evaluation._batched import ScoreFn, check_images_maps, check_positive_int, stream_scores
+from evaluation._batched import (
+    ScoreFn,
+    check_image_index,
+    check_images_maps,
+    check_positive_int,
+    stream_scores,
+)
 from fam.errors import FamBenchError
 
 
@@ -56,8 +62,9 @@ def confidence_change(
     space: str = "normalised",
     mean: Sequence[float] | Tensor | None = None,
     std: Sequence[float] | Tensor | None = None,
+    image_index: Tensor | None = None,
 ) -> ConfidenceChange:
-    """Per-sample drop and increase in confidence.
+    """Per-map drop and increase in confidence.
 
     Args:
         score_fn: ``(images (B, C, H, W), index (B,) long) -> (B,)`` non-negative scores
@@ -70,8 +77,12 @@ def confidence_change(
             with it to follow the paper.
         mean, std: the per-channel normalisation of ``images`` (``C`` values each,
             ``images = (x - mean) / std``), for ``space="image"``.
+        image_index: ``(R,)`` the image each of ``R`` maps explains (default: map ``i``
+            explains image ``i``); the unperturbed image is scored once per image, and
+            ``score_fn``'s ``index`` is the image's.
     """
-    maps = check_images_maps(images, maps)
+    maps = check_images_maps(images, maps, shared=True)
+    image_index = check_image_index(images, maps, image_index)
     check_positive_int("batch_size", batch_size)
     shift, scale = _normalisation(space, mean, std, images)
     finite = torch.isfinite(maps).flatten(1).all(dim=1)
@@ -82,9 +93,11 @@ def confidence_change(
             "normalise them first (explainers return such maps)."
         )
     n, _, h, w = images.shape
-    sample = torch.arange(n, device=images.device).repeat(2)
-    # Jobs 0..N-1 score the images, N..2N-1 their explanation map images.
-    factor = torch.cat([torch.ones_like(maps), maps]).view(2 * n, 1, h, w)
+    r = maps.shape[0]
+    sample = torch.cat([torch.arange(n, device=images.device), image_index])
+    # Jobs 0..N-1 score the images (factor 1), N..N+R-1 the maps' explanation images.
+    ones = torch.ones(n, h, w, device=maps.device, dtype=maps.dtype)
+    factor = torch.cat([ones, maps]).view(n + r, 1, h, w)
 
     def build(start: int, stop: int) -> tuple[Tensor, Tensor]:
         index = sample[start:stop]
@@ -95,9 +108,9 @@ def confidence_change(
         return ((chosen * scale + shift) * factor[start:stop] - shift) / scale, index
 
     scores = stream_scores(
-        score_fn, 2 * n, build, batch_size=batch_size, device=images.device, model=model, amp=amp
+        score_fn, n + r, build, batch_size=batch_size, device=images.device, model=model, amp=amp
     )
-    y, o = scores[:n], scores[n:]
+    y, o = scores[:n].index_select(0, image_index), scores[n:]
     if bool((scores < 0).any()):
         raise FamBenchError(
             "Average Drop / Increase in Confidence need a non-negative score, but score_fn "

@@ -67,6 +67,11 @@ class MetricInputs:
     def m(self) -> int:
         return len(self.maps) // self.n
 
+    @property
+    def image_index(self) -> Tensor:
+        """``(M*N,)`` the unit image each map explains (method-major)."""
+        return torch.arange(self.m * self.n, device=self.images.device) % self.n
+
     def repeated(self, t: Tensor | None) -> Tensor | None:
         """A per-sample tensor ``(N, ...)`` repeated for every method ``(M*N, ...)``."""
         return None if t is None else t.repeat(self.m, *([1] * (t.dim() - 1)))
@@ -164,12 +169,11 @@ def _causal(inputs: MetricInputs) -> Any:
     from evaluation.causal import deletion_insertion
 
     s = inputs.settings
-    n = inputs.n
 
     def run():
         return deletion_insertion(
-            lambda x, i: inputs.score_fn(x, i % n),
-            inputs.repeated(inputs.images),
+            inputs.score_fn,
+            inputs.images,
             inputs.maps,
             step=s["step"],
             deletion_substrate=s["deletion_substrate"],
@@ -181,6 +185,9 @@ def _causal(inputs: MetricInputs) -> Any:
             amp=s["amp"],
             ties=s["ties"],
             seed=inputs.repeated(inputs.sample_seeds) if inputs.sample_seeds is not None else 0,
+            # every method's maps share the unit's images: the map-independent points
+            # (unperturbed, fully deleted, substrate) are scored once per image
+            image_index=inputs.image_index,
         )
 
     return inputs.cached("causal", run)
@@ -245,12 +252,10 @@ def _energy(inputs: MetricInputs) -> dict[str, Tensor]:
 def _confidence(inputs: MetricInputs) -> Any:
     from evaluation.confidence import confidence_change
 
-    n = inputs.n
-
     def run():
         return confidence_change(
-            lambda x, i: inputs.confidence_fn(x, i % n),
-            inputs.repeated(inputs.images),
+            inputs.confidence_fn,
+            inputs.images,
             inputs.maps,
             batch_size=inputs.batch_size,
             model=inputs.model,
@@ -258,6 +263,7 @@ def _confidence(inputs: MetricInputs) -> Any:
             space=inputs.settings["confidence_space"],
             mean=inputs.mean,
             std=inputs.std,
+            image_index=inputs.image_index,  # the unperturbed score once per image
         )
 
     return inputs.cached("confidence", run)

@@ -159,7 +159,7 @@ class TrainerConfig:
     precision: str = "32-true"
     num_workers: int = 0
     deterministic: bool = False
-    channels_last: bool = False
+    channels_last: bool = True
     gradient_clip_val: float | None = None
     log_every_n_steps: int = 10
 

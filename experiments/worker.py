@@ -257,8 +257,11 @@ def _worker(fabric, job: Job, todo: list[int], after_unit: Callable[[int], None]
         # Processes share the CPU cores instead of each spawning a full thread pool.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     job.model.to(device).eval()
-    if job.settings.get("amp") and device.type == "cuda":
-        # bf16 convolutions are fastest in NHWC; explainers and metrics feed NHWC inputs
+    if device.type == "cpu" or job.settings.get("amp"):
+        # NHWC weights: bf16 convolutions on CUDA are fastest so (explainers and metrics feed
+        # NHWC inputs there), and on CPU oneDNN runs fp32 convolutions in NHWC about twice as
+        # fast (Conv-4 at 32 and 84 px; BENCHMARKS.md) with contiguous inputs: a layout,
+        # not a precision, so the numbers move by float rounding only (~1e-7).
         job.model.to(memory_format=torch.channels_last)
     store = OutputStore(job.out)  # the parent process holds the folder's lock
     mine = todo[rank::world]

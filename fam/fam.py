@@ -29,8 +29,14 @@ Two exact paths compute ``c``:
   the closed form is its exact value.
 
 For a user-supplied similarity callable the closed-form path evaluates the callable on
-the ``K`` ablated embeddings (no extra forward passes); ``product`` needs a named
-similarity.
+the ``K`` ablated embeddings (no extra forward passes). ``product`` with a callable is its
+first-order (gradient x input) split at the embedding, ``c_k = sum_{g in k} e_g ds/de_g``
+(one backward pass through the callable only, not the network): for ``dot`` it is
+``e_k r_k`` exactly, and for any score linear in ``e`` it sums to the score. The named
+cosine and euclidean splits above are not this one (they hold ``|e|`` fixed; cosine's
+gradient split sums to 0, Euler's theorem for a scale-invariant score), which is why a
+callable never stands in for a name. ``product`` needs the GAP/flatten grouping of the
+embedding either way.
 """
 
 from __future__ import annotations
@@ -126,11 +132,7 @@ class FAM(Explainer):
         r = target.reference.view(n, k, -1)
         if target.name is None:
             if self.contribution == "product":
-                raise FamBenchError(
-                    "contribution='product' has closed forms only for the named similarities "
-                    "('cosine', 'dot', 'euclidean'); use contribution='ablation' with a "
-                    "similarity callable."
-                )
+                return _gradient_split(e, r, target)
             return _ablate_embedding(e, r, target)
         return closed_form(e, r, target.name, self.contribution)
 
@@ -225,6 +227,20 @@ def closed_form(e: Tensor, r: Tensor, similarity: str, contribution: str) -> Ten
     rest_norm = (e_sq - q).clamp_min(0).sqrt()
     ablated = (er - p) / (rest_norm * r_norm).clamp_min(COSINE_EPS)
     return cos - ablated
+
+
+def _gradient_split(e: Tensor, r: Tensor, target: SimilarityTarget) -> Tensor:
+    """First-order split of a similarity callable: ``sum_{g in k} e_g ds/de_g``, ``(N, K)``.
+
+    Differentiates the callable alone (the embedding is a leaf), under ``enable_grad`` so
+    it works inside the explainer's ``no_grad``; computed in float32.
+    """
+    n, k, g = e.shape
+    with torch.enable_grad():
+        leaf = e.detach().float().reshape(n, k * g).requires_grad_(True)
+        score = target.fn(leaf, r.detach().float().reshape(n, k * g))
+        (grad,) = torch.autograd.grad(score.sum(), leaf)
+    return (leaf.detach() * grad).view(n, k, g).sum(-1)
 
 
 def _ablate_embedding(e: Tensor, r: Tensor, target: SimilarityTarget, chunk: int = 64) -> Tensor:

@@ -148,13 +148,11 @@ def trained(splits, tmp_path_factory):
     return get
 
 
-#: every method; ``fam_product`` has closed forms for named similarities only, so the
-#: algorithms whose similarity is a callable run every other method
+#: every method (``fam_product`` on a callable similarity is its gradient split)
 ALL_METHODS = [
     "fam", "fam_product", "gradcam", "gradcampp", "xgradcam", "layercam", "scorecam",
     "relevancecam", "eigencam", "random", "center",
 ]  # fmt: skip
-CALLABLE_SIMILARITY = {"matchingnet", "relationnet", "simpleshot"}
 
 
 def run_overrides(t: Trained, cache: Path) -> list[str]:
@@ -174,8 +172,7 @@ def run_overrides(t: Trained, cache: Path) -> list[str]:
         "increase_in_confidence,sanity]",
         "metric.sanity_samples=2",
     ]
-    methods = [m for m in ALL_METHODS if not (m == "fam_product" and t.name in CALLABLE_SIMILARITY)]
-    common.append(f"methods=[{','.join(methods)}]")
+    common.append(f"methods=[{','.join(ALL_METHODS)}]")
     if task["name"] == "fewshot":
         return [
             *common,

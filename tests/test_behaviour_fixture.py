@@ -6,7 +6,9 @@ eval.num_episodes=2`` (the checkpoint is that code's 30-step default model, so t
 numerics do not enter). Options added since then are pinned to their old behaviour here.
 At the redesign commit the numbers were bit-identical; the overflow-safe min-max
 normalisation added afterwards (maps divided by their largest magnitude first) moves AUCs
-by float rounding only (at most 2e-5 relative here), hence ``rtol=1e-4``. Two methods
+by float rounding only (at most 2e-5 relative here), and the NHWC model layout the CPU
+evaluation uses since issue 14 (oneDNN sums each convolution in another order) by at most
+1.7e-4 relative (2.9e-5 absolute) here, hence ``rtol=1e-3``. Two methods
 have maps whose exact ties reorder under that rounding, which moves single AUCs by up to
 0.01: ``center`` (a symmetric Gaussian: many pixels tie exactly) and ``relevancecam``
 (its pooling became a zennit module, issue 11); they are compared by their means.
@@ -59,7 +61,7 @@ def test_the_default_run_equals_the_pre_redesign_results(tmp_path):
         new.loc[exact, common].reset_index(drop=True),
         old.loc[exact, common].reset_index(drop=True),
         check_exact=False,
-        rtol=1e-4,
+        rtol=1e-3,
         atol=1e-6,
     )
     metrics = ["deletion_auc", "insertion_auc", "pointing_game", "energy_pointing_game"]

@@ -37,6 +37,37 @@ def test_an_image_depends_only_on_seed_class_and_index():
     assert torch.equal(masks[0], large[5 * 8 + 2]["mask"])
 
 
+def test_a_batched_fetch_renders_once_and_equals_item_by_item():
+    batched = SyntheticShapes("train", images_per_class=5, seed=2)
+    single = SyntheticShapes("train", images_per_class=5, seed=2)
+    indices = [17, 3, 250, 3, 101]  # a repeat, out of order
+    items = batched.__getitems__(indices)
+    assert batched.rendered == 4  # each distinct item once, in one render call
+    for index, item in zip(indices, items, strict=True):
+        alone = single[index]
+        assert item["index"] == index and item["label"] == alone["label"]
+        assert torch.equal(item["image"], alone["image"])
+        assert torch.equal(item["mask"], alone["mask"])
+    images = batched.images_at(torch.tensor(indices))
+    assert batched.rendered == 4  # served from the cache
+    assert torch.equal(images, torch.stack([single[i]["image"] for i in indices]))
+    with pytest.raises(IndexError):
+        batched.images_at(torch.tensor([len(batched)]))
+
+
+def test_a_background_swap_keeps_the_object_and_changes_the_background():
+    ds = SyntheticShapes("train", images_per_class=5, seed=2, normalise=False)
+    indices = torch.tensor([3, 77])
+    swapped = ds.images_on_other_backgrounds(indices, torch.tensor([1, 1]))
+    again = ds.images_on_other_backgrounds(indices, torch.tensor([1, 2]))
+    for row, index in enumerate(indices.tolist()):
+        item = ds[index]
+        mask = item["mask"]
+        assert torch.equal(swapped[row][:, mask], item["image"][:, mask])  # the same object
+        assert (swapped[row][:, ~mask] - item["image"][:, ~mask]).abs().mean() > 0.05
+    assert torch.equal(swapped[0], again[0]) and not torch.equal(swapped[1], again[1])
+
+
 def test_mask_is_exactly_the_pixels_the_object_changed():
     ds = SyntheticShapes("train", images_per_class=1, seed=0)
     labels, indices = torch.arange(64), torch.zeros(64, dtype=torch.long)

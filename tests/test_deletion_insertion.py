@@ -332,7 +332,7 @@ def test_per_sample_seeds_make_tie_orders_independent_of_the_batch():
     )
     se = float(tied.deletion_auc.std() / math.sqrt(n))
     assert se > 0 and abs(float(tied.deletion_auc.mean()) - 0.5) < 4 * se
-    with pytest.raises(FamBenchError, match="one integer per sample"):
+    with pytest.raises(FamBenchError, match="one integer per map"):
         deletion_insertion(score_fn, images, maps, seed=torch.zeros(3, dtype=torch.long))
 
 
@@ -365,3 +365,37 @@ def test_a_non_finite_map_gives_nan_for_its_sample_only():
     assert torch.isnan(result.deletion_curve[1:]).all()
     torch.testing.assert_close(result.deletion_auc[:1], clean.deletion_auc)
     torch.testing.assert_close(result.insertion_curve[:1], clean.insertion_curve)
+
+
+def test_maps_sharing_images_give_the_repeated_images_curves_and_score_them_once():
+    """Several methods' maps of one image (``image_index``) give exactly the curves of the
+    image repeated once per map, while the map-independent points are scored once per
+    image: the unperturbed image, the fully deleted one and the blur substrate."""
+    h, w, n, m = 6, 10, 3, 4
+    score_fn = _row_weighted_score(h, w)
+    calls = []
+
+    def counted(x, index):
+        calls.append(len(x))
+        return score_fn(x, index)
+
+    images = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(0))
+    maps = torch.rand(m * n, h, w, generator=torch.Generator().manual_seed(1))
+    seeds = torch.arange(n).repeat(m)
+    image_index = torch.arange(m * n) % n
+    shared = deletion_insertion(
+        counted, images, maps, step=7, seed=seeds, image_index=image_index, batch_size=16
+    )
+    shared_calls = sum(calls)
+    calls.clear()
+    repeated = deletion_insertion(
+        counted, images.repeat(m, 1, 1, 1), maps, step=7, seed=seeds, batch_size=16
+    )
+    for field in ("deletion_curve", "insertion_curve", "deletion_auc", "insertion_auc"):
+        torch.testing.assert_close(getattr(shared, field), getattr(repeated, field), rtol=0, atol=0)
+    n_steps = math.ceil(h * w / 7)
+    # per map: 2 (n_steps - 1) perturbed points; per image: 3 map-independent points
+    assert shared_calls == m * n * 2 * (n_steps - 1) + 3 * n
+    assert sum(calls) == m * n * (2 * (n_steps - 1) + 3)
+    with pytest.raises(FamBenchError, match="image_index"):
+        deletion_insertion(score_fn, images, maps, step=7)

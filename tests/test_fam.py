@@ -143,6 +143,31 @@ def test_callable_similarity_gives_the_same_map_as_its_name(path):
     torch.testing.assert_close(custom, named, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("pooling", ["gap", "flatten"])
+def test_product_with_a_callable_is_its_gradient_split(pooling):
+    model = _conv4(pooling)
+    images, reference = _inputs(model)
+    emb, acts = _embed(model, model.encoder[3], images)
+    n, k = acts.shape[:2]
+    product = FAM(model, "encoder.3", contribution="product")
+    # a callable dot product: the split is e_k r_k, the named closed form exactly
+    named = product(images, reference, "dot", upsample=False)
+    custom = product(images, reference, lambda e, r: (e * r).sum(1), upsample=False)
+    torch.testing.assert_close(custom, named.float(), rtol=1e-5, atol=1e-6 * float(named.max()))
+
+    # a score with a curved part, by hand: s = e.r + 0.5 |e|^2 has ds/de = r + e, so
+    # c_k = sum_{g in k} e_g (r_g + e_g); its maps are ReLU(sum_k w_k A_k)
+    def curved(e, r):
+        return (e * r).sum(1) + 0.5 * e.pow(2).sum(1)
+
+    e, r = emb.view(n, k, -1), reference.view(n, k, -1)
+    c = (e * (r + e)).sum(-1)
+    w = c / c.abs().sum(1, keepdim=True)
+    expected = torch.relu((w[:, :, None, None] * acts).sum(1)).float()
+    got = product(images, reference, curved, upsample=False)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * float(expected.max()))
+
+
 @pytest.mark.parametrize("similarity", SIMS)
 def test_head_after_the_layer_takes_the_fallback_and_matches_a_slow_loop(similarity):
     conv4 = _conv4()

@@ -25,8 +25,9 @@ API (all samples are dicts ``{"image": (3, S, S) float, "label": int, "index": i
 - ``build_dataset(name, root, split, image_size, **options)``: names ``synthetic``,
   ``miniimagenet``, ``tieredimagenet``, ``imagefolder``, ``cub``, ``cifar10``, ``stl10``,
   ``sop``, ``cars196`` (see :mod:`experiments.data.formats` for layouts). Options: all
-  take ``normalise``; ``synthetic``: ``images_per_class, seed, mode``; ``miniimagenet``:
-  ``source="auto"|"csv"|"pickle"``; ``cub``: ``protocol="fewshot"|"retrieval"|"official"``,
+  take ``normalise``; ``synthetic``: ``images_per_class, seed, mode, max_classes, clutter``;
+  ``miniimagenet``: ``source="auto"|"csv"|"pickle"``; ``cub``:
+  ``protocol="fewshot"|"retrieval"|"official"``,
   ``masks="auto"|"segmentation"|"box"|"none"``; ``cars196``: ``protocol="retrieval"|
   "official"``, ``masks="box"|"none"``. Masks: synthetic (exact), cub, cars196 only.
   Splits: ``train``/``val``/``test`` (few-shot), ``train``/``test`` (classification,

@@ -43,7 +43,7 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
     "cars196": load_cars196,
 }
 
-_SYNTHETIC_OPTIONS = ("images_per_class", "seed", "mode", "normalise")
+_SYNTHETIC_OPTIONS = ("images_per_class", "seed", "mode", "normalise", "max_classes", "clutter")
 
 
 def build_dataset(

@@ -349,6 +349,12 @@ class SyntheticShapes(Dataset):
             the support images of a pairs episode).
         normalise: return images normalised with ``MEAN`` / ``STD`` (default), or raw
             ``[0, 1]`` images (e.g. for SimCLR augmentations).
+        max_classes: use only this many of the split's classes, evenly spaced over its
+            class list (sorted by id, i.e. shape-major, so the subset spans the shapes):
+            e.g. 10 training classes for a CIFAR-10-sized contrastive task. ``None``: all.
+        clutter: the background's contrast, ``1`` (default) the full colour noise and
+            blobs, ``0`` a plain mid-grey background (``0.5 + clutter * (bg - 0.5)``;
+            objects are untouched, the masks unchanged).
 
     Items are dicts ``{"image": (3, S, S) float, "label": int, "index": int,
     "mask": (S, S) bool}``. An item is rendered when it is first asked for (only that
@@ -375,6 +381,8 @@ class SyntheticShapes(Dataset):
         seed: int = 0,
         mode: Literal["single", "pairs"] = "single",
         normalise: bool = True,
+        max_classes: int | None = None,
+        clutter: float = 1.0,
     ) -> None:
         if mode not in ("single", "pairs"):
             raise FamBenchError(
@@ -389,8 +397,20 @@ class SyntheticShapes(Dataset):
             raise FamBenchError(
                 f"SyntheticShapes needs images_per_class >= 1, got {images_per_class}."
             )
+        if not 0.0 <= float(clutter) <= 1.0:
+            raise FamBenchError(f"SyntheticShapes clutter must be in [0, 1], got {clutter}.")
+        self.clutter = float(clutter)
         self.split = split
         self.class_ids = split_classes(split)
+        if max_classes is not None:
+            total = len(self.class_ids)
+            if not 1 <= int(max_classes) <= total:
+                raise FamBenchError(
+                    f"SyntheticShapes max_classes must be between 1 and the {total} classes "
+                    f"of split {split!r}, got {max_classes}."
+                )
+            step = total / int(max_classes)
+            self.class_ids = [self.class_ids[int(i * step)] for i in range(int(max_classes))]
         self.classes = [class_name(c) for c in self.class_ids]
         self.image_size = int(image_size)
         self.images_per_class = int(images_per_class)
@@ -428,37 +448,107 @@ class SyntheticShapes(Dataset):
             )
             for i in range(0, len(parts), _CHUNK)
         ]
-        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        images, masks = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        return self._declutter(images, masks), masks
+
+    def _declutter(self, images: Tensor, objects: Tensor) -> Tensor:
+        """``clutter < 1``: the background pulled towards mid grey, objects untouched."""
+        if self.clutter == 1.0:
+            return images
+        calm = 0.5 + self.clutter * (images - 0.5)
+        return torch.where(objects[:, None], images, calm)
+
+    def images_on_other_backgrounds(self, indices: Tensor, keys: Tensor) -> Tensor:
+        """Items ``indices`` with their object (class, pose, size, colours) unchanged over
+        another background, drawn from ``(seed, class, index, key)``: ``(B, 3, S, S)`` as
+        items return them, uncached. The background swap of Ryali et al. (ICCV 2021) for
+        self-supervised views (``task.background_swap``): a positive pair that shares only
+        the object cannot be matched by its background."""
+        indices = torch.as_tensor(indices).reshape(-1).tolist()
+        labels, ks = (
+            [i // self.images_per_class for i in indices],
+            [i % self.images_per_class for i in indices],
+        )
+        if not indices:
+            return torch.empty(0, 3, self.image_size, self.image_size)
+        global_ids = torch.tensor(self.class_ids)[torch.tensor(labels)]
+        parts = list(zip(global_ids.tolist(), ks, strict=True))
+        own = _draws([(self.seed, 1, c, k) for c, k in parts], _SINGLE_DRAWS)
+        other = _draws(
+            [(self.seed, 3, c, k, int(key)) for (c, k), key in zip(parts, keys, strict=True)],
+            _SINGLE_DRAWS,
+        )
+        draws = torch.cat([own[:, :_OBJECT_DRAWS], other[:, _OBJECT_DRAWS:]], 1)
+        chunks = [
+            render_single(global_ids[i : i + _CHUNK], draws[i : i + _CHUNK], self.image_size)
+            for i in range(0, len(parts), _CHUNK)
+        ]
+        images, masks = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        return self._finish(_to_uint8(self._declutter(images, masks)).float() / 255)
 
     def _item(self, index: int) -> tuple[Tensor, Tensor]:
         """``(uint8 image (3, S, S), mask (S, S))`` of item ``index``, cached (LRU)."""
-        cached = self._cache.get(index)
-        if cached is not None:
-            self._cache.move_to_end(index)
-            return cached
-        label, k = divmod(index, self.images_per_class)
-        images, masks = self.render(torch.tensor([label]), torch.tensor([k]))
-        self.rendered += 1
-        cached = (_to_uint8(images)[0], masks[0])
-        self._cache[index] = cached
-        item_bytes = 4 * self.image_size**2
-        while len(self._cache) * item_bytes > self.cache_bytes and len(self._cache) > 1:
-            self._cache.popitem(last=False)
-        return cached
+        return self._items([index])[0]
+
+    def _items(self, indices: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
+        """Items ``indices`` as ``(uint8 image, mask)`` pairs, through the LRU cache.
+
+        The ones not cached are rendered together, in chunks (about 9x faster an image
+        than one at a time on CPU), with the same pixels as alone.
+        """
+        found: dict[int, tuple[Tensor, Tensor]] = {}
+        missing = []
+        for index in dict.fromkeys(int(i) for i in indices):
+            cached = self._cache.get(index)
+            if cached is None:
+                missing.append(index)
+            else:
+                self._cache.move_to_end(index)
+                found[index] = cached
+        if missing:
+            labels, ks = zip(*(divmod(i, self.images_per_class) for i in missing), strict=True)
+            images, masks = self.render(torch.tensor(labels), torch.tensor(ks))
+            images = _to_uint8(images)
+            self.rendered += len(missing)
+            for row, index in enumerate(missing):
+                found[index] = self._cache[index] = (images[row], masks[row])
+            item_bytes = 4 * self.image_size**2
+            while len(self._cache) * item_bytes > self.cache_bytes and len(self._cache) > 1:
+                self._cache.popitem(last=False)
+        return [found[int(i)] for i in indices]
 
     def _finish(self, image: Tensor) -> Tensor:
         return normalise_image(image, self.mean, self.std) if self.normalise else image
 
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self):
+    def _check_index(self, index: int) -> int:
+        if not 0 <= int(index) < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        image, mask = self._item(int(index))
-        return {
-            "image": self._finish(image.float() / 255),
-            "label": int(index) // self.images_per_class,
-            "index": int(index),
-            "mask": mask,
-        }
+        return int(index)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        """Items ``indices`` (the DataLoader's batched fetch): rendered together."""
+        indices = [self._check_index(i) for i in indices]
+        return [
+            {
+                "image": self._finish(image.float() / 255),
+                "label": index // self.images_per_class,
+                "index": index,
+                "mask": mask,
+            }
+            for index, (image, mask) in zip(indices, self._items(indices), strict=True)
+        ]
+
+    def images_at(self, indices: Tensor) -> Tensor:
+        """Images at ``indices``: ``(B,) -> (B, 3, S, S)`` as items return them (one
+        render of the uncached ones; :func:`experiments.training.batches.gather`)."""
+        indices = [self._check_index(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
+        if not indices:
+            return torch.empty(0, 3, self.image_size, self.image_size)
+        images = torch.stack([image for image, _ in self._items(indices)])
+        return self._finish(images.float() / 255)
 
     def pairs(self, class_a: Tensor, class_b: Tensor, keys: Tensor) -> dict:
         """Batch of pair images (see :meth:`pair`); arguments are ``(N,)`` int tensors.
@@ -490,6 +580,7 @@ class SyntheticShapes(Dataset):
             for i in range(0, len(parts), _CHUNK)
         ]
         images, mask_a, mask_b = (torch.cat([c[j] for c in chunks]) for j in range(3))
+        images = self._declutter(images, mask_a | mask_b)
         images = _to_uint8(images).float() / 255  # identical pixels to cached singles
         return {
             "image": self._finish(images),

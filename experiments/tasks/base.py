@@ -138,7 +138,10 @@ def stack_items(
     mask was drawn at: the items' ``annotation_size`` or the dataset's) and ``boxes``
     ``(N, 4)`` (the items' ``box``) when the dataset has them.
     """
-    items = [dataset[int(i)] for i in indices]
+    if hasattr(dataset, "__getitems__"):  # batched fetch (e.g. rendered together)
+        items = list(dataset.__getitems__([int(i) for i in indices]))
+    else:
+        items = [dataset[int(i)] for i in indices]
     images = torch.stack([it["image"] for it in items]).to(device)
     masks = None
     if getattr(dataset, "has_masks", False):

@@ -76,6 +76,8 @@ class ContrastiveConfig:
     random_gray_scale: float = 0.2
     gaussian_blur: float | None = None
     hf_prob: float = 0.5
+    #: probability that a positive pair shares only the object (another background)
+    background_swap: float = 0.0
     monitor_every: int = 0
     #: moco, byol: momentum of the key/target encoder (byol: start of its cosine schedule)
     momentum: float = 0.99
@@ -193,6 +195,7 @@ class Contrastive(TaskFamily):
             random_gray_scale=c.random_gray_scale,
             gaussian_blur=c.gaussian_blur,
             hf_prob=c.hf_prob,
+            background_swap=c.background_swap,
         )
         w = trainer.num_workers
         return DataLoader(

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from experiments.data.common import denormalise, normalise_image
+from fam.errors import FamBenchError
 
 
 def labels_of(dataset: Any) -> Tensor:
@@ -87,6 +88,30 @@ class EpisodeImages(Dataset):
         return gather(self.dataset, self.sampler.episode(e).indices)
 
 
+def _background_source(dataset: Any) -> tuple[Any, Any]:
+    """The dataset that can re-render an item over another background, and the map from
+    ``dataset``'s indices to its own (through ``torch.utils.data.Subset`` views)."""
+    from torch.utils.data import Subset
+
+    maps = []
+    while isinstance(dataset, Subset):
+        maps.append(torch.as_tensor(dataset.indices, dtype=torch.long))
+        dataset = dataset.dataset
+    if not hasattr(dataset, "images_on_other_backgrounds"):
+        raise FamBenchError(
+            f"task.background_swap needs a dataset that renders an object over other "
+            f"backgrounds (the synthetic shapes); {type(dataset).__name__} cannot. Set "
+            "task.background_swap=0."
+        )
+
+    def to_base(index: Tensor) -> Tensor:
+        for table in reversed(maps):
+            index = table[index]
+        return index
+
+    return dataset, to_base
+
+
 def simclr_blur_kernel(image_size: int) -> int:
     """SimCLR blurs with a kernel of 10% of the image side (odd, at least 3)."""
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
@@ -111,7 +136,10 @@ class TwoViews(Dataset):
     horizontal flip 0.5, ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p=0.8 (s = cj_strength),
     grayscale p=0.2, Gaussian blur sigma in (0.1, 2) with p=gaussian_blur (kernel 10% of
     the side). ``gaussian_blur=None`` means 0.5 above 32 px and 0 at 32 px and below (the
-    SimCLR paper drops the blur for CIFAR, as lightly's CIFAR examples do). Each view is
+    SimCLR paper drops the blur for CIFAR, as lightly's CIFAR examples do).
+    ``background_swap``: the probability that the second view starts from the same object
+    over another background (Ryali et al., ICCV 2021; datasets with
+    ``images_on_other_backgrounds``, i.e. the synthetic shapes). Each view is
     un-normalised to [0, 1], augmented per sample, and normalised again, so views look like
     the dataset's own images (raw ones stay raw).
     """
@@ -126,10 +154,13 @@ class TwoViews(Dataset):
         random_gray_scale: float = 0.2,
         gaussian_blur: float | None = None,
         hf_prob: float = 0.5,
+        background_swap: float = 0.0,
     ) -> None:
         from torchvision.transforms import v2
 
         self.dataset = dataset
+        self.background_swap = float(background_swap)
+        self._swap = _background_source(dataset) if background_swap > 0 else None
         self.labels = labels_of(dataset)
         self.mean, self.std = _normalisation(dataset)
         if gaussian_blur is None:
@@ -155,5 +186,21 @@ class TwoViews(Dataset):
         return normalise_image(self.transform(raw), self.mean, self.std)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
-        image = gather(self.dataset, [index])[0]
-        return self._view(image), self._view(image), self.labels[index]
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """A batch's samples from one :func:`gather` (the same random views, in the same
+        order, as one sample at a time)."""
+        images = gather(self.dataset, indices)
+        second = images
+        if self._swap is not None:
+            base, to_base = self._swap
+            swap = torch.rand(len(indices)) < self.background_swap
+            keys = torch.randint(0, 2**31 - 1, (len(indices),))
+            chosen = torch.as_tensor(list(indices), dtype=torch.long)[swap]
+            second = images.clone()
+            second[swap] = base.images_on_other_backgrounds(to_base(chosen), keys[swap])
+        return [
+            (self._view(a), self._view(b), self.labels[i])
+            for a, b, i in zip(images, second, indices, strict=True)
+        ]
