@@ -185,3 +185,25 @@ def test_sanity_rejects_unknown_layers():
             reference=others,
             layers=["encoder.9"],
         )
+
+
+def test_confidence_with_shared_images_scores_each_image_once_and_changes_nothing():
+    from evaluation.confidence import confidence_change as change
+
+    n, m = 3, 4
+    gen = torch.Generator().manual_seed(3)
+    images = torch.rand(n, 3, 8, 8, generator=gen)
+    maps = torch.rand(m * n, 8, 8, generator=gen)
+    weights = torch.rand(n, 3, 8, 8, generator=gen)
+    seen = []
+
+    def score(x, index):
+        seen.append(len(x))
+        return (x * weights[index]).flatten(1).sum(1).clamp_min(0)
+
+    index = torch.arange(m * n) % n
+    shared = change(score, images, maps, batch_size=5, image_index=index)
+    assert sum(seen) == n + m * n  # the unperturbed images once, not once per map
+    repeated = change(lambda x, i: score(x, i % n), images.repeat(m, 1, 1, 1), maps, batch_size=5)
+    for field in ("drop", "increase", "score", "explanation_score"):
+        assert torch.equal(getattr(shared, field), getattr(repeated, field))

@@ -194,3 +194,26 @@ def test_bad_arguments_are_clear_errors():
         SyntheticShapes("validation")
     with pytest.raises(FamBenchError, match="mode must be"):
         SyntheticShapes("train", mode="pair")
+
+
+def test_a_subset_maps_every_batched_fetch_to_its_own_items():
+    """The holdout Subset (contrastive queries and bank) must hand out its items, not the
+    dataset's items at the subset's positions, through every batched path."""
+    from experiments.tasks.base import stack_items
+    from experiments.tasks.neighbour import Subset
+    from experiments.training.batches import gather
+
+    ds = SyntheticShapes("train", images_per_class=6, seed=4)
+    subset = Subset(ds, torch.tensor([5, 11, 40, 3]))
+    expected = torch.stack([ds[i]["image"] for i in (5, 11, 40, 3)])
+    assert torch.equal(gather(subset, [0, 1, 2, 3]), expected)
+    images, masks, labels = stack_items(subset, [2, 0], torch.device("cpu"))
+    assert torch.equal(images, expected[[2, 0]]) and labels == [ds[40]["label"], ds[5]["label"]]
+    assert torch.equal(masks[0], ds[40]["mask"])
+    assert subset.labels.tolist() == [ds[i]["label"] for i in (5, 11, 40, 3)]
+    swapped = subset.images_on_other_backgrounds(torch.tensor([1]), torch.tensor([7]))
+    assert torch.equal(
+        swapped, ds.images_on_other_backgrounds(torch.tensor([11]), torch.tensor([7]))
+    )
+    with pytest.raises(AttributeError, match="not passed through"):
+        subset.render  # noqa: B018  (an unmapped per-item method)

@@ -399,3 +399,29 @@ def test_maps_sharing_images_give_the_repeated_images_curves_and_score_them_once
     assert sum(calls) == m * n * (2 * (n_steps - 1) + 3)
     with pytest.raises(FamBenchError, match="image_index"):
         deletion_insertion(score_fn, images, maps, step=7)
+
+
+def test_shared_images_change_no_number_with_a_real_network():
+    """The same equality with a convolutional network scoring mixed batches (issue 14: the
+    de-duplication must not change one number of results.csv)."""
+    from experiments.models.conv4 import Conv4
+
+    torch.manual_seed(0)
+    model = Conv4(hidden=16, pools=(True, True, False, False)).eval()
+    n, m = 4, 3
+    reference = torch.randn(n, 16)
+
+    def score_fn(x, index):
+        return torch.nn.functional.cosine_similarity(model(x), reference[index], dim=1)
+
+    images, maps = torch.randn(n, 3, 32, 32), torch.rand(m * n, 32, 32)
+    image_index = torch.arange(m * n) % n
+    shared = deletion_insertion(
+        score_fn, images, maps, step=32, seed=image_index, image_index=image_index, batch_size=64
+    )
+    repeated = deletion_insertion(
+        lambda x, i: score_fn(x, i % n), images.repeat(m, 1, 1, 1), maps, step=32,
+        seed=image_index, batch_size=64,
+    )  # fmt: skip
+    assert torch.equal(shared.deletion_curve, repeated.deletion_curve)
+    assert torch.equal(shared.insertion_curve, repeated.insertion_curve)

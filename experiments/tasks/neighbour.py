@@ -38,6 +38,7 @@ Average Drop / Increase in Confidence read the probability, or ``max(cosine, 0)`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,10 +130,41 @@ class Subset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         return self.dataset[int(self.indices[i])]
 
+    def base_indices(self, indices: Tensor | Sequence[int]) -> Tensor:
+        """The dataset's own indices of items ``indices`` of this subset."""
+        return self.indices[torch.as_tensor(indices, dtype=torch.long)]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        base = self.base_indices(indices).tolist()
+        if hasattr(self.dataset, "__getitems__"):
+            return list(self.dataset.__getitems__(base))
+        return [self.dataset[i] for i in base]
+
+    def images_at(self, indices: Tensor) -> Tensor:
+        from experiments.training.batches import gather
+
+        return gather(self.dataset, self.base_indices(indices))
+
+    def images_on_other_backgrounds(self, indices: Tensor, keys: Tensor) -> Tensor:
+        return self.dataset.images_on_other_backgrounds(self.base_indices(indices), keys)
+
+    def pairs(self, class_a: Tensor, class_b: Tensor, keys: Tensor) -> dict:
+        """Pair images (by classes and keys, no item indices): the dataset's own."""
+        return self.dataset.pairs(class_a, class_b, keys)
+
     def __getattr__(self, name: str) -> Any:
-        if name in ("dataset", "indices", "labels"):
+        # Data attributes (masks, classes, normalisation) pass through; anything indexed
+        # by item is defined above with the index mapped, and unknown methods that take
+        # item indices must never reach the dataset unmapped.
+        if name in ("dataset", "indices", "labels") or name.startswith("__"):
             raise AttributeError(name)
-        return getattr(self.dataset, name)
+        value = getattr(self.dataset, name)
+        if callable(value):
+            raise AttributeError(
+                f"{name!r}: a method of {type(self.dataset).__name__} is not passed through a "
+                "Subset (its item indices would not be mapped)."
+            )
+        return value
 
 
 def holdout_split(dataset: Any, per_class: int) -> tuple[Tensor, Tensor]:

@@ -94,7 +94,7 @@ def _background_source(dataset: Any) -> tuple[Any, Any]:
     from torch.utils.data import Subset
 
     maps = []
-    while isinstance(dataset, Subset):
+    while isinstance(dataset, Subset):  # torch's Subset (the suite's own maps its indices)
         maps.append(torch.as_tensor(dataset.indices, dtype=torch.long))
         dataset = dataset.dataset
     if not hasattr(dataset, "images_on_other_backgrounds"):
