@@ -378,6 +378,9 @@ class _Jobs:
     ) -> None:
         device = image_index.device
         r = image_index.shape[0]
+        # No maps, no curves: the map-independent points would be scored for nothing
+        # (and index the pixel ranks of a map that does not exist).
+        n = n if r else 0
         kind_image, kind_deleted, kind_inserted = 0, 1, 2
         constant_kinds = [kind_image, kind_deleted] + ([] if shared_substrate else [kind_inserted])
         self.n, self.r = n, r

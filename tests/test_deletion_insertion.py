@@ -399,6 +399,13 @@ def test_maps_sharing_images_give_the_repeated_images_curves_and_score_them_once
     assert sum(calls) == m * n * (2 * (n_steps - 1) + 3)
     with pytest.raises(FamBenchError, match="image_index"):
         deletion_insertion(score_fn, images, maps, step=7)
+    # no maps of these images: empty curves and not one call (nothing to compare with)
+    calls.clear()
+    none = deletion_insertion(
+        counted, images, maps[:0], step=7, image_index=image_index[:0], batch_size=16
+    )
+    assert none.deletion_curve.shape == (0, n_steps + 1) and none.insertion_auc.shape == (0,)
+    assert sum(calls) == 0
 
 
 def test_shared_images_change_no_number_with_a_real_network():

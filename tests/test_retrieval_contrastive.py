@@ -14,13 +14,16 @@ from baselines import MaskOracle, ScoreCAM
 from evaluation.pointing import pointing_game
 from experiments import builders, config, pipeline
 from experiments.config import compose_config
+from experiments.models import build_model
 from experiments.tasks import family_for
+from experiments.tasks.neighbour import Subset, holdout_split
+from experiments.training.metrics import linear_probe_accuracy
 
 pytestmark = pytest.mark.slow
 
 # Reduced settings: fewer queries (and SimCLR training steps) than the experiment files,
-# the same model, data and protocol. Retrieval keeps its 300 steps: at 150 FAM's pointing
-# game was 0.19 (random 0.03), at 300 0.75.
+# the same model, data and protocol. Retrieval keeps its 700 steps (at 150 FAM's pointing
+# game was 0.19, random 0.03; at 300 0.75; Recall@1 reaches 0.6 near 600).
 RETRIEVAL = [
     "experiment=synthetic_retrieval",
     "eval.num_queries=32",
@@ -75,7 +78,8 @@ def simclr(cache, tmp_path_factory) -> dict:
 
 def test_synthetic_retrieval_trains_and_runs_end_to_end(retrieval):
     result = retrieval["probability"]
-    assert task_metrics(result["out"])["recall@1"] >= 0.5
+    # the full 700 training steps: Recall@1 0.6445 measured (untrained Conv-4: 0.12)
+    assert task_metrics(result["out"])["recall@1"] >= 0.6
     results = result["results"]
     assert len(results) == 32 * 4
     assert results[["deletion_auc", "insertion_auc"]].stack().between(0, 1).all()
@@ -85,11 +89,21 @@ def test_synthetic_retrieval_trains_and_runs_end_to_end(retrieval):
     assert figure["references"].shape == figure["images"].shape
 
 
-def test_synthetic_simclr_trains_and_reports_knn_and_linear_probe(simclr):
+def test_synthetic_simclr_trains_and_reports_knn_and_linear_probe(simclr, cache):
     metrics = task_metrics(simclr["out"])
-    # 64 classes, chance 1/64; 100 SimCLR steps are far from the 0.6 (README)
-    assert metrics["knn20_accuracy"] > 2 / 64
-    assert metrics["linear_probe_accuracy"] > 2 / 64
+    # 10 classes, chance 0.1. Measured at these 100 steps: kNN 0.68, probe 0.795. Colour
+    # alone separates much of these classes: an untrained Conv-4 scores kNN 0.62 and probe
+    # 0.73, so the probe must also beat the untrained network on the same images.
+    assert metrics["knn20_accuracy"] >= 0.6
+    assert metrics["linear_probe_accuracy"] >= 0.75
+    run_cfg = config.load(compose(cache, *SIMCLR))
+    family = family_for(run_cfg.task)
+    train_set, _ = builders.build_datasets(run_cfg)
+    bank, held_out = holdout_split(train_set, family.config.holdout_per_class)
+    torch.manual_seed(0)
+    untrained = build_model("conv4", hidden=64, pools=[True, True, False, False], pooling="gap")
+    baseline = linear_probe_accuracy(untrained, Subset(train_set, bank), Subset(train_set, held_out))
+    assert metrics["linear_probe_accuracy"] >= baseline + 0.02, baseline
     assert simclr["figure"]["references"] is not None
     assert len(simclr["results"]) == 32 * 4
 
