@@ -223,7 +223,7 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
     extras = []
     if (run_dir / "task_metrics.csv").is_file():
         task = pd.read_csv(run_dir / "task_metrics.csv")
-        keep = [c for c in ("metric", "value") if c in task.columns]
+        keep = [c for c in ("metric", "value", "untrained") if c in task.columns]
         extras.append(_frame_table("Task metrics", task[keep] if keep else task))
     if sanity is not None and not sanity.empty:
         cascade = summarise_sanity(sanity)

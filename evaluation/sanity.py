@@ -132,7 +132,9 @@ def default_cascade(model: nn.Module) -> list[str]:
     return layers[::-1]
 
 
-def _reinitialise(layer: nn.Module, name: str) -> None:
+def reinitialise(layer: nn.Module, name: str) -> None:
+    """``reset_parameters()`` of ``layer`` and every submodule (in place, from the global
+    RNG); an error naming the first parameterised module that has none."""
     for sub_name, module in layer.named_modules():
         if callable(getattr(module, "reset_parameters", None)):
             module.reset_parameters()
@@ -195,7 +197,7 @@ def randomisation_sanity(
         torch.manual_seed(seed)
         for name in layers:
             with torch.no_grad():
-                _reinitialise(modules[name], name)
+                reinitialise(modules[name], name)
             maps = explain(randomised)
             correlations.append(spearman(trained_maps, maps))
             abs_correlations.append(spearman(trained_maps.abs(), maps.abs()))

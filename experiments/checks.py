@@ -8,6 +8,8 @@ leaderboard shows them beside the table), when:
   than half of the samples;
 - ``small_target_layer``: the target layer's map is smaller than 3x3, so every map is a
   blurred blob of at most four values;
+- ``not_above_untrained``: a task metric is no more than 2 points above the same network
+  re-initialised (``task_metrics.csv`` column ``untrained``, retrieval and contrastive);
 - ``near_chance``: the task accuracy is within 2 points of chance (an untrained or
   diverged model: its explanations explain noise);
 - ``excluded_samples``: a metric excluded more than 10% of a method's samples (empty
@@ -64,6 +66,27 @@ def run_warnings(
                         f"{CHANCE_MARGIN * 100:.0f} points of chance ({chance:.3f}): the model "
                         "has not learned the task (train longer, lower the learning rate), so "
                         "its explanations explain noise."
+                    ),
+                }
+            )
+    if "untrained" in task_metrics:
+        worse = [
+            f"{r.metric} {float(r.value):.3f} (untrained {float(r.untrained):.3f})"
+            for r in task_metrics.itertuples()
+            if math.isfinite(float(r.untrained))
+            and float(r.value) <= float(r.untrained) + CHANCE_MARGIN
+        ]
+        if worse:
+            out.append(
+                {
+                    "code": "not_above_untrained",
+                    "message": (
+                        f"training did not beat the same network re-initialised: "
+                        f"{', '.join(worse)} (within {CHANCE_MARGIN * 100:.0f} points or "
+                        "below). The encoder may have collapsed (SimSiam with Adam does on "
+                        "the embedded data; its paper's recipe is SGD: trainer.optimizer=sgd "
+                        "trainer.lr=0.05) or not trained long enough, so its explanations "
+                        "explain an encoder no better than random weights."
                     ),
                 }
             )

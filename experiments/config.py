@@ -193,6 +193,7 @@ class EvalConfig:
     batch_size: int = 128
     figure_samples: int = 6
     progress: bool = True
+    untrained_baseline: bool = True
 
     def __post_init__(self) -> None:
         for key in ("num_episodes", "n_way", "n_shot", "n_query", "unit_size", "batch_size"):

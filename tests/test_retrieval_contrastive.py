@@ -3,6 +3,7 @@ probability score separates the ground truth from random, maps depend on the ref
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -49,9 +50,13 @@ def means(result: dict, metric: str) -> pd.Series:
     return result["results"].groupby("method")[metric].mean()
 
 
-def task_metrics(out: Path) -> dict[str, float]:
+def task_metrics(out: Path, column: str = "value") -> dict[str, float]:
     frame = pd.read_csv(out / "task_metrics.csv")
-    return dict(zip(frame["metric"], frame["value"], strict=True))
+    return dict(zip(frame["metric"], frame[column], strict=True))
+
+
+def warning_codes(out: Path) -> set[str]:
+    return {w["code"] for w in json.loads((out / "warnings.json").read_text())}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +85,10 @@ def test_synthetic_retrieval_trains_and_runs_end_to_end(retrieval):
     result = retrieval["probability"]
     # the full 700 training steps: Recall@1 0.6445 measured (untrained Conv-4: 0.12)
     assert task_metrics(result["out"])["recall@1"] >= 0.6
+    # the same network re-initialised, scored beside it (eval.untrained_baseline)
+    untrained = task_metrics(result["out"], "untrained")
+    assert 0 < untrained["recall@1"] < 0.3 and untrained["recall@8"] < 0.7
+    assert "not_above_untrained" not in warning_codes(result["out"])
     results = result["results"]
     assert len(results) == 32 * 4
     assert results[["deletion_auc", "insertion_auc"]].stack().between(0, 1).all()
@@ -102,8 +111,15 @@ def test_synthetic_simclr_trains_and_reports_knn_and_linear_probe(simclr, cache)
     bank, held_out = holdout_split(train_set, family.config.holdout_per_class)
     torch.manual_seed(0)
     untrained = build_model("conv4", hidden=64, pools=[True, True, False, False], pooling="gap")
-    baseline = linear_probe_accuracy(untrained, Subset(train_set, bank), Subset(train_set, held_out))
+    baseline = linear_probe_accuracy(
+        untrained, Subset(train_set, bank), Subset(train_set, held_out)
+    )
     assert metrics["linear_probe_accuracy"] >= baseline + 0.02, baseline
+    # the run's own untrained column: another draw of the same random network
+    untrained = task_metrics(simclr["out"], "untrained")
+    assert abs(untrained["linear_probe_accuracy"] - baseline) < 0.1, (untrained, baseline)
+    assert metrics["linear_probe_accuracy"] >= untrained["linear_probe_accuracy"] + 0.02
+    assert "not_above_untrained" not in warning_codes(simclr["out"])
     assert simclr["figure"]["references"] is not None
     assert len(simclr["results"]) == 32 * 4
 

@@ -46,6 +46,18 @@ def test_each_warning_fires_exactly_past_its_threshold():
     ]
     fine = pd.DataFrame({"metric": ["fewshot_accuracy"], "value": [0.23]})
     assert run_warnings(frame("ok", 20, 0, 0), fine, chance=0.2, target_shape=(3, 3)) == []
+    # an encoder no better than its own re-initialisation (collapsed or untrained)
+    knn = pd.DataFrame(
+        {"metric": ["knn20_accuracy", "linear_probe_accuracy"], "value": [0.64, 0.80]}
+    )
+    for untrained, fires in (([0.62, 0.70], True), ([0.61, 0.70], False), ([0.5, 0.9], True)):
+        task = knn.assign(untrained=untrained)
+        got = run_warnings(frame("ok", 20, 0, 0), task, chance=0.1, target_shape=(3, 3))
+        assert codes(got) == ([("not_above_untrained", None, None)] if fires else []), untrained
+        if fires:
+            assert "knn20" in got[0]["message"] or "linear_probe" in got[0]["message"]
+    nan = knn.assign(untrained=[float("nan")] * 2)  # no baseline (a module without reset)
+    assert run_warnings(frame("ok", 20, 0, 0), nan, chance=0.1, target_shape=(3, 3)) == []
 
 
 TINY = [
@@ -95,3 +107,32 @@ def test_a_model_with_non_finite_embeddings_stops_the_run(tmp_path, monkeypatch)
     cfg = config.compose_config([*TINY, f"cache_dir={tmp_path}"])
     with pytest.raises(FamBenchError, match="non-finite embeddings"):
         pipeline.run(cfg, tmp_path / "run")
+
+
+def test_the_untrained_baseline_scores_a_reinitialised_copy_and_leaves_the_model_alone():
+    class Stub:
+        def task_metrics(self, net: nn.Module) -> dict[str, float]:
+            return {"weight_sum": float(sum(p.sum() for p in net.parameters()))}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)  # "trained": far from any initialisation
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    notes: list[str] = []
+    rng = torch.get_rng_state()
+    first = pipeline.untrained_task_metrics(Stub(), model, seed=3, notes=notes)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG stream is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert first["weight_sum"] != Stub().task_metrics(model)["weight_sum"] and notes == []
+    assert pipeline.untrained_task_metrics(Stub(), model, seed=3, notes=notes) == first
+
+    class Scale(nn.Module):  # parameters but no reset_parameters()
+        def __init__(self) -> None:
+            super().__init__()
+            self.gamma = nn.Parameter(torch.ones(2))
+
+    odd = nn.Sequential(nn.Linear(2, 2), Scale())
+    assert pipeline.untrained_task_metrics(Stub(), odd, seed=0, notes=notes) == {}
+    assert len(notes) == 1 and "no untrained baseline" in notes[0] and "Scale" in notes[0]

@@ -75,6 +75,9 @@ class Evaluation:
     score_label: str = "score"
     #: the similarity explained (a name for the summary and settings)
     similarity: str = "cosine"
+    #: whether ``task_metrics`` of a re-initialised copy is a cheap, meaningful floor
+    #: (``eval.untrained_baseline``); few-shot's untrained accuracy is near chance anyway
+    untrained_baseline: bool = False
 
     @property
     def num_units(self) -> int:

@@ -28,6 +28,8 @@ class NeighbourEvaluation(Evaluation):
     ``score``: ``"probability"`` or ``"similarity"`` (module docstring).
     """
 
+    untrained_baseline = True
+
     def __init__(
         self,
         name: str,
