@@ -27,8 +27,9 @@ be the forward order. Pass ``layers`` (names, output first) for any other order.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -132,6 +133,26 @@ def default_cascade(model: nn.Module) -> list[str]:
     return layers[::-1]
 
 
+@contextlib.contextmanager
+def seeded_rng(model: nn.Module, seed: int) -> Iterator[None]:
+    """The global RNG (and the model's CUDA device's) seeded with ``seed`` inside, restored
+    after: a re-initialisation that neither depends on nor moves the caller's stream."""
+    device = model_device(model)
+    fork_devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def reinitialised(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``model`` with every module re-initialised under ``seed`` (the same
+    architecture with random weights); ``model`` is left as it was."""
+    copy_ = copy.deepcopy(model)
+    with seeded_rng(model, seed), torch.no_grad():
+        reinitialise(copy_, "model")
+    return copy_
+
+
 def reinitialise(layer: nn.Module, name: str) -> None:
     """``reset_parameters()`` of ``layer`` and every submodule (in place, from the global
     RNG); an error naming the first parameterised module that has none."""
@@ -190,11 +211,8 @@ def randomisation_sanity(
     trained_maps = explain(model)
     randomised = copy.deepcopy(model)
     modules = dict(randomised.named_modules())
-    device = model_device(model)
-    fork_devices = [device] if device is not None and device.type == "cuda" else []
     correlations, abs_correlations = [], []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
+    with seeded_rng(model, seed):
         for name in layers:
             with torch.no_grad():
                 reinitialise(modules[name], name)

@@ -83,10 +83,10 @@ def run_warnings(
                     "message": (
                         f"training did not beat the same network re-initialised: "
                         f"{', '.join(worse)} (within {CHANCE_MARGIN * 100:.0f} points or "
-                        "below). The encoder may have collapsed (SimSiam with Adam does on "
-                        "the embedded data; its paper's recipe is SGD: trainer.optimizer=sgd "
-                        "trainer.lr=0.05) or not trained long enough, so its explanations "
-                        "explain an encoder no better than random weights."
+                        "below). The encoder may have collapsed (SimSiam does on the "
+                        "embedded data, with Adam and with its paper's SGD recipe) or not "
+                        "trained long enough, so its explanations explain an encoder no "
+                        "better than random weights."
                     ),
                 }
             )

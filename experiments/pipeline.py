@@ -212,20 +212,14 @@ def untrained_task_metrics(
     encoder must clear. On the embedded contrastive data colour alone separates much of
     the classes, so chance (0.1) is no floor there; a random Conv-4 reaches kNN 0.62.
     ``{}`` (and a note) when a module cannot be re-initialised."""
-    import copy
+    from evaluation.sanity import reinitialised
 
-    from evaluation.sanity import reinitialise
-    from fam.layers import model_device
-
-    device = model_device(model)
-    fork_devices = [device] if device is not None and device.type == "cuda" else []
-    untrained = copy.deepcopy(model)
     try:
-        with torch.random.fork_rng(devices=fork_devices), torch.no_grad():
-            torch.manual_seed(seed)
-            reinitialise(untrained, "model")
+        untrained = reinitialised(model, seed)
     except FamBenchError as err:
-        notes.append(f"no untrained baseline in task_metrics.csv: {err}")
+        note = f"no untrained baseline in task_metrics.csv: {err}"
+        log.warning(note)
+        notes.append(note)
         return {}
     return evaluation.task_metrics(untrained)
 
