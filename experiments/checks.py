@@ -84,9 +84,9 @@ def run_warnings(
                         f"training did not beat the same network re-initialised: "
                         f"{', '.join(worse)} (within {CHANCE_MARGIN * 100:.0f} points or "
                         "below). The encoder may have collapsed (SimSiam does on the "
-                        "embedded data, with Adam and with its paper's SGD recipe) or not "
-                        "trained long enough, so its explanations explain an encoder no "
-                        "better than random weights."
+                        "embedded data without task.background_swap) or not trained long "
+                        "enough, so its explanations explain an encoder no better than "
+                        "random weights."
                     ),
                 }
             )

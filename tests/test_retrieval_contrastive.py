@@ -100,10 +100,11 @@ def test_synthetic_retrieval_trains_and_runs_end_to_end(retrieval):
 
 def test_synthetic_simclr_trains_and_reports_knn_and_linear_probe(simclr, cache):
     metrics = task_metrics(simclr["out"])
-    # 10 classes, chance 0.1. Measured at these 100 steps: kNN 0.68, probe 0.795. Colour
-    # alone separates much of these classes: an untrained Conv-4 scores kNN 0.62 and probe
-    # 0.73, so the probe must also beat the untrained network on the same images.
-    assert metrics["knn20_accuracy"] >= 0.6
+    # 10 classes, chance 0.1. Measured at these 100 steps (background swap 0.5): kNN 0.76,
+    # probe 0.775 (without the swap: 0.68 / 0.795). Colour alone separates much of these
+    # classes: an untrained Conv-4 scores kNN 0.62 and probe 0.73, so both must also beat
+    # the untrained network on the same images.
+    assert metrics["knn20_accuracy"] >= 0.7
     assert metrics["linear_probe_accuracy"] >= 0.75
     run_cfg = config.load(compose(cache, *SIMCLR))
     family = family_for(run_cfg.task)

@@ -84,6 +84,35 @@ def test_an_unknown_task_key_added_with_plus_is_refused_when_the_run_starts():
         family_for(run.task)
 
 
+@pytest.mark.parametrize("family", ["fewshot", "contrastive", "retrieval"])
+def test_every_task_option_the_runner_reads_is_in_its_yaml(family):
+    """A read option missing from ``conf/task/<family>.yaml`` is refused by Hydra as an
+    unknown key; the validation monitor is Python-API only (the runner has no val split)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from experiments.tasks import family_for
+
+    fields = {f.name for f in dataclasses.fields(family_for({"name": family}).Config)}
+    api_only = {name for name in fields if name.startswith("monitor_")}
+    yaml_keys = set(OmegaConf.load(ROOT / "conf" / "task" / f"{family}.yaml"))
+    assert yaml_keys == fields - api_only
+    override = "task.cj_strength=0.3" if family == "contrastive" else "task.name=" + family
+    config.compose_config([f"task={family}", override])  # no error
+
+
+def test_a_validation_monitor_from_the_command_line_is_refused_before_training(
+    tmp_path, monkeypatch
+):
+    from experiments.training import train as train_module
+
+    monkeypatch.setattr(train_module, "fit", lambda *a, **k: pytest.fail("trained"))
+    cfg = config.compose_config([*TINY, f"cache_dir={tmp_path}", "+task.monitor_every=5"])
+    with pytest.raises(FamBenchError, match="task.monitor_every is read only by the Python API"):
+        pipeline.run(cfg, tmp_path / "run")
+
+
 def test_an_unknown_method_option_lists_the_valid_ones():
     run = config.load(config.compose_config(["+method.fam.contribtion=product"]))
     with pytest.raises(FamBenchError, match=r"method\.fam\.contribution.*ablation_batch"):
