@@ -194,6 +194,13 @@ def build_model(
     the cache, or trained (and cached; kept in the run folder if the cache is read-only)."""
     from experiments.training import train_or_load
 
+    if int(getattr(family.config, "monitor_every", 0) or 0) > 0:
+        # the runner passes no validation split: the key would be ignored
+        raise FamBenchError(
+            "task.monitor_every is read only by the Python API "
+            "(experiments.training.train_or_load(..., val_set=...)); the runner trains "
+            "without a validation monitor. Drop the override."
+        )
     network = build_network(run).to(device)
     network.target_shape = probe(network, run, device)
     if run.model.checkpoint is not None:
@@ -209,13 +216,6 @@ def build_model(
         notes.extend(f"checkpoint: {line}" for line in report.notes)
         network.load_report = report.summary()
         return network.to(device).eval()
-    if int(getattr(family.config, "monitor_every", 0) or 0) > 0:
-        # the runner passes no validation split: the key would be ignored
-        raise FamBenchError(
-            "task.monitor_every is read only by the Python API "
-            "(experiments.training.train_or_load(..., val_set=...)); the runner trains "
-            "without a validation monitor. Drop the override."
-        )
     model = train_or_load(
         network,
         train_set,
