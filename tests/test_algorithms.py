@@ -3,12 +3,14 @@ embedded data, beats its accuracy floor, round-trips through a checkpoint (with 
 task-state sidecar) and is explained by every method; RelationNet's learned similarity
 is explained exactly (FAM's callable path, Grad-CAM against pytorch-grad-cam).
 
-Reduced settings: 16 px synthetic shapes (10 images per class) and a 16-filter Conv-4
-with a 4x4 last map. The self-supervised algorithms learn nothing there in a test's budget,
-so they train on a reduced copy of the ``synthetic_simclr`` experiment instead (32 px,
-10 classes at clutter 0.3, 60 images each, the last 10 held out as queries, background
-swap 0.5; 150 steps) and must beat the same network re-initialised. Each algorithm is
-trained once (module fixture).
+Reduced settings, a 16-filter Conv-4 throughout. Few-shot: 16 px synthetic shapes (10
+images per class, a 4x4 last map). Retrieval: 32 px shapes, 20 images per class (64
+training classes; the 20 test classes are query and gallery). Self-supervised: a reduced
+copy of the ``synthetic_simclr`` experiment (32 px, 10 classes at clutter 0.3, 60 images
+each, the last 10 held out as queries, background swap 0.5; 150 steps). Retrieval and
+self-supervised algorithms must also beat the same network re-initialised by a margin
+(``MARGIN``), since colour alone lets an untrained network score above chance. Each
+algorithm is trained once (module fixture).
 """
 
 from __future__ import annotations
@@ -59,14 +61,18 @@ SSL_TASK = {
     "knn_k": 20,
 }
 SSL_KNN_K = 20
-#: kNN accuracy points a self-supervised encoder must gain over its re-initialised copy
-SSL_MARGIN = 0.10
 SSL_FLOOR = 0.45
+#: the reduced retrieval data (32 px so that 150-300 steps learn shape, not only colour)
+RET_DATA = {"size": 32, "per_class": 20}
+#: task-metric points a retrieval or self-supervised network must gain over its
+#: re-initialised copy
+MARGIN = 0.10
 
 
-def spec(task, steps, floor, lr=0.002, pooling="gap", loss_from=0, batch_size=32, data=None):
+def spec(task, steps, floor, lr=0.002, pooling="gap", loss_from=0, batch_size=32, data="fewshot"):
     """``task`` node, training steps, accuracy floor, where the loss check starts, and
-    ``data`` (``None``: the 16 px splits; else ``SSL_DATA``)."""
+    ``data``: ``fewshot`` (the 16 px splits), ``retrieval`` (``RET_DATA``) or ``ssl``
+    (``SSL_DATA``)."""
     return {
         "task": task,
         "steps": steps,
@@ -79,6 +85,11 @@ def spec(task, steps, floor, lr=0.002, pooling="gap", loss_from=0, batch_size=32
     }
 
 
+def ret_spec(loss, steps, floor):
+    task = {"name": "retrieval", "loss": loss}
+    return spec(task, steps, floor, lr=0.003, batch_size=64, data="retrieval")
+
+
 def ssl_spec(algorithm, floor, loss_from=0, **task):
     return spec(
         {**SSL_TASK, "algorithm": algorithm, **task},
@@ -86,15 +97,16 @@ def ssl_spec(algorithm, floor, loss_from=0, **task):
         floor,
         loss_from=loss_from,
         batch_size=64,
-        data=SSL_DATA,
+        data="ssl",
     )
 
 
 # Floors: few-shot accuracy (5-way, chance 0.2; the untrained network scores 0.21-0.24),
-# retrieval leave-one-out Recall@1 on the 20 test classes (chance 0.045; the untrained
-# network scores 0.07), contrastive kNN accuracy on the held-out images of the 10 training
-# classes (chance 0.1; see ``SSL_MARGIN`` for the untrained network). Measured values are
-# in the README.
+# retrieval leave-one-out Recall@1 on the 20 test classes (chance 0.05; the untrained
+# network scores 0.08), contrastive kNN accuracy on the held-out images of the 10 training
+# classes (chance 0.1; the untrained network scores 0.35). Measured values are in the
+# README; across training seeds 0-2 they varied by up to 0.04 (retrieval at 150 steps)
+# and 0.10 (proxy_anchor).
 ALGORITHMS = {
     "protonet": spec({**FEWSHOT, "algorithm": "protonet"}, 60, 0.30),
     "matchingnet": spec({**FEWSHOT, "algorithm": "matchingnet"}, 60, 0.30),
@@ -107,12 +119,12 @@ ALGORITHMS = {
         pooling="flatten",
     ),
     "simpleshot": spec({**FEWSHOT, "algorithm": "simpleshot"}, 60, 0.30),
-    "multi_similarity": spec({"name": "retrieval", "loss": "multi_similarity"}, 60, 0.10),
-    "triplet": spec({"name": "retrieval", "loss": "triplet"}, 60, 0.10),
-    "contrastive": spec({"name": "retrieval", "loss": "contrastive"}, 200, 0.15),
-    # learned proxies of 64 classes from 10 images each do not transfer to the test
-    # classes at 16 px: above chance, not above the untrained network (README)
-    "proxy_anchor": spec({"name": "retrieval", "loss": "proxy_anchor"}, 60, 0.06),
+    "multi_similarity": ret_spec("multi_similarity", 150, 0.30),
+    "triplet": ret_spec("triplet", 150, 0.28),
+    "contrastive": ret_spec("contrastive", 150, 0.25),
+    # proxies of 64 classes from 20 images each: half the R@1 of the pair losses at 150
+    # steps (0.18-0.21), 0.27-0.38 at 300
+    "proxy_anchor": ret_spec("proxy_anchor", 300, 0.20),
     "simclr": ssl_spec("simclr", SSL_FLOOR),
     # the queue starts as random vectors: the loss rises while real keys fill it
     "moco": ssl_spec("moco", SSL_FLOOR, loss_from=10, queue_size=512),
@@ -125,6 +137,14 @@ ALGORITHMS = {
 def splits():
     train = build_dataset("synthetic", None, "train", SIZE, images_per_class=PER_CLASS, seed=0)
     test = build_dataset("synthetic", None, "test", SIZE, images_per_class=PER_CLASS, seed=0)
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def ret_splits():
+    size, per_class = RET_DATA["size"], RET_DATA["per_class"]
+    train = build_dataset("synthetic", None, "train", size, images_per_class=per_class, seed=0)
+    test = build_dataset("synthetic", None, "test", size, images_per_class=per_class, seed=0)
     return train, test
 
 
@@ -193,14 +213,20 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained(splits, ssl_splits, tmp_path_factory):
+def data_for(splits, ret_splits, ssl_splits):
+    """The (train, test) splits an algorithm trains and is evaluated on."""
+    by_data = {"fewshot": splits, "retrieval": ret_splits, "ssl": ssl_splits}
+    return lambda name: by_data[ALGORITHMS[name]["data"]]
+
+
+@pytest.fixture(scope="module")
+def trained(data_for, tmp_path_factory):
     cache = tmp_path_factory.mktemp("algorithm-cache")
     done: dict[str, Trained] = {}
 
     def get(name: str) -> Trained:
         if name not in done:
-            data = ssl_splits if ALGORITHMS[name]["data"] else splits
-            done[name] = Trained(name, data, cache)
+            done[name] = Trained(name, data_for(name), cache)
         return done[name]
 
     return get
@@ -229,14 +255,19 @@ def run_overrides(t: Trained, cache: Path) -> list[str]:
         "metric.sanity_samples=2",
     ]
     common.append(f"methods=[{','.join(ALL_METHODS)}]")
-    if t.spec["data"]:
-        d = t.spec["data"]
+    if t.spec["data"] == "ssl":
+        d = SSL_DATA
         common += [
             f"data.image_size={d['size']}",
             f"data.options.images_per_class={d['per_class']}",
             f"data.options.max_classes={d['max_classes']}",
             f"data.options.clutter={d['clutter']}",
             "data.eval_split=train",  # the queries are the held-out training images
+        ]
+    elif t.spec["data"] == "retrieval":
+        common += [
+            f"data.image_size={RET_DATA['size']}",
+            f"data.options.images_per_class={RET_DATA['per_class']}",
         ]
     else:
         common += [f"data.image_size={SIZE}", f"data.options.images_per_class={PER_CLASS}"]
@@ -263,21 +294,21 @@ def run_overrides(t: Trained, cache: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_algorithm_trains_beats_its_floor_round_trips_and_runs_every_method(
-    name, trained, splits, ssl_splits, tmp_path
+    name, trained, data_for, tmp_path
 ):
     t = trained(name)
-    train, test = ssl_splits if t.spec["data"] else splits
+    train, test = data_for(name)
     # 1. the loss decreases
     losses = t.losses[t.spec["loss_from"] :]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
-    # 2. the accuracy floor on embedded data (self-supervised: and clearly above the same
-    # network re-initialised, which colour alone lets score well above chance)
+    # 2. the accuracy floor on embedded data (retrieval, self-supervised: and clearly above
+    # the same network re-initialised, which colour alone lets score above chance)
     acc = accuracy(t.family, t.model, train, test)
     untrained = accuracy(t.family, reinitialised(t.model, 0), train, test)
     print(f"{name}: accuracy {acc:.3f}, untrained {untrained:.3f} (README table)")
     assert acc >= t.spec["floor"], f"{name}: {acc:.3f} < floor {t.spec['floor']}"
-    if t.family.name == "contrastive":
-        assert acc >= untrained + SSL_MARGIN, f"{name}: {acc:.3f} vs untrained {untrained:.3f}"
+    if t.family.name != "fewshot":
+        assert acc >= untrained + MARGIN, f"{name}: {acc:.3f} vs untrained {untrained:.3f}"
     # 3. the checkpoint (and its sidecar) round-trips into a fresh network and family
     fresh, family = network(t.spec["pooling"]), family_for(dict(t.spec["task"]))
     train_or_load(fresh, train, family, None, t.trainer, t.checkpoint, None, {}, 0)
