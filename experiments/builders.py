@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -76,6 +77,62 @@ def build_datasets(run: RunConfig) -> tuple[Any, Any]:
     return train, test
 
 
+def data_content(run: RunConfig, train_set: Any, eval_set: Any) -> dict[str, str]:
+    """``{"train": id, "eval": id}`` of a dataset read from ``data.root``, ``{}`` for the
+    generated ones (their options fix their content).
+
+    ``data.root`` itself is an execution key (the same copy of a dataset may sit at another
+    path on another machine), so what identifies the data in the model cache, the run
+    fingerprint and ``table_id`` is this content id instead: the class names, labels,
+    boxes, and each file's path below the root and size (an array dataset: its shape and a
+    sample of its pixels). Pointing ``data.root`` at another folder is another dataset:
+    another model, another table, and a refused resume."""
+    if run.data.root is None:
+        return {}
+    root = Path(to_absolute_path(run.data.root))
+    return {
+        "train": dataset_content_id(train_set, root),
+        "eval": dataset_content_id(eval_set, root),
+    }
+
+
+def dataset_content_id(dataset: Any, root: Path) -> str:
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        digest.update(repr(value).encode())
+        digest.update(b"\0")
+
+    add(type(dataset).__name__)
+    add(len(dataset))
+    add(list(getattr(dataset, "classes", [])))
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, torch.Tensor):
+        digest.update(labels.cpu().numpy().tobytes())
+    elif labels is not None:
+        add(list(labels))
+    for name in ("paths", "mask_paths"):
+        for path in getattr(dataset, name, None) or []:
+            if path is None:
+                add(None)
+                continue
+            path = Path(path)
+            try:
+                where = path.resolve().relative_to(root.resolve())
+            except ValueError:
+                where = path
+            add((str(where), path.stat().st_size if path.is_file() else -1))
+    boxes = getattr(dataset, "boxes", None)
+    if isinstance(boxes, torch.Tensor):
+        digest.update(boxes.cpu().numpy().tobytes())
+    images = getattr(dataset, "images", None)
+    if images is not None and hasattr(images, "shape") and len(images):
+        add(tuple(images.shape))
+        for i in sorted({int(j) for j in torch.linspace(0, len(images) - 1, 16).tolist()}):
+            digest.update(np.ascontiguousarray(images[i]).tobytes())
+    return digest.hexdigest()[:16]
+
+
 # -- model --------------------------------------------------------------------------------
 def model_label(run: RunConfig) -> str:
     """The model's name in results: its config name, or a custom target's dotted path."""
@@ -112,7 +169,27 @@ def build_network(run: RunConfig) -> nn.Module:
     from experiments.models import build_model_from_config
 
     model = plain(run.model)
-    keys = _CUSTOM_KEYS if model.get("target") else _BUILTIN_KEYS
+    custom = bool(model.get("target"))
+    # a key of the other kind would be dropped below while it still names the cache entry
+    # and the leaderboard table: refuse it instead of building another model than asked
+    if custom and model.get("options"):
+        raise FamBenchError(
+            f"model.options {sorted(model['options'])} are options of a built-in model; "
+            f"model=custom builds {model['target']} with model.kwargs: pass them as "
+            "+model.kwargs.<name>=<value>."
+        )
+    if not custom and model.get("kwargs"):
+        raise FamBenchError(
+            f"model.kwargs {sorted(model['kwargs'])} are keyword arguments of model=custom's "
+            f"target; the built-in model {model.get('name')!r} takes model.options.<name>=... "
+            f"(see conf/model/ for its options)."
+        )
+    if not custom and model.get("strip_head") is False:
+        raise FamBenchError(
+            f"model.strip_head applies to model=custom only; the built-in model "
+            f"{model.get('name')!r} has no classifier head (drop model.strip_head)."
+        )
+    keys = _CUSTOM_KEYS if custom else _BUILTIN_KEYS
     network, _ = build_model_from_config({k: model[k] for k in keys if k in model})
     return network
 
@@ -155,10 +232,13 @@ def probe(model: nn.Module, run: RunConfig, device: torch.device) -> tuple[int, 
     return tuple(seen[0][-2:]) if seen and len(seen[0]) == 4 else None
 
 
-def training_key(run: RunConfig) -> dict[str, Any]:
-    """The plain dict the model cache is keyed on (model + data + task + training)."""
+def training_key(run: RunConfig, content: dict[str, str] | None = None) -> dict[str, Any]:
+    """The plain dict the model cache is keyed on (model + data + task + training);
+    ``content`` is :func:`data_content` (the training split's id replaces ``data.root``)."""
     data = plain(run.data)
     data.pop("root", None)
+    if content:
+        data["content"] = content["train"]
     data.get("options", {}).pop("mode", None)  # pairs only change the evaluation queries
     data.pop("eval_split", None)
     model = plain(run.model)
@@ -168,7 +248,7 @@ def training_key(run: RunConfig) -> dict[str, Any]:
     return {"model": model, "data": data, "task": dict(run.task), "trainer": trainer}
 
 
-def model_id(run: RunConfig) -> str:
+def model_id(run: RunConfig, content: dict[str, str] | None = None) -> str:
     """Identifies the weights: the checkpoint file's content, or the training key."""
     if run.model.checkpoint:
         digest = hashlib.sha256()
@@ -178,7 +258,7 @@ def model_id(run: RunConfig) -> str:
         model = plain(run.model)
         model.pop("checkpoint", None)
         return short_hash({"checkpoint": digest.hexdigest(), "model": model}, 12)
-    return short_hash(training_key(run), 12)
+    return short_hash(training_key(run, content), 12)
 
 
 def build_model(
@@ -189,9 +269,11 @@ def build_model(
     out: Path,
     logger: Any,
     notes: list[str],
+    content: dict[str, str] | None = None,
 ) -> nn.Module:
     """The embedding network with weights: loaded from ``model.checkpoint``, reused from
-    the cache, or trained (and cached; kept in the run folder if the cache is read-only)."""
+    the cache (keyed on :func:`training_key` with the data ``content`` id), or trained (and
+    cached; kept in the run folder if the cache is read-only)."""
     from experiments.training import train_or_load
 
     if int(getattr(family.config, "monitor_every", 0) or 0) > 0:
@@ -224,7 +306,7 @@ def build_model(
         run.trainer,
         None,
         to_absolute_path(run.cache_dir),
-        training_key(run),
+        training_key(run, content),
         run.seed,
         fallback_dir=out,
         logger=logger,

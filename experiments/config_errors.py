@@ -69,6 +69,14 @@ def unknown_key_message(key: str, overrides: list[str], config_dir: Path | None 
         cfg = {}
     from experiments.config import flatten
 
+    model = cfg.get("model") or {}
+    if key.startswith("model.options.") and model.get("target"):
+        name = key.removeprefix("model.options.")
+        return (
+            f"`{key}` is an option of a built-in model; model=custom builds "
+            f"{model['target']} with its keyword arguments: pass +model.kwargs.{name}=<value>. "
+            "Nothing was trained."
+        )
     valid = sorted(flatten(cfg))
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     siblings = sorted(

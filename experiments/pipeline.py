@@ -81,9 +81,14 @@ def check_metrics(names: list[str]) -> list[str]:
     return names
 
 
-def fingerprint_of(run: config.RunConfig, methods: dict[str, builders.Method]) -> tuple[str, dict]:
+def fingerprint_of(
+    run: config.RunConfig,
+    methods: dict[str, builders.Method],
+    content: dict[str, str] | None = None,
+) -> tuple[str, dict]:
     """``(sha256[:16], the fingerprinted config)``: every entry that can change a number,
-    including each listed method's options."""
+    including each listed method's options and the data's content id
+    (:func:`builders.data_content`, in place of ``data.root``)."""
     container = config.plain(run)
     for path in EXECUTION_KEYS:
         node = container
@@ -94,6 +99,8 @@ def fingerprint_of(run: config.RunConfig, methods: dict[str, builders.Method]) -
     device = builders.device_for(run.trainer.accelerator)
     container["metric"]["amp"] = builders.resolve_amp(run.metric.amp, device)
     container["method"] = {name: m.options for name, m in methods.items()}
+    if content:
+        container["data"]["content"] = dict(content)
     return config.short_hash(container), container
 
 
@@ -155,17 +162,20 @@ def run(
     run_cfg.task = config.plain(family.config)  # with the family's defaults filled in
     methods = builders.build_methods(run_cfg)
     metrics = check_metrics(list(run_cfg.metrics))
-    fingerprint, fingerprinted = fingerprint_of(run_cfg, methods)
+    train_set, eval_set = builders.build_datasets(run_cfg)
+    content = builders.data_content(run_cfg, train_set, eval_set)
+    fingerprint, fingerprinted = fingerprint_of(run_cfg, methods, content)
     out = Path(output_dir)
     with OutputStore(out) as store:
         store.claim(fingerprint, fingerprinted)
         logger = build_logger(run_cfg.logger, out, run_cfg.name)
         torch.manual_seed(run_cfg.seed)
         device = builders.device_for(run_cfg.trainer.accelerator)
-        train_set, eval_set = builders.build_datasets(run_cfg)
         _check_annotation_sizes(run_cfg, metrics, eval_set)
         notes: list[str] = []
-        model = builders.build_model(run_cfg, family, train_set, device, out, logger.logger, notes)
+        model = builders.build_model(
+            run_cfg, family, train_set, device, out, logger.logger, notes, content
+        )
         evaluation = family.evaluation(run_cfg, train_set, eval_set, model, device)
         metrics = applicable_metrics(metrics, eval_set, evaluation, run_cfg.data.name, notes)
         settings = builders.metric_settings(run_cfg, family, evaluation)
@@ -180,6 +190,7 @@ def run(
             fingerprint,
             out,
             eval_set,
+            content,
         )
         job.notes = notes
 
@@ -225,12 +236,24 @@ def untrained_task_metrics(
 
 
 def _job(
-    run_cfg, family, evaluation, model, methods, metrics, settings, fingerprint, out, eval_set
+    run_cfg,
+    family,
+    evaluation,
+    model,
+    methods,
+    metrics,
+    settings,
+    fingerprint,
+    out,
+    eval_set,
+    content=None,
 ) -> Job:
-    model_id = builders.model_id(run_cfg)
+    model_id = builders.model_id(run_cfg, content)
     data_stats = (getattr(eval_set, "mean", None), getattr(eval_set, "std", None))
     data = config.plain(run_cfg.data)
     data.pop("root", None)
+    if content:  # the evaluated images themselves, not where they lie
+        data["content"] = content["eval"]
     table_id = config.short_hash(
         {"data": data, "model": model_id, "task": dict(run_cfg.task), "settings": settings}, 12
     )

@@ -374,6 +374,28 @@ def test_explicit_key_and_prefix_choose_the_entry_and_the_network(tmp_path):
         load_weights(model, path)  # ambiguous nesting: told to name the key
 
 
+def test_two_networks_that_fit_equally_are_an_error_unless_they_are_one(tmp_path):
+    """MoCo's layout: ``encoder_q`` (explained) beside its momentum copy ``encoder_k``;
+    prefix order would pick ``encoder_k`` silently."""
+    query, key = suite_conv4(), scramble(Conv4(hidden=8, pools=(True, True, False, False)), 5)
+    state = {f"module.encoder_q.{k}": v for k, v in query.state_dict().items()}
+    state |= {f"module.encoder_k.{k}": v for k, v in key.state_dict().items()}
+    path = tmp_path / "moco.pth.tar"
+    torch.save({"state_dict": state, "epoch": 200}, path)
+    model = Conv4(hidden=8, pools=(True, True, False, False))
+    with pytest.raises(FamBenchError, match=r"model\.checkpoint_prefix=module\.encoder_q\.") as e:
+        load_weights(model, path)
+    assert "module.encoder_k." in str(e.value)
+    assert load_weights(model, path, prefix="module.encoder_q.").prefix == "module.encoder_q."
+    same_embeddings(model, query)
+    # identical copies (a momentum encoder right after initialisation) are one network
+    state |= {f"module.encoder_k.{k}": v for k, v in query.state_dict().items()}
+    torch.save({"state_dict": state}, path)
+    fresh = Conv4(hidden=8, pools=(True, True, False, False))
+    load_weights(fresh, path)
+    same_embeddings(fresh, query)
+
+
 def test_a_checkpoint_that_does_not_fit_names_the_keys_and_shapes(tmp_path):
     path = tmp_path / "wide.pt"
     torch.save(Conv4(hidden=16).state_dict(), path)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from format_writers import manifest_box, write_class_folders, write_manifest
 from hydra import compose, initialize_config_dir
 
 from experiments import pipeline
+from fam.errors import FamBenchError
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +126,32 @@ def test_manifest_boxes_reach_the_pointing_game(task, manifest, tmp_path):
         elif row["mask"] is None:
             assert result["pointing_game"] == centre_hit(row)
     assert results["energy_pointing_game"].notna().any()
+
+
+def test_another_data_root_is_another_dataset_and_a_moved_copy_the_same(folders, tmp_path):
+    """``data.root`` is not an identity (the same copy may sit elsewhere), the content is:
+    a folder of other images never reuses the cached model, shares a table or resumes."""
+    other = tmp_path / "other"
+    write_class_folders(other, n_classes=10, images_per_class=3, size=20)  # other pixels
+    moved = tmp_path / "moved"
+    shutil.copytree(folders, moved)
+    cache = tmp_path / "cache"
+
+    def ids(root, out):
+        run = pipeline.run(config(cache, *FEWSHOT, "data=imagefolder", f"data.root={root}"), out)
+        frame = run["results"]
+        return frame["model_id"].iloc[0], frame["table_id"].iloc[0], frame
+
+    first = ids(folders, tmp_path / "a")
+    second = ids(other, tmp_path / "b")
+    assert first[0] != second[0] and first[1] != second[1]
+    assert len(list(cache.rglob("*.pt"))) == 2  # trained again for the other images
+    again = ids(moved, tmp_path / "c")
+    assert again[:2] == first[:2]
+    pd.testing.assert_frame_equal(again[2], first[2])
+    assert len(list(cache.rglob("*.pt"))) == 2  # the moved copy reused the cached model
+    with pytest.raises(FamBenchError, match="data.content"):
+        ids(other, tmp_path / "a")  # resuming a's folder on other images is refused
 
 
 def test_a_custom_target_runs_and_names_the_model(tmp_path):

@@ -230,3 +230,22 @@ def test_cli_a_busy_output_folder_exits_2(tmp_path):
     with OutputStore(tmp_path / "run"):
         done = run_cli(*TINY, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     one_paragraph_error(done, "Another run")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        # a built-in model would be built without them while they name the cache entry
+        (["+model.kwargs.hidden=4"], r"model\.kwargs \['hidden'\].*model\.options\.<name>"),
+        (["model.strip_head=false"], "model.strip_head applies to model=custom"),
+        (
+            ["model=custom", "model.target=experiments.models.Conv4", "+model.options.hidden=4"],
+            r"\+model\.kwargs\.hidden=<value>",
+        ),
+    ],
+)
+def test_a_model_key_of_the_other_kind_of_model_is_refused(overrides, named, tmp_path):
+    with pytest.raises(FamBenchError, match=named):
+        cfg = config.compose_config([*TINY, f"cache_dir={tmp_path / 'cache'}", *overrides])
+        pipeline.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache").exists()  # refused before anything was trained

@@ -264,17 +264,45 @@ def _select(
     expected: Mapping[str, torch.Tensor],
     prefix: str | None,
 ) -> tuple[str, str]:
-    """``(prefix, rename name)`` under which most checkpoint keys are model keys."""
+    """``(prefix, rename name)`` under which most checkpoint keys are model keys.
+
+    Two prefixes that fit equally well and hold different weights (MoCo's
+    ``encoder_q.``/``encoder_k.``, solo-learn's ``backbone.``/``momentum_backbone.``, a
+    student and its teacher) are ambiguous: an error names them, never a silent pick."""
     from experiments.models.layouts import RENAMES
 
     prefixes = [prefix] if prefix is not None else _candidate_prefixes(state)
     best, best_hits = ("" if prefix is None else prefix, ""), -1
+    tied: dict[str, dict[str, torch.Tensor]] = {}
     for candidate in prefixes:
-        inside = [k[len(candidate) :] for k in state if k.startswith(candidate)]
+        inside = [k for k in state if k.startswith(candidate)]
         for name, rename in RENAMES.items():
-            hits = sum(rename(k) in expected for k in inside)
+            mapped = {rename(k[len(candidate) :]): k for k in inside}
+            hits = sum(k in expected for k in mapped)
             if hits > best_hits:
-                best, best_hits = (candidate, name), hits
+                best, best_hits, tied = (candidate, name), hits, {}
+            if hits == best_hits and candidate not in tied:
+                tied[candidate] = {m: state[k] for m, k in mapped.items() if m in expected}
+    if prefix is None and best_hits > 0 and len(tied) > 1:
+        first = tied[best[0]]
+        differ = [
+            p
+            for p, weights in tied.items()
+            if weights.keys() != first.keys()
+            or any(not torch.equal(weights[k], first[k]) for k in first)
+        ]
+        if differ:
+            names = sorted(tied, key=lambda p: (len(p), p))
+            copies = ("momentum", "encoder_k", "teacher", "target", "ema")
+            online = [p for p in names if not any(c in p for c in copies)]
+            raise FamBenchError(
+                f"The checkpoint holds {len(names)} networks that fit the model equally well "
+                f"(key prefixes {names[:6]}) with different weights, e.g. an encoder and its "
+                "momentum copy or teacher. Name the one to explain with "
+                f"model.checkpoint_prefix={(online or names)[0]} (load_weights(..., "
+                "prefix=...)); for "
+                "MoCo that is the query encoder (encoder_q.), for solo-learn backbone."
+            )
     return best
 
 
