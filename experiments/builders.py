@@ -32,10 +32,22 @@ log = logging.getLogger(__name__)
 
 #: method options that change how fast a method runs, never its maps
 METHOD_EXECUTION_OPTIONS = frozenset({"batch_size", "ablation_batch"})
-#: trainer keys that change where and how fast training runs, never the weights
+#: trainer keys that change where and how fast training runs, never the weights (training
+#: runs in one process whatever ``devices``; see :func:`run_identity_trainer_keys` for
+#: ``num_workers``)
 TRAINER_EXECUTION_KEYS = frozenset(
     {"accelerator", "devices", "num_nodes", "strategy", "num_workers", "log_every_n_steps"}
 )
+
+
+def run_identity_trainer_keys(run: RunConfig) -> dict[str, Any]:
+    """Execution keys that do change this run's weights: the contrastive views are drawn
+    in the data-loader workers, one random stream per worker, so ``num_workers > 0``
+    trains other weights than ``0`` (and than another worker count). They join the model
+    cache key and the run fingerprint."""
+    if run.task.get("name") == "contrastive" and int(run.trainer.num_workers) > 0:
+        return {"num_workers": int(run.trainer.num_workers)}
+    return {}
 
 
 def to_absolute_path(path: str) -> str:
@@ -245,6 +257,7 @@ def training_key(run: RunConfig, content: dict[str, str] | None = None) -> dict[
     for key in ("checkpoint", "target_layer", "label"):
         model.pop(key, None)
     trainer = {k: v for k, v in plain(run.trainer).items() if k not in TRAINER_EXECUTION_KEYS}
+    trainer.update(run_identity_trainer_keys(run))
     return {"model": model, "data": data, "task": dict(run.task), "trainer": trainer}
 
 
@@ -354,6 +367,7 @@ def build_methods(run: RunConfig) -> dict[str, Method]:
     from hydra.utils import get_object, instantiate
 
     searched = sorted(set(run.method) | {p.stem for p in (CONF_DIR / "method").glob("*.yaml")})
+    run_amp = resolve_amp(run.metric.amp, device_for(run.trainer.accelerator))
     methods = {}
     for name in run.methods:
         node = method_node(name, run, searched)
@@ -380,6 +394,10 @@ def build_methods(run: RunConfig) -> dict[str, Method]:
             ) from None
         takes_seed = "seed" in (signature_options(cls, skip=()) or [])
         shown = {k: v for k, v in options.items() if k not in METHOD_EXECUTION_OPTIONS}
+        if "amp" in shown:
+            # metric.amp turns autocast on for every method that offers it (the worker's
+            # make_explainer); a method's own amp can only add it: record what runs
+            shown["amp"] = bool(shown["amp"]) or run_amp
         methods[name] = Method(name, factory, {"_target_": target, **shown}, takes_seed)
     return methods
 

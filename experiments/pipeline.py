@@ -99,29 +99,41 @@ def fingerprint_of(
     device = builders.device_for(run.trainer.accelerator)
     container["metric"]["amp"] = builders.resolve_amp(run.metric.amp, device)
     container["method"] = {name: m.options for name, m in methods.items()}
+    container["trainer"].update(builders.run_identity_trainer_keys(run))
     if content:
         container["data"]["content"] = dict(content)
     return config.short_hash(container), container
 
 
 def applicable_metrics(
-    metrics: list[str], eval_set: Any, evaluation: Any, data_name: str, notes: list[str]
+    metrics: list[str],
+    eval_set: Any,
+    evaluation: Any,
+    data_name: str,
+    notes: list[str],
+    skipped: list[dict[str, str]] | None = None,
 ) -> list[str]:
-    """Drop (with a note) metrics the data or the task's score cannot support."""
+    """Drop metrics the data or the task's score cannot support, each with a note and a
+    ``metric_skipped`` entry in ``skipped`` (the run's ``warnings.json``: the leaderboard
+    shows it beside the table that lacks the column)."""
     keep = []
     for name in metrics:
         spec = METRICS[name]
+        reason = None
         if spec.needs_masks and not getattr(eval_set, "has_masks", False):
-            notes.append(
-                f"{name} skipped: dataset {data_name!r} has no ground-truth masks or boxes."
-            )
+            reason = f"dataset {data_name!r} has no ground-truth masks or boxes"
         elif spec.needs_confidence and not evaluation.confidence_available:
-            notes.append(
-                f"{name} skipped: it needs a non-negative score; the raw "
-                f"{evaluation.similarity} similarity is not (use metric.score=probability)."
+            reason = (
+                f"it needs a non-negative score; the raw {evaluation.similarity} similarity "
+                "is not (use metric.score=probability)"
             )
-        else:
+        if reason is None:
             keep.append(name)
+            continue
+        note = f"{name} skipped: {reason}."
+        notes.append(note)
+        if skipped is not None:
+            skipped.append({"code": "metric_skipped", "metric": name, "message": note})
     for note in notes:
         log.warning(note)
     return keep
@@ -162,14 +174,17 @@ def run(
     run_cfg.task = config.plain(family.config)  # with the family's defaults filled in
     methods = builders.build_methods(run_cfg)
     metrics = check_metrics(list(run_cfg.metrics))
+    # the seed before the datasets: their building draws from the global stream that the
+    # model's initialisation then continues (the published numbers depend on this order)
+    torch.manual_seed(run_cfg.seed)
     train_set, eval_set = builders.build_datasets(run_cfg)
+    family.check_data(run_cfg, train_set, eval_set)
     content = builders.data_content(run_cfg, train_set, eval_set)
     fingerprint, fingerprinted = fingerprint_of(run_cfg, methods, content)
     out = Path(output_dir)
     with OutputStore(out) as store:
         store.claim(fingerprint, fingerprinted)
         logger = build_logger(run_cfg.logger, out, run_cfg.name)
-        torch.manual_seed(run_cfg.seed)
         device = builders.device_for(run_cfg.trainer.accelerator)
         _check_annotation_sizes(run_cfg, metrics, eval_set)
         notes: list[str] = []
@@ -177,7 +192,10 @@ def run(
             run_cfg, family, train_set, device, out, logger.logger, notes, content
         )
         evaluation = family.evaluation(run_cfg, train_set, eval_set, model, device)
-        metrics = applicable_metrics(metrics, eval_set, evaluation, run_cfg.data.name, notes)
+        skipped: list[dict[str, str]] = []
+        metrics = applicable_metrics(
+            metrics, eval_set, evaluation, run_cfg.data.name, notes, skipped
+        )
         settings = builders.metric_settings(run_cfg, family, evaluation)
         job = _job(
             run_cfg,
@@ -193,6 +211,7 @@ def run(
             content,
         )
         job.notes = notes
+        job.skipped_metrics = skipped
 
         task_path = out / "task_metrics.csv"
         if not task_path.is_file():
@@ -313,6 +332,7 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
         evaluation.chance(),
         getattr(job.model, "target_shape", None),
     )
+    warnings = [*job.skipped_metrics, *warnings]
     store.write_json("warnings.json", warnings)
     figures = write_figures(job, merged, summary, eval_set, evaluation)
     settings_ids = {name: cols["settings_id"] for name, cols in job.method_columns.items()}

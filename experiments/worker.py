@@ -54,6 +54,8 @@ class Job:
     data_stats: tuple[Any, Any] = (None, None)
     annotation_size: tuple[int, int] | None = None  # the dataset's, for units without one
     notes: list[str] = field(default_factory=list)
+    #: ``metric_skipped`` warnings (metrics the data or the score cannot support)
+    skipped_metrics: list[dict[str, str]] = field(default_factory=list)
 
 
 _FALLBACK_NOTED: set[str] = set()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,9 @@ def test_imagefolder_runs_each_task_with_one_root_override(task, folders, tmp_pa
     assert results["deletion_auc"].notna().all()
     assert "pointing_game" not in results  # no annotations: skipped with a note
     assert any("pointing_game" in note for note in run["notes"])
+    warnings = json.loads((tmp_path / "out" / "warnings.json").read_text())
+    skipped = [w["metric"] for w in warnings if w["code"] == "metric_skipped"]
+    assert skipped == ["pointing_game", "energy_pointing_game"]  # where the leaderboard looks
     assert (results["dataset"] == "imagefolder").all()
 
 

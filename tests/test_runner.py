@@ -210,6 +210,71 @@ def test_fingerprint_ignores_execution_settings_but_not_result_settings():
         assert fingerprint(different)[0] != base, different
 
 
+def test_loader_workers_name_the_weights_only_where_they_draw_random_views():
+    """Contrastive views are drawn in the loader workers (one stream each); few-shot
+    episodes and retrieval batches are not: num_workers is an execution key there."""
+    for experiment, matters in (("synthetic_simclr", True), ("synthetic_5way", False)):
+        runs = [typed(f"experiment={experiment}", f"trainer.num_workers={w}") for w in (0, 2)]
+        keys = [builders.training_key(r) for r in runs]
+        prints = [
+            fingerprint(f"experiment={experiment}", f"trainer.num_workers={w}")[0] for w in (0, 2)
+        ]
+        assert (keys[0] != keys[1]) == matters and (prints[0] != prints[1]) == matters
+
+
+def test_training_runs_in_one_process_whatever_the_evaluation_devices(monkeypatch):
+    """trainer.devices shards the evaluation; DDP training would split each batch over
+    the processes and give weights that depend on an execution key."""
+    from experiments.training import train as train_module
+
+    L = train_module.L
+
+    seen = {}
+
+    class Recording(L.Trainer):
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(train_module.L, "Trainer", Recording)
+    from experiments.data import build_dataset
+    from experiments.models import build_model
+
+    data = build_dataset("synthetic", None, "train", 16, images_per_class=4, seed=0)
+    model = build_model("conv4", hidden=8, pools=[True, True, False, False])
+    trainer = {"max_steps": 1, "batch_size": 8, "accelerator": "cpu", "devices": 2}
+    task = {"name": "fewshot", "train_way": 2, "train_shot": 1, "train_query": 1}
+    train_module.fit(model, data, "fewshot", task, trainer)
+    assert (seen["devices"], seen["num_nodes"], seen["strategy"]) == (1, 1, "auto")
+
+
+def test_the_unit_size_of_neighbour_tasks_is_in_settings_id():
+    """Queries of one unit share the random maps' seed and the pairs' second object."""
+    for experiment in ("synthetic_retrieval", "synthetic_simclr"):
+        ids = {
+            builders.settings_id(
+                settings_of(typed(f"experiment={experiment}", f"eval.unit_size={n}"))
+            )
+            for n in (8, 32)
+        }
+        assert len(ids) == 2, experiment
+    fewshot = {builders.settings_id(settings_of(typed(f"eval.unit_size={n}"))) for n in (8, 32)}
+    assert len(fewshot) == 1  # an episode is the unit there
+
+
+def test_method_options_record_the_precision_that_runs():
+    """metric.amp turns autocast on for every method that offers it: its recorded
+    ``amp`` option (results' method_options) says so instead of the YAML's false."""
+    for amp, expected in (("auto", False), ("true", True)):
+        run = typed("trainer.accelerator=cpu", f"metric.amp={amp}", "methods=[fam,center]")
+        methods = builders.build_methods(run)
+        assert methods["fam"].options["amp"] is expected
+        assert "amp" not in methods["center"].options
+    run = typed("trainer.accelerator=cpu", "method.fam.amp=true", "methods=[fam,gradcam]")
+    methods = builders.build_methods(run)
+    assert methods["fam"].options["amp"] is True and methods["gradcam"].options["amp"] is False
+
+
 def test_settings_id_changes_with_every_metric_setting():
     base = settings_of(typed())
     ids = {builders.settings_id(base)}

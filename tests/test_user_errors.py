@@ -249,3 +249,83 @@ def test_a_model_key_of_the_other_kind_of_model_is_refused(overrides, named, tmp
         cfg = config.compose_config([*TINY, f"cache_dir={tmp_path / 'cache'}", *overrides])
         pipeline.run(cfg, tmp_path / "run")
     assert not (tmp_path / "cache").exists()  # refused before anything was trained
+
+
+@pytest.mark.parametrize("task", ["retrieval", "contrastive"])
+def test_a_neighbour_task_explains_only_the_cosine_it_ranks_by(task):
+    from experiments.tasks import family_for
+
+    assert family_for({"name": task}).config.similarity == "cosine"
+    with pytest.raises(FamBenchError, match="task.similarity=euclidean is not what"):
+        family_for({"name": task, "similarity": "euclidean"})
+
+
+def test_a_retrieval_margin_applies_or_is_refused():
+    from experiments.training.retrieval import build_loss_and_miner
+
+    with pytest.raises(FamBenchError, match="task.margin does not apply"):
+        build_loss_and_miner("multi_similarity", margin=0.1)
+    with pytest.raises(FamBenchError, match="task.miner=triplet needs task.margin"):
+        build_loss_and_miner("contrastive", miner="triplet")
+    # the margin of a triplet miner beside a loss without one is the miner's
+    _, miner = build_loss_and_miner("multi_similarity", miner="triplet", margin=0.1)
+    assert miner.margin == pytest.approx(0.1)
+    loss, miner = build_loss_and_miner("triplet", margin=0.2)
+    assert loss.margin == pytest.approx(0.2) and miner.margin == pytest.approx(0.2)
+    assert build_loss_and_miner("contrastive", margin=0.7)[0].neg_margin == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        # labels are numbered per split: kNN would compare ids of different classes
+        (["data.eval_split=test"], "holds other classes"),
+        (["data.options.mode=pairs"], "data.options.mode=pairs"),
+    ],
+)
+def test_contrastive_data_it_would_score_otherwise_is_refused_before_training(
+    overrides, named, tmp_path
+):
+    cfg = config.compose_config(
+        ["experiment=synthetic_simclr", f"cache_dir={tmp_path / 'cache'}", *overrides]
+    )
+    with pytest.raises(FamBenchError, match=named):
+        pipeline.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("task", "named"),
+    [
+        ({"algorithm": "matchingnet", "similarity": "cosine"}, "task.similarity=cosine"),
+        ({"algorithm": "protonet", "temperature": 5.0}, "task.temperature=5.0"),
+        ({"algorithm": "relationnet", "temperature": 5.0}, "task.temperature=5.0"),
+        ({"algorithm": "simpleshot", "relation_hidden": 8}, "task.relation_hidden=8"),
+    ],
+)
+def test_a_few_shot_key_the_algorithm_never_reads_is_refused(task, named):
+    from experiments.tasks import family_for
+
+    with pytest.raises(FamBenchError, match=named):
+        family_for({"name": "fewshot", **task})
+
+
+def test_the_keys_each_few_shot_algorithm_reads_are_accepted():
+    from experiments.tasks import family_for
+
+    for task in (
+        {"algorithm": "protonet", "similarity": "cosine", "temperature": 5.0},
+        {"algorithm": "matchingnet", "temperature": 5.0},
+        {"algorithm": "simpleshot", "temperature": 2.0},
+        {"algorithm": "relationnet", "relation_hidden": 8},
+    ):
+        family_for({"name": "fewshot", **task})
+
+
+def test_the_neighbour_probability_settings_are_refused_for_few_shot(tmp_path):
+    cfg = config.compose_config(
+        [*TINY, f"cache_dir={tmp_path / 'cache'}", "metric.temperature=0.1"]
+    )
+    with pytest.raises(FamBenchError, match="metric.temperature=0.1 set"):
+        pipeline.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache").exists()

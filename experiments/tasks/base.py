@@ -122,6 +122,10 @@ class TaskFamily:
         raise NotImplementedError
 
     # -- evaluation -----------------------------------------------------------------------
+    def check_data(self, run: Any, train_set: Any, eval_set: Any) -> None:
+        """Refuse data this task would evaluate otherwise than asked (FamBenchError);
+        called before anything is trained or written."""
+
     def protocol(self, eval_cfg: Any) -> dict[str, Any]:
         """The evaluation-protocol values that change numbers (go into ``settings_id``)."""
         return {}

@@ -59,9 +59,33 @@ class FewShotConfig:
             )
         if self.temperature is not None and self.temperature <= 0:
             raise FamBenchError(f"task.temperature must be > 0 or null, got {self.temperature}.")
+        self._refuse_keys_the_algorithm_ignores()
         for key in ("train_way", "train_shot", "train_query", "monitor_way", "monitor_shot"):
             if getattr(self, key) < 1:
                 raise FamBenchError(f"task.{key} must be >= 1, got {getattr(self, key)}.")
+
+    def _refuse_keys_the_algorithm_ignores(self) -> None:
+        """A key the algorithm never reads would still name the cache entry and the table
+        while the numbers are those of the default: refuse it (values other than the
+        default only, since experiment files set the defaults explicitly)."""
+        a = self.algorithm
+        ignored = []
+        if a != "protonet" and self.similarity != "euclidean":
+            ignored.append(f"task.similarity={self.similarity} (only protonet takes it)")
+        if self.temperature is not None and (
+            a == "relationnet" or (a == "protonet" and self.similarity == "euclidean")
+        ):
+            ignored.append(
+                f"task.temperature={self.temperature} (the negative squared distance and the "
+                "relation module have none; protonet takes it with task.similarity=cosine)"
+            )
+        if a != "relationnet" and self.relation_hidden != FewShotConfig.relation_hidden:
+            ignored.append(f"task.relation_hidden={self.relation_hidden} (relationnet only)")
+        if ignored:
+            raise FamBenchError(
+                f"task.algorithm={a} does not read {'; '.join(ignored)}: drop the override(s) "
+                "(conf/task/fewshot.yaml lists what each algorithm takes)."
+            )
 
 
 def episode_sampler(
@@ -95,6 +119,22 @@ class FewShot(TaskFamily):
 
         super().__init__(config)
         self.algorithm = algorithm_for(config)
+
+    def check_data(self, run, train_set, eval_set):
+        from experiments.config import MetricConfig
+
+        m, default = run.metric, MetricConfig()
+        given = [
+            f"metric.{key}={getattr(m, key)}"
+            for key in ("temperature", "distractors", "distractor_classes")
+            if getattr(m, key) != getattr(default, key)
+        ]
+        if given:
+            raise FamBenchError(
+                f"{', '.join(given)} set(s) the retrieval and contrastive probability; the "
+                "few-shot score is the algorithm's own episode softmax (its temperature is "
+                "task.temperature). Drop the override(s)."
+            )
 
     # learned state beside the network (a relation module, a temperature): the sidecar
     @property

@@ -96,6 +96,7 @@ class ContrastiveConfig:
             raise FamBenchError(
                 f"task.holdout_per_class must be >= 0, got {self.holdout_per_class}."
             )
+        cosine_only(self.similarity, "kNN accuracy and the linear probe's features")
 
 
 @dataclass
@@ -110,6 +111,20 @@ class RetrievalConfig:
     samples_per_class: int = 4
     recall_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     monitor_every: int = 0
+
+    def __post_init__(self) -> None:
+        cosine_only(self.similarity, "the gallery ranking, Recall@K")
+
+
+def cosine_only(similarity: str, ranked_by: str) -> None:
+    """The neighbour tasks rank by cosine (``ranked_by``, the distractors, the reference);
+    explaining another similarity would explain a score the model does not decide by."""
+    if similarity != "cosine":
+        raise FamBenchError(
+            f"task.similarity={similarity} is not what this task ranks by: {ranked_by}, the "
+            "reference and the distractors all use the cosine of the embeddings. Drop "
+            "task.similarity (it is cosine here); few-shot ProtoNet takes euclidean."
+        )
 
 
 def _batch_size_error(trainer_key: str, message: str) -> FamBenchError:
@@ -203,7 +218,7 @@ class Contrastive(TaskFamily):
 
     def protocol(self, eval_cfg):
         # one leaderboard table per algorithm: the same network trained otherwise
-        return {"algorithm": self.config.algorithm}
+        return {"algorithm": self.config.algorithm, **unit_protocol(eval_cfg)}
 
     def train_loader(self, train_set, trainer, seed):
         from torch.utils.data import DataLoader
@@ -245,6 +260,15 @@ class Contrastive(TaskFamily):
         return "val_knn_accuracy", lambda m: knn_accuracy(
             m, self.training_part(train_set), val_set, self.config.knn_k
         )
+
+    def check_data(self, run, train_set, eval_set):
+        if getattr(eval_set, "mode", "single") == "pairs":
+            raise FamBenchError(
+                "data.options.mode=pairs is a few-shot and retrieval variant (a second object "
+                "of another class in the query); the contrastive task scores single-object "
+                "images and would ignore it. Drop data.options.mode."
+            )
+        same_classes(train_set, eval_set, run.data)
 
     def evaluation(self, run, train_set, eval_set, model, device):
         c = self.config
@@ -292,6 +316,30 @@ class Contrastive(TaskFamily):
         return ev
 
 
+def unit_protocol(eval_cfg: Any) -> dict[str, int]:
+    """A unit's queries share their random streams (the random maps' seed, the pairs'
+    second object), so ``eval.unit_size`` changes those numbers: it joins ``settings_id``
+    and ``table_id`` (runs with other unit sizes are never pooled as repeats)."""
+    return {"unit_size": int(eval_cfg.unit_size)}
+
+
+def same_classes(train_set: Any, eval_set: Any, data: Any) -> None:
+    """kNN accuracy, the linear probe and the ``correct`` column compare a query's label
+    with the bank's (training split): both must number the same classes (labels are per
+    split)."""
+    bank, queries = getattr(train_set, "classes", None), getattr(eval_set, "classes", None)
+    if bank and queries and list(bank) != list(queries):
+        raise FamBenchError(
+            f"task=contrastive compares each query's label with the labels of the "
+            f"{data.train_split!r} split, but data.eval_split={data.eval_split} holds other "
+            f"classes ({len(queries)} vs {len(bank)}, e.g. {queries[0]!r} vs {bank[0]!r}), so "
+            "kNN and the probe would score label ids of different classes. Query held-out "
+            f"images of the training classes: data.eval_split={data.train_split} "
+            "task.holdout_per_class=<n> (as experiment=synthetic_simclr does), or a dataset "
+            "whose test split has the training classes (CIFAR-10, STL-10)."
+        )
+
+
 class Retrieval(TaskFamily):
     name = "retrieval"
     Config = RetrievalConfig
@@ -304,7 +352,7 @@ class Retrieval(TaskFamily):
 
     def protocol(self, eval_cfg):
         # one leaderboard table per loss: the same network trained otherwise
-        return {"loss": self.config.loss}
+        return {"loss": self.config.loss, **unit_protocol(eval_cfg)}
 
     def train_loader(self, train_set, trainer, seed):
         from pytorch_metric_learning.samplers import MPerClassSampler

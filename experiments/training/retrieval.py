@@ -46,15 +46,26 @@ def build_loss_and_miner(
     if loss not in LOSSES:
         raise FamBenchError(f"Unknown retrieval loss {loss!r}; use one of {sorted(LOSSES)}.")
     cls_name, margin_kw, default_miner = LOSSES[loss]
+    miner = default_miner if miner is None else miner
+    if miner not in MINERS:
+        raise FamBenchError(f"Unknown retrieval miner {miner!r}; use one of {MINERS}.")
+    if margin is not None and margin_kw is None and miner != "triplet":
+        # it would enter the cache key and the table while changing nothing
+        raise FamBenchError(
+            f"task.margin does not apply to loss {loss!r} (it has no margin) with miner "
+            f"{miner!r}; drop task.margin, or use task.miner=triplet (whose margin it sets)."
+        )
+    if miner == "triplet" and margin is None and margin_kw != "margin":
+        raise FamBenchError(
+            f"task.miner=triplet needs task.margin with loss {loss!r}, which has no triplet "
+            "margin of its own to mine at; e.g. task.margin=0.05 (the triplet loss's)."
+        )
     kwargs = {margin_kw: margin} if (margin is not None and margin_kw) else {}
     if loss in PROXY_LOSSES:
         if num_classes is None or embedding_dim is None:
             raise FamBenchError(f"Loss {loss!r} needs num_classes and embedding_dim.")
         kwargs = {"num_classes": num_classes, "embedding_size": embedding_dim, **kwargs}
     criterion = getattr(losses, cls_name)(**kwargs)
-    miner = default_miner if miner is None else miner
-    if miner not in MINERS:
-        raise FamBenchError(f"Unknown retrieval miner {miner!r}; use one of {MINERS}.")
     if miner == "multi_similarity":
         return criterion, miners.MultiSimilarityMiner()
     if miner == "triplet":

@@ -256,14 +256,21 @@ def fit(
     every = int(getattr(family.config, "monitor_every", 0) or 0)
     if val_set is not None and every > 0:
         callbacks.append(Monitor(every, *family.monitor(train_set, val_set, seed)))
-    strategy = trainer.strategy if trainer.world_size > 1 else "auto"
+    if trainer.world_size > 1:
+        # DDP would split each batch and average gradients over the processes: the weights
+        # would depend on trainer.devices, an execution key (sharded evaluation only)
+        log.info(
+            "training in one process; trainer.devices=%d x num_nodes=%d shard the evaluation",
+            trainer.devices,
+            trainer.num_nodes,
+        )
     lightning_trainer = L.Trainer(
         max_steps=trainer.max_steps,
         max_epochs=-1,
         accelerator=trainer.accelerator,
-        devices=trainer.devices,
-        num_nodes=trainer.num_nodes,
-        strategy=strategy,
+        devices=1,
+        num_nodes=1,
+        strategy="auto",
         precision=trainer.precision,
         deterministic=trainer.deterministic,
         gradient_clip_val=trainer.gradient_clip_val,
