@@ -108,6 +108,16 @@ def data_content(run: RunConfig, train_set: Any, eval_set: Any) -> dict[str, str
     }
 
 
+def located_data(run: RunConfig, content_id: str | None) -> dict[str, Any]:
+    """``run.data`` as an identity: ``data.root`` (where the files lie) replaced by the
+    split's :func:`data_content` id (which files they are), for on-disk datasets."""
+    data = plain(run.data)
+    data.pop("root", None)
+    if content_id:
+        data["content"] = content_id
+    return data
+
+
 def dataset_content_id(dataset: Any, root: Path) -> str:
     digest = hashlib.sha256()
 
@@ -123,17 +133,19 @@ def dataset_content_id(dataset: Any, root: Path) -> str:
         digest.update(labels.cpu().numpy().tobytes())
     elif labels is not None:
         add(list(labels))
+    root = root.resolve()
     for name in ("paths", "mask_paths"):
         for path in getattr(dataset, name, None) or []:
             if path is None:
                 add(None)
                 continue
-            path = Path(path)
+            path = Path(path).resolve()
+            where = path.relative_to(root) if path.is_relative_to(root) else path
             try:
-                where = path.resolve().relative_to(root.resolve())
-            except ValueError:
-                where = path
-            add((str(where), path.stat().st_size if path.is_file() else -1))
+                size = path.stat().st_size
+            except OSError:
+                size = -1
+            add((str(where), size))
     boxes = getattr(dataset, "boxes", None)
     if isinstance(boxes, torch.Tensor):
         digest.update(boxes.cpu().numpy().tobytes())
@@ -247,10 +259,7 @@ def probe(model: nn.Module, run: RunConfig, device: torch.device) -> tuple[int, 
 def training_key(run: RunConfig, content: dict[str, str] | None = None) -> dict[str, Any]:
     """The plain dict the model cache is keyed on (model + data + task + training);
     ``content`` is :func:`data_content` (the training split's id replaces ``data.root``)."""
-    data = plain(run.data)
-    data.pop("root", None)
-    if content:
-        data["content"] = content["train"]
+    data = located_data(run, content and content["train"])
     data.get("options", {}).pop("mode", None)  # pairs only change the evaluation queries
     data.pop("eval_split", None)
     model = plain(run.model)

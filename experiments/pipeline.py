@@ -111,7 +111,7 @@ def applicable_metrics(
     evaluation: Any,
     data_name: str,
     notes: list[str],
-    skipped: list[dict[str, str]] | None = None,
+    skipped: list[dict[str, str]],
 ) -> list[str]:
     """Drop metrics the data or the task's score cannot support, each with a note and a
     ``metric_skipped`` entry in ``skipped`` (the run's ``warnings.json``: the leaderboard
@@ -132,8 +132,7 @@ def applicable_metrics(
             continue
         note = f"{name} skipped: {reason}."
         notes.append(note)
-        if skipped is not None:
-            skipped.append({"code": "metric_skipped", "metric": name, "message": note})
+        skipped.append({"code": "metric_skipped", "metric": name, "message": note})
     for note in notes:
         log.warning(note)
     return keep
@@ -269,10 +268,7 @@ def _job(
 ) -> Job:
     model_id = builders.model_id(run_cfg, content)
     data_stats = (getattr(eval_set, "mean", None), getattr(eval_set, "std", None))
-    data = config.plain(run_cfg.data)
-    data.pop("root", None)
-    if content:  # the evaluated images themselves, not where they lie
-        data["content"] = content["eval"]
+    data = builders.located_data(run_cfg, content and content["eval"])
     table_id = config.short_hash(
         {"data": data, "model": model_id, "task": dict(run_cfg.task), "settings": settings}, 12
     )

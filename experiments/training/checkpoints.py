@@ -285,13 +285,11 @@ def _select(
                 tied[candidate] = {m: state[k] for m, k in mapped.items() if m in expected}
     if prefix is None and best_hits > 0 and len(tied) > 1:
         first = tied[best[0]]
-        differ = [
-            p
-            for p, weights in tied.items()
-            if weights.keys() != first.keys()
+        if any(
+            weights.keys() != first.keys()
             or any(not torch.equal(weights[k], first[k]) for k in first)
-        ]
-        if differ:
+            for weights in tied.values()
+        ):
             names = sorted(tied, key=lambda p: (len(p), p))
             copies = ("momentum", "encoder_k", "teacher", "target", "ema")
             online = [p for p in names if not any(c in p for c in copies)]
@@ -300,8 +298,8 @@ def _select(
                 f"(key prefixes {names[:6]}) with different weights, e.g. an encoder and its "
                 "momentum copy or teacher. Name the one to explain with "
                 f"model.checkpoint_prefix={(online or names)[0]} (load_weights(..., "
-                "prefix=...)); for "
-                "MoCo that is the query encoder (encoder_q.), for solo-learn backbone."
+                "prefix=...)); for MoCo that is the query encoder (encoder_q.), for "
+                "solo-learn backbone."
             )
     return best
 
