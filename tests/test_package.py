@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 import sysconfig
+import tomllib
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_a_wheel_in_a_fresh_venv_runs_fam_bench_from_another_directory(tmp_path):
     wheels = tmp_path / "wheels"
-    subprocess.run(
+    built = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -25,7 +27,6 @@ def test_a_wheel_in_a_fresh_venv_runs_fam_bench_from_another_directory(tmp_path)
             "wheel",
             "--no-deps",
             "--no-build-isolation",
-            "-q",
             "-w",
             str(wheels),
             str(ROOT),
@@ -36,6 +37,15 @@ def test_a_wheel_in_a_fresh_venv_runs_fam_bench_from_another_directory(tmp_path)
         timeout=600,
     )
     wheel = next(wheels.glob("fam_bench-*.whl"))
+    # a quiet build: no setuptools warning about a config folder missing from `packages`
+    assert "is absent from the `packages` configuration" not in built.stdout + built.stderr
+    # every config file ships, at its place under the data package
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".yaml")}
+    configs = {
+        "fam_bench_conf/" + p.relative_to(ROOT / "conf").as_posix()
+        for p in (ROOT / "conf").rglob("*.yaml")
+    }
+    assert shipped == configs
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -121,3 +131,17 @@ def test_a_wheel_in_a_fresh_venv_runs_fam_bench_from_another_directory(tmp_path)
     )
     assert board.returncode == 0, board.stderr[-3000:]
     assert (tmp_path / "board" / "leaderboard.md").is_file()
+
+
+def test_every_config_folder_is_a_listed_package():
+    """setuptools warns about (and may drop) a folder of data files that is not listed."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"]["fam_bench_conf"] == "conf"
+    folders = {
+        ".".join(("fam_bench_conf", *p.parent.relative_to(ROOT / "conf").parts))
+        for p in (ROOT / "conf").rglob("*.yaml")
+    }
+    # a folder holding only sub-folders (conf/hydra) is a package too
+    parents = {f.rsplit(".", 1)[0] for f in folders if f != "fam_bench_conf"}
+    listed = {p for p in setuptools["packages"] if p.split(".")[0] == "fam_bench_conf"}
+    assert listed == folders | parents
