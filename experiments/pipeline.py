@@ -41,6 +41,15 @@ from fam.errors import FamBenchError
 
 log = logging.getLogger(__name__)
 
+#: the steps of a run, one progress line each (:func:`progress`)
+STEPS = ("data", "model", "evaluate", "report")
+
+
+def progress(step: str, text: str, *args: Any) -> None:
+    """One progress line, ``[i/4] <step>: <text>``, at the start of each step of a run."""
+    log.info("[%d/%d] %s: " + text, STEPS.index(step) + 1, len(STEPS), step, *args)
+
+
 #: config entries that change how a run executes but never its numbers; they are left
 #: out of the fingerprint so a run can resume on other hardware or with other batch sizes.
 EXECUTION_KEYS = (
@@ -176,6 +185,7 @@ def run(
     # the seed before the datasets: their building draws from the global stream that the
     # model's initialisation then continues (the published numbers depend on this order)
     torch.manual_seed(run_cfg.seed)
+    progress("data", "building the %s datasets", run_cfg.data.name)
     train_set, eval_set = builders.build_datasets(run_cfg)
     family.check_data(run_cfg, train_set, eval_set)
     content = builders.data_content(run_cfg, train_set, eval_set)
@@ -187,6 +197,12 @@ def run(
         device = builders.device_for(run_cfg.trainer.accelerator)
         _check_annotation_sizes(run_cfg, metrics, eval_set)
         notes: list[str] = []
+        if run_cfg.model.checkpoint is not None:
+            progress("model", "loading model.checkpoint=%s", run_cfg.model.checkpoint)
+        else:
+            progress(
+                "model", "training %s, or loading it from the cache", builders.model_label(run_cfg)
+            )
         model = builders.build_model(
             run_cfg, family, train_set, device, out, logger.logger, notes, content
         )
@@ -225,8 +241,14 @@ def run(
 
         done = store.done_units() & set(range(evaluation.num_units))
         todo = [u for u in range(evaluation.num_units) if u not in done]
-        if done:
-            log.info("resuming: %d of %d units already done", len(done), evaluation.num_units)
+        progress(
+            "evaluate",
+            "%d methods x %d metrics on %d units (%d already done)",
+            len(methods),
+            len(metrics),
+            evaluation.num_units,
+            len(done),
+        )
         if todo:
             t = run_cfg.trainer
             launch(job, todo, t.devices, t.num_nodes, t.strategy, after_unit)
@@ -316,6 +338,7 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
     from experiments.checks import run_warnings
     from experiments.environment import write_environment
 
+    progress("report", "merging results; writing the summary, figures and report")
     columns = metric_columns(job.metrics, other=True)
     merged = store.merge(
         job.fingerprint, evaluation.num_units, list(job.methods), FRONT_COLUMNS, columns

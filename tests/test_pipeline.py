@@ -315,3 +315,27 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(cache, tmp_pa
 def test_an_episode_shape_the_data_cannot_fill_is_a_clear_error(cache, tmp_path):
     with pytest.raises(FamBenchError, match="n_shot"):
         pipeline.run(config(cache, *TINY, *SUBSET, "eval.n_shot=6"), tmp_path)
+
+
+def test_each_step_of_a_run_prints_one_progress_line(tmp_path, caplog):
+    """data, model (trained, then loaded from the cache), evaluate, report: in this order."""
+    overrides = [*TINY, "methods=[fam,random]", "metrics=[pointing_game]", "eval.num_episodes=1"]
+    cfg = config(tmp_path / "cache", *overrides)
+    lines = {}
+    for name in ("first", "second"):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            pipeline.run(cfg, tmp_path / name)
+        lines[name] = [r.getMessage() for r in caplog.records]
+    for name, model in (("first", "training for 2 steps"), ("second", "loading the cached")):
+        steps = [m for m in lines[name] if m.startswith("[")]
+        assert [m.split(":")[0] for m in steps] == [
+            "[1/4] data",
+            "[2/4] model",
+            "[3/4] evaluate",
+            "[4/4] report",
+        ]
+        assert steps[2] == "[3/4] evaluate: 2 methods x 1 metrics on 1 units (0 already done)"
+        at = [i for i, m in enumerate(lines[name]) if m.startswith(model)]
+        assert at and lines[name].index(steps[1]) < at[0] < lines[name].index(steps[2])
+    assert not any(m.startswith("training for") for m in lines["second"])

@@ -76,8 +76,10 @@ def train_or_load(
         path = cached_checkpoint(cache_dir, family.name, model, key, seed)
         # weights without a sidecar the family needs are an incomplete entry: retrain
         if path.is_file() and (load_task_state(family, path) or not requires_task_state(family)):
+            log.info("loading the cached model %s", path)
             load_weights(model, path)
             return model.eval()
+    log.info("training for %d steps", as_trainer(trainer_cfg).max_steps)
     device = model_device(model)
     module, trainer = fit(
         model,
