@@ -1,6 +1,6 @@
 """results.csv-shaped frames and run folders for the summary, leaderboard and report tests.
 
-The columns follow the runner's interface (README, "What a run leaves"): one row per
+The columns follow the runner's interface (docs/user-guide.md, "What a run leaves"): one row per
 sample x method with ``sample_id, episode, index, label, method, experiment, dataset,
 model, task, settings_id, seed, model_id, table_id, method_options``, the metric columns,
 ``degenerate``, ``degenerate_reason`` and ``correct``.

@@ -105,7 +105,7 @@ def ssl_spec(algorithm, floor, loss_from=0, **task):
 # retrieval leave-one-out Recall@1 on the 20 test classes (chance 0.05; the untrained
 # network scores 0.08), contrastive kNN accuracy on the held-out images of the 10 training
 # classes (chance 0.1; the untrained network scores 0.35). Measured values are in the
-# README; across training seeds 0-2 they varied by up to 0.04 (retrieval at 150 steps)
+# docs/results.md; across training seeds 0-2 they varied by up to 0.04 (retrieval at 150 steps)
 # and 0.10 (proxy_anchor).
 ALGORITHMS = {
     "protonet": spec({**FEWSHOT, "algorithm": "protonet"}, 60, 0.30),
@@ -305,7 +305,7 @@ def test_algorithm_trains_beats_its_floor_round_trips_and_runs_every_method(
     # the same network re-initialised, which colour alone lets score above chance)
     acc = accuracy(t.family, t.model, train, test)
     untrained = accuracy(t.family, reinitialised(t.model, 0), train, test)
-    print(f"{name}: accuracy {acc:.3f}, untrained {untrained:.3f} (README table)")
+    print(f"{name}: accuracy {acc:.3f}, untrained {untrained:.3f} (docs/results.md table)")
     assert acc >= t.spec["floor"], f"{name}: {acc:.3f} < floor {t.spec['floor']}"
     if t.family.name != "fewshot":
         assert acc >= untrained + MARGIN, f"{name}: {acc:.3f} vs untrained {untrained:.3f}"

@@ -1,4 +1,4 @@
-"""A new task family, metric and method, each added with exactly the files the README names.
+"""A new task family, metric and method, each added with exactly the files docs/extending.md names.
 
 - method: one module (an ``Explainer`` subclass) + ``method/<name>.yaml`` in the user's own
   config directory (``hydra.searchpath=[file://DIR]``);

@@ -71,7 +71,7 @@ class Unit:
 class Evaluation:
     """What a task family explains on a run (see :meth:`TaskFamily.evaluation`)."""
 
-    #: the score the causal metrics read, in words (figure axes, README)
+    #: the score the causal metrics read, in words (figure axes, docs/results.md)
     score_label: str = "score"
     #: the similarity explained (a name for the summary and settings)
     similarity: str = "cosine"
