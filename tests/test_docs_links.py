@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -135,3 +136,18 @@ def test_no_development_log_language_in_the_documentation():
                 if re.search(pattern, line, flags=re.IGNORECASE):
                     found.append(f"{page.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+def test_the_methods_page_counts_and_lists_every_method_config():
+    """The counts quoted in docs/methods.md are the configs that ship, and each config has
+    a row in its table (a new method is documented, a count never goes stale)."""
+    page = (ROOT / "docs" / "methods.md").read_text(encoding="utf-8")
+    configs = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+    default = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())["methods"]
+    counted = re.search(r"holds (\d+) configs: (\d+) explanation methods", page)
+    assert counted, "docs/methods.md must say how many method configs ship"
+    assert (int(counted.group(1)), int(counted.group(2))) == (len(configs), len(configs) - 1)
+    listed = re.search(r"default list\s+\(`methods` in `conf/config.yaml`\) has (\d+)", page)
+    assert listed and int(listed.group(1)) == len(default)
+    rows = set(re.findall(r"^\| `(\w+)` \|", page, flags=re.MULTILINE))
+    assert set(configs) <= rows, f"methods without a row: {sorted(set(configs) - rows)}"
