@@ -7,7 +7,9 @@ about 5 s) and are skipped, with the reason, only when that fails.
 
 from __future__ import annotations
 
+import ast
 import fcntl
+import importlib.metadata
 import json
 import os
 import re
@@ -57,6 +59,33 @@ def test_wheel_set_is_complete_and_needs_nothing_the_gpu_machine_lacks(wheels):
         assert all(gpu_wheels.tag_ok(t) for t in gpu_wheels.wheel_tags(path)), path.name
     total = sum(p.stat().st_size for p in wheels.glob("*.whl"))
     assert total < 60 * 2**20
+
+
+def test_every_module_level_import_is_on_the_gpu_machine_or_in_the_wheel_set():
+    """What ``pytest -m cuda tests`` imports while collecting, and what every run imports,
+    exists on the GPU machine once the wheels are installed (lazy imports of optional
+    loggers and launchers are not module-level and are not needed there)."""
+    have = gpu_wheels.gpu_packages() | {gpu_wheels.canonical(n) for n, _, _ in gpu_wheels.WHEELS}
+    owners = importlib.metadata.packages_distributions()
+    folders = ["fam", "baselines", "evaluation", "experiments", "benchmarks", "tests"]
+    ours = set(folders) | {p.stem for p in (ROOT / "tests").glob("*.py")}
+    missing = []
+    for folder in folders:
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.Import):
+                    tops = [a.name.split(".")[0] for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    tops = [node.module.split(".")[0]]
+                else:
+                    continue
+                for top in tops:
+                    if top in sys.stdlib_module_names or top in ours:
+                        continue
+                    dists = {gpu_wheels.canonical(d) for d in owners.get(top, [top])}
+                    if not dists & have:
+                        missing.append(f"{path.relative_to(ROOT)}: {top} ({', '.join(dists)})")
+    assert missing == [], "\n".join(missing)
 
 
 def _fake_wheel(folder: Path, filename: str, requires: list[str]) -> Path:
@@ -161,7 +190,7 @@ def _script(*args: str, env_extra: dict | None = None) -> subprocess.CompletedPr
         capture_output=True,
         text=True,
         env=env,
-        timeout=400,
+        timeout=480,
     )
 
 
