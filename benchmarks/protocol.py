@@ -161,6 +161,7 @@ def torchcam_deletion_insertion(
         raise ValueError(f"torchcam cannot space points {step} pixels apart on {h}x{w}")
     if image_index is None:
         image_index = torch.arange(n, device=images.device)
+    image_index = image_index.to(images.device)
     finite = torch.isfinite(maps).flatten(1).all(dim=1)
     maps = torch.where(finite[:, None, None], maps, 0.0)  # torchcam would drop the row
     scorer = _JobScores(score_fn, image_index, 2 * n_steps - 1)
@@ -226,7 +227,7 @@ def _throughput(model: nn.Module, device: torch.device, size: int, batch: int, i
     out = {}
     x = torch.randn(batch, 3, size, size, device=device)
     for precision in ("fp32", "bf16"):
-        net, inputs = deepcopy(model).eval(), x
+        net, inputs = deepcopy(model).eval().to(memory_format=torch.contiguous_format), x
         if precision == "bf16" and device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
             inputs = x.contiguous(memory_format=torch.channels_last)
@@ -338,6 +339,12 @@ def table(rows: dict[str, dict]) -> str:
                 f"- bare forward throughput ({kind} run's model, {r['px']} px, batch "
                 f"metric.batch_size): fp32 {t['fp32']:.0f} images/s, bf16 {t['bf16']:.0f} "
                 f"images/s ({t['bf16'] / t['fp32']:.2f}x)"
+                + (
+                    "; fp32 with PyTorch's defaults (cuDNN convolutions in TF32), bf16 "
+                    "with channels_last"
+                    if r.get("amp") == "bf16"
+                    else ""
+                )
             )
     lines += [
         "- setup s: from the start of the run to its first episode (the synthetic data, "
