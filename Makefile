@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench lint leaderboard reproduce clean
+.PHONY: install run test bench gpu-wheels lint leaderboard reproduce clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks $(ARGS)
+
+# The wheels a GPU machine without registry access lacks (CPython 3.12 manylinux x86-64),
+# into the ignored .whl/ for benchmarks/gpu_check.sh; idempotent. Needs pip and PyPI only.
+gpu-wheels:
+	$(PYTHON) benchmarks/gpu_wheels.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,8 @@
-"""Run every benchmark: ``python -m benchmarks [--device cuda] [--quick] [--only NAME]``
-(``bench_e2e`` also takes ``--e2e-episodes N --e2e-queries Q``).
+"""Run every benchmark: ``python -m benchmarks [--device cuda] [--quick] [--only NAME]
+[--out DIR]`` (``bench_e2e`` also takes ``--e2e-episodes N --e2e-queries Q``).
 
-Prints each Markdown table and writes it to ``benchmarks/results/<name>-<device>.md``.
+Prints each Markdown table and writes it to ``DIR/<name>-<device>.md`` (``DIR``:
+``benchmarks/results/`` unless ``--out`` names another).
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--e2e-queries", type=int, help="bench_e2e: queries per class of that run (protocol: 15)"
     )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the tables")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda asked for, but torch sees no CUDA device.", file=sys.stderr)
         return 2
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     header = (
         f"device: {device_name(args.device)}; torch {torch.__version__}; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         table = f"## {name}\n\n{header}\n\n{module.main(args)}\n"
         print(table, flush=True)
         suffix = "-quick" if args.quick else ""
-        (RESULTS / f"{name}-{args.device}{suffix}.md").write_text(table)
+        (args.out / f"{name}-{args.device}{suffix}.md").write_text(table)
     return 0
 
 

@@ -57,6 +57,11 @@ DEFAULTS = {
 REPEATS = 10  # timed replays per distinct batch size, at most (median)
 
 
+class EnoughUnits(Exception):
+    """Raised by a recorder's ``after_unit`` to end a run early (the units done so far
+    stay counted and timed); :func:`_run` reports what ran."""
+
+
 class _Recorder:
     """Counts the model's forward calls while ``active``; times the evaluation."""
 
@@ -66,6 +71,8 @@ class _Recorder:
         self.batches: list[int] = []
         self.model: nn.Module | None = None
         self.eval_seconds = 0.0
+        self.eval_started = 0.0  # clock() when the evaluation began
+        self.eval_started_wall = 0.0  # time.monotonic() then
         self.peaks: list[float] = []
 
     def hook(self, module: nn.Module, args) -> None:
@@ -102,7 +109,8 @@ def _instrumented(recorder: _Recorder):
         if recorder.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(recorder.device)
         recorder.active = True
-        start = recorder.clock()
+        start = recorder.eval_started = recorder.clock()
+        recorder.eval_started_wall = time.monotonic()
         try:
             return launch(*args, **kwargs)
         finally:
@@ -141,24 +149,36 @@ def _bare_seconds(recorder: _Recorder, image_size: int, amp: bool) -> float:
     return total
 
 
-def _run(name: str, overrides: list[str], device: torch.device, out: Path) -> dict:
-    """One run through the pipeline, instrumented; its row of the table."""
+def _run(
+    name: str,
+    overrides: list[str],
+    device: torch.device,
+    out: Path,
+    recorder: _Recorder | None = None,
+) -> dict:
+    """One run through the pipeline, instrumented; its row of the table. A ``recorder``
+    whose ``after_unit`` raises :class:`EnoughUnits` ends the run after that unit:
+    ``units_done`` then says how many of the ``episodes`` ran."""
     from experiments import pipeline
     from experiments.builders import device_for, resolve_amp
     from experiments.config import compose_config, load
 
     cfg = compose_config(overrides)
     run_cfg = load(cfg)
-    recorder = _Recorder(device)
+    recorder = recorder or _Recorder(device)
     with _instrumented(recorder):
-        pipeline.run(cfg, out / name, after_unit=recorder.after_unit)
+        try:
+            pipeline.run(cfg, out / name, after_unit=recorder.after_unit)
+        except EnoughUnits:
+            pass
     amp = resolve_amp(run_cfg.metric.amp, device_for(run_cfg.trainer.accelerator))
     bare = _bare_seconds(recorder, run_cfg.data.image_size, amp)
     n_queries = run_cfg.eval.n_way * run_cfg.eval.n_query
     return {
         "run": name,
         "episodes": run_cfg.eval.num_episodes,
-        "explained": run_cfg.eval.num_episodes * n_queries,
+        "units_done": len(recorder.peaks),
+        "explained": len(recorder.peaks) * n_queries,
         "methods": len(run_cfg.methods),
         "px": run_cfg.data.image_size,
         "amp": "bf16" if amp else "fp32",
@@ -177,6 +197,25 @@ def _random_checkpoint(path: Path) -> Path:
     net = build_model("conv4", hidden=64, pools=[True, True, True, True], pooling="gap")
     torch.save(net.state_dict(), path)
     return path
+
+
+def protocol_overrides(
+    checkpoint: Path, episodes: int, queries: int, image_size: int = 84
+) -> list[str]:
+    """The miniImageNet protocol on synthetic data (module docstring, run (b))."""
+    return [
+        "name=miniimagenet_protocol_synthetic",
+        "data=synthetic",
+        f"data.image_size={image_size}",
+        "data.options.images_per_class=600",
+        "model=conv4",
+        f"model.checkpoint={checkpoint}",
+        "task=fewshot",
+        "eval.n_way=5",
+        "eval.n_shot=5",
+        f"eval.n_query={queries}",
+        f"eval.num_episodes={episodes}",
+    ]
 
 
 def _child(name: str, overrides: list[str], device: str) -> dict:
@@ -199,20 +238,7 @@ def main(args) -> str:
     default = [*common, *(["eval.num_episodes=2"] if args.quick else [])]
     with tempfile.TemporaryDirectory(prefix="bench_e2e-") as tmp:
         checkpoint = _random_checkpoint(Path(tmp) / "conv4_84.pt")
-        protocol = [
-            *common,
-            "name=miniimagenet_protocol_synthetic",
-            "data=synthetic",
-            "data.image_size=84",
-            "data.options.images_per_class=600",
-            "model=conv4",
-            f"model.checkpoint={checkpoint}",
-            "task=fewshot",
-            "eval.n_way=5",
-            "eval.n_shot=5",
-            f"eval.n_query={queries}",
-            f"eval.num_episodes={episodes}",
-        ]
+        protocol = [*common, *protocol_overrides(checkpoint, episodes, queries)]
         rows = [
             _child("(a) default", default, args.device),
             _child("(b) miniImageNet", protocol, args.device),

@@ -19,7 +19,13 @@ from experiments.config import compose_config, load
 from experiments.data.synthetic import _CHUNK, SyntheticShapes, _to_uint8
 from fam.errors import FamBenchError
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+def cuda(test):
+    """A CUDA test: ``pytest -m cuda`` selects it (benchmarks/gpu_check.sh), and it is
+    skipped on a machine without a device."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    return pytest.mark.cuda(skip(test))
+
 
 TINY = [
     "trainer.accelerator=cpu",
