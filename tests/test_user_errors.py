@@ -152,7 +152,7 @@ class FeatureMap(nn.Module):
 
 
 def test_a_model_whose_output_is_not_n_by_d_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(builders, "build_network", lambda run: FeatureMap())
+    monkeypatch.setattr(builders, "build_network", lambda run, checkpoint=None: FeatureMap())
     cfg = config.compose_config([*TINY, f"cache_dir={tmp_path}"])
     with pytest.raises(FamBenchError, match=r"returns \(2, 4, 16, 16\).*\(N, D\)"):
         pipeline.run(cfg, tmp_path / "run")

@@ -103,7 +103,7 @@ class NaNNet(nn.Module):
 
 
 def test_a_model_with_non_finite_embeddings_stops_the_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(builders, "build_network", lambda run: NaNNet())
+    monkeypatch.setattr(builders, "build_network", lambda run, checkpoint=None: NaNNet())
     cfg = config.compose_config([*TINY, f"cache_dir={tmp_path}"])
     with pytest.raises(FamBenchError, match="non-finite embeddings"):
         pipeline.run(cfg, tmp_path / "run")
