@@ -295,7 +295,10 @@ def compose_config(
     Errors are :class:`FamBenchError` with the nearest valid key (:func:`explain_error`)."""
     from hydra import compose, initialize_config_dir
 
-    overrides = with_method_defaults(list(overrides or []))
+    from experiments.own_data import with_own_data
+
+    overrides, notes = with_own_data(with_method_defaults(list(overrides or [])))
+    print_notes(notes)
     try:
         with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=overrides, return_hydra_config=return_hydra_config)
@@ -306,6 +309,14 @@ def compose_config(
         raise FamBenchError(message) from None
     load(cfg, overrides)  # `+key=value` bypasses Hydra's key check: the schema catches it
     return cfg
+
+
+def print_notes(notes: list[str]) -> None:
+    """Notes on how the command line was completed (:mod:`experiments.own_data`), on stderr."""
+    import sys
+
+    for note in notes:
+        print(f"fam-bench: note: {note}", file=sys.stderr)
 
 
 def explain_error(err: BaseException, overrides: list[str], config_dir: Path | None = None):

@@ -300,3 +300,49 @@ def test_the_same_weights_share_model_id_in_any_file_format(tmp_path):
     assert ids("w.safetensors") == first
     assert ids("w.ckpt") == first  # another container and key prefix, the same tensors
     assert ids("changed.pth")[0] != first[0]
+
+
+# -- an existing experiment on your own data -------------------------------------------------
+OWN_RETRIEVAL = [
+    "experiment=synthetic_retrieval",
+    "data=manifest",
+    "trainer.accelerator=cpu",
+    "trainer.max_steps=2",
+    "trainer.batch_size=4",
+    "task.samples_per_class=2",
+    "eval.num_queries=4",
+    "eval.unit_size=2",
+    "eval.progress=false",
+    "eval.figure_samples=1",
+    "data.image_size=32",
+    "methods=[fam,center]",
+    "metrics=[pointing_game]",
+]
+
+
+def test_an_experiment_on_other_data_is_named_after_it_and_drops_only_its_own_options(
+    manifest, tmp_path, capsys
+):
+    from evaluation.leaderboard import build_leaderboard, load_results, to_markdown
+    from experiments.config import compose_config
+
+    csv, _ = manifest
+    base = [*OWN_RETRIEVAL, f"data.root={csv}", f"cache_dir={tmp_path / 'cache'}"]
+    cfg = compose_config(base)
+    note = capsys.readouterr().err
+    assert "fam-bench: note: data.options.images_per_class=100 comes from " in note
+    assert "images_per_class" not in cfg.data.options
+    run = pipeline.run(cfg, tmp_path / "out")
+    assert (run["results"]["experiment"] == "synthetic_retrieval@manifest").all()
+    assert (run["results"]["dataset"] == "manifest").all()
+    board = to_markdown(build_leaderboard(load_results([tmp_path / "out"])))
+    assert "## synthetic_retrieval@manifest: manifest / conv4_32 / retrieval" in board
+    # name= wins; on the experiment's own dataset nothing changes
+    assert compose_config([*base, "name=mine"]).name == "mine"
+    same = compose_config(["experiment=synthetic_retrieval", "data=synthetic"])
+    assert same.name == "synthetic_retrieval" and same.data.options.images_per_class == 100
+    capsys.readouterr()
+    # set on the command line, a synthetic-only option stays the user's error
+    with pytest.raises(FamBenchError, match="images_per_class"):
+        pipeline.run(compose_config([*base, "data.options.images_per_class=5"]), tmp_path / "x")
+    assert "note" not in capsys.readouterr().err
