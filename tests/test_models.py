@@ -210,7 +210,9 @@ def test_a_checkpoint_naming_its_classes_strips_the_head_that_maps_to_them():
     payload = {"hyper_parameters": {"model": {"num_classes": 7}}, "state_dict": {}}
     counts = named_class_counts(payload)
     assert list(counts) == [7] and "hyper_parameters.model.num_classes" in counts[7]
-    state = {"backbone.fc.weight": torch.zeros(7, 512), "backbone.fc.bias": torch.zeros(7)}
+    classifier = torchvision.models.resnet18(num_classes=7).state_dict()
+    state = {f"backbone.{k}": v for k, v in classifier.items()}
+    state["x.fc.weight"] = torch.zeros(3, 512)  # an fc of another module: never the head
     model, _ = custom(
         "torchvision.models.resnet18",
         kwargs={"num_classes": 7},
@@ -221,7 +223,7 @@ def test_a_checkpoint_naming_its_classes_strips_the_head_that_maps_to_them():
     assert isinstance(model.fc, nn.Identity) and model.head_strips[0].before == 7
     # the checkpoint's head is 128-d where the model's default is 1000: the stored shape
     # decides, 128 is no named class count, so fc stays (and must then fit the file)
-    embedding = {"fc.weight": torch.zeros(128, 512)}
+    embedding = torchvision.models.resnet18(num_classes=128).state_dict()
     kept, _ = custom("torchvision.models.resnet18", checkpoint_state=embedding)
     assert isinstance(kept.fc, nn.Linear) and kept.head_strips == []
 

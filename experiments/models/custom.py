@@ -154,13 +154,12 @@ def _replace(model: nn.Module, name: str) -> None:
 
 
 def _linears(head: nn.Module) -> tuple[str, nn.Linear, nn.Linear] | None:
-    """``(weight key of the last Linear, first Linear, last Linear)``; ``None`` for an
+    """``(name of the last Linear inside head, first Linear, last Linear)``; ``None`` for an
     identity head."""
     named = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
     if not named:
         return None
-    last_name = named[-1][0]
-    return (f"{last_name}.weight" if last_name else "weight"), named[0][1], named[-1][1]
+    return named[-1][0], named[0][1], named[-1][1]
 
 
 @dataclass(frozen=True)
@@ -256,9 +255,10 @@ def strip_heads(
             if mode == "true":
                 strips.append(HeadStrip(target, name, 0, 0, "model.strip_head=true"))
             continue
-        weight_key, first, last = linears
+        inner, first, last = linears
         before, after = last.out_features, first.in_features
-        stored = _stored_rows(checkpoint_state, f"{name}.{weight_key}".removesuffix(".weight"))
+        weight = ".".join(p for p in (name, inner, "weight") if p)
+        stored = _stored_rows(checkpoint_state, weight, model, name)
         source = "the checkpoint's"
         if stored is None:
             stored, source = before, "its"
@@ -279,14 +279,19 @@ def strip_heads(
     return strips, kept
 
 
-def _stored_rows(state: Mapping[str, torch.Tensor] | None, module: str) -> int | None:
+def _stored_rows(
+    state: Mapping[str, torch.Tensor] | None, weight: str, model: nn.Module, head: str
+) -> int | None:
+    """Output size of the head's ``weight`` in the checkpoint: under a key prefix that also
+    holds the rest of the model (so an ``fc`` inside a block is never taken for it)."""
     if not state:
         return None
-    key = f"{module}.weight"
-    found = sorted((k for k in state if k == key or k.endswith("." + key)), key=len)
-    if not found or state[found[0]].dim() != 2:
-        return None
-    return int(state[found[0]].shape[0])
+    anchor = next((k for k in model.state_dict() if not k.startswith(head + ".")), None)
+    for key in sorted((k for k in state if k == weight or k.endswith("." + weight)), key=len):
+        prefix = key[: -len(weight)]
+        if (anchor is None or prefix + anchor in state) and state[key].dim() == 2:
+            return int(state[key].shape[0])
+    return None
 
 
 def last_conv_block(model: nn.Module) -> str | None:
