@@ -56,6 +56,7 @@ import pandas as pd
 
 from evaluation import registry, stats
 from evaluation.summary import (
+    centre_prior_warning,
     cluster_column,
     full_randomisation,
     identical_groups,
@@ -607,11 +608,18 @@ def _sanity_rows(
 
 
 def _warnings_of(table: pd.DataFrame, warnings: dict[str, list[dict]]) -> list[str]:
+    """The table's runs' warnings, once each; the centre-prior check is made again on the
+    table itself (its runs pooled), in place of each run's own."""
     found: dict[str, None] = {}
     for run in dict.fromkeys(table["run"]):
         for entry in warnings.get(run, []):
+            if entry.get("code") == "centre_prior":
+                continue
             text = f"{entry.get('code', 'warning')}: {entry.get('message', '')}"
             found.setdefault(text, None)
+    centre = centre_prior_warning(table)
+    if centre is not None:
+        found.setdefault(f"{centre['code']}: {centre['message']}", None)
     return list(found)
 
 

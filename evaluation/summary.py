@@ -36,6 +36,11 @@ from evaluation import registry, stats
 
 ORACLE, FLOOR = "mask", "random"
 ORACLE_ALPHA = 0.05
+#: the centre-prior floor, and the methods that explain nothing (floors and the oracle)
+CENTRE = "center"
+NOT_EXPLAINING = frozenset({CENTRE, FLOOR, ORACLE})
+#: the centre floor's pointing game this close to the best method's warns (5 points)
+CENTRE_MARGIN = 0.05
 #: tasks whose samples share a reference set: few-shot queries of one episode share prototypes
 CLUSTER_BY_TASK: dict[str, str] = {"fewshot": "episode"}
 #: per-sample tolerance under which two methods' continuous values count as identical (the
@@ -212,6 +217,42 @@ def oracle_check(
             }
         )
     return pd.DataFrame(rows, columns=columns)
+
+
+def centre_prior_warning(results: pd.DataFrame) -> dict | None:
+    """The ``centre_prior`` warning, or ``None``: the ``center`` floor's pointing game is
+    within :data:`CENTRE_MARGIN` of the best explaining method's, or above it.
+
+    A centred Gaussian is no explanation; when it points as well as the best method, the
+    hit radius (``metric.tolerance``) covers so much of the image that pointing near the
+    middle is a hit, and the pointing game does not tell the methods apart on these
+    images. Floors and the oracle (``random``, ``center``, ``mask``) are not candidates
+    for the best method; entries are told apart by their options (:func:`method_labels`)."""
+    if "pointing_game" not in results.columns or CENTRE not in set(results["method"]):
+        return None
+    frame = results if "label_" in results.columns else _prepared(results)
+    values = _usable(frame, "pointing_game")
+    means = values.groupby(frame["label_"]).mean().dropna()
+    explaining = set(frame.loc[~frame["method"].isin(NOT_EXPLAINING), "label_"])
+    candidates = means[means.index.isin(explaining)]
+    centre = means.get(CENTRE)
+    if candidates.empty or centre is None:
+        return None
+    best = str(candidates.idxmax())
+    if centre < candidates[best] - CENTRE_MARGIN:
+        return None
+    return {
+        "code": "centre_prior",
+        "metric": "pointing_game",
+        "message": (
+            f"the center floor's pointing game ({centre:.3f}) is within "
+            f"{CENTRE_MARGIN * 100:.0f} points of the best method's ({best} "
+            f"{candidates[best]:.3f}) or above it: the tolerance is too large for the image "
+            "size, so any map that peaks near the middle scores a hit. Lower "
+            "metric.tolerance (the hit radius, in pixels at metric.tolerance_image_size) "
+            "for these images; until then the pointing game does not rank the methods."
+        ),
+    }
 
 
 def identical_groups(

@@ -187,10 +187,13 @@ _CUSTOM_KEYS = (
 )
 
 
-def build_network(run: RunConfig) -> nn.Module:
+def build_network(run: RunConfig, checkpoint: Any = None) -> nn.Module:
     """The untrained embedding network ``run.model`` describes: a built-in model, or with
-    ``model=custom`` exactly ``model.target`` (never another model)."""
+    ``model=custom`` exactly ``model.target`` (never another model). ``checkpoint``: the
+    content of ``model.checkpoint`` (:func:`read_checkpoint`), whose head shapes and named
+    class counts decide ``model.strip_head=auto``."""
     from experiments.models import build_model_from_config
+    from experiments.models.custom import named_class_counts
 
     model = plain(run.model)
     custom = bool(model.get("target"))
@@ -208,13 +211,22 @@ def build_network(run: RunConfig) -> nn.Module:
             f"target; the built-in model {model.get('name')!r} takes model.options.<name>=... "
             f"(see conf/model/ for its options)."
         )
-    if not custom and model.get("strip_head") is False:
+    if not custom and model.get("strip_head", "auto") != "auto":
         raise FamBenchError(
             f"model.strip_head applies to model=custom only; the built-in model "
             f"{model.get('name')!r} has no classifier head (drop model.strip_head)."
         )
     keys = _CUSTOM_KEYS if custom else _BUILTIN_KEYS
-    network, _ = build_model_from_config({k: model[k] for k in keys if k in model})
+    state = None
+    if custom and checkpoint is not None:
+        from experiments.training.checkpoints import find_state_dict
+
+        _, state = find_state_dict(checkpoint, model.get("checkpoint_key"), model["checkpoint"])
+    network, _ = build_model_from_config(
+        {k: model[k] for k in keys if k in model},
+        class_counts=named_class_counts(checkpoint) if checkpoint is not None else None,
+        checkpoint_state=state,
+    )
     return network
 
 
@@ -270,16 +282,19 @@ def training_key(run: RunConfig, content: dict[str, str] | None = None) -> dict[
     return {"model": model, "data": data, "task": dict(run.task), "trainer": trainer}
 
 
-def model_id(run: RunConfig, content: dict[str, str] | None = None) -> str:
-    """Identifies the weights: the checkpoint file's content, or the training key."""
+def model_id(
+    run: RunConfig, content: dict[str, str] | None = None, weights: str | None = None
+) -> str:
+    """Identifies the weights: with ``model.checkpoint``, the content of the tensors loaded
+    (``weights``: :func:`~experiments.training.checkpoints.weights_id`, whatever the file
+    format, its entry or its key prefix) and the model config; otherwise the training key."""
     if run.model.checkpoint:
-        digest = hashlib.sha256()
-        with open(to_absolute_path(run.model.checkpoint), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        if not weights:
+            raise ValueError("model_id of a checkpoint run needs the loaded weights' id")
         model = plain(run.model)
-        model.pop("checkpoint", None)
-        return short_hash({"checkpoint": digest.hexdigest(), "model": model}, 12)
+        for key in ("checkpoint", "checkpoint_key", "checkpoint_prefix"):
+            model.pop(key, None)
+        return short_hash({"weights": weights, "model": model}, 12)
     return short_hash(training_key(run, content), 12)
 
 
@@ -305,7 +320,13 @@ def build_model(
             "(experiments.training.train_or_load(..., val_set=...)); the runner trains "
             "without a validation monitor. Drop the override."
         )
-    network = build_network(run).to(device)
+    payload = None
+    if run.model.checkpoint is not None and run.model.target:
+        from experiments.training.checkpoints import read_checkpoint
+
+        payload = read_checkpoint(to_absolute_path(run.model.checkpoint))
+    network = build_network(run, payload).to(device)
+    notes.extend(getattr(network, "head_notes", []))
     network.target_shape = probe(network, run, device)
     if run.model.checkpoint is not None:
         # a given checkpoint is loaded, never trained on (any layout: see load_weights)
@@ -314,8 +335,13 @@ def build_model(
 
         checkpoint = to_absolute_path(run.model.checkpoint)
         report = load_weights(
-            network, checkpoint, key=run.model.checkpoint_key, prefix=run.model.checkpoint_prefix
+            network,
+            checkpoint,
+            key=run.model.checkpoint_key,
+            prefix=run.model.checkpoint_prefix,
+            payload=payload,
         )
+        network.weights_id = report.weights_id
         load_checkpoint_task_state(family, checkpoint)  # the sidecar of learned task state
         notes.extend(f"checkpoint: {line}" for line in report.notes)
         network.load_report = report.summary()

@@ -13,7 +13,10 @@ leaderboard shows them beside the table), when:
 - ``near_chance``: the task accuracy is within 2 points of chance (an untrained or
   diverged model: its explanations explain noise);
 - ``excluded_samples``: a metric excluded more than 10% of a method's samples (empty
-  masks, zero maps, undefined scores), so its mean is over a subset.
+  masks, zero maps, undefined scores), so its mean is over a subset;
+- ``centre_prior``: the ``center`` floor's pointing game is within 5 points of the best
+  method's or above it: ``metric.tolerance`` is too large for the image size
+  (:func:`evaluation.summary.centre_prior_warning`; the leaderboard checks each table).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from evaluation.registry import is_metric_column
+from evaluation.summary import centre_prior_warning
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +124,9 @@ def run_warnings(
                         ),
                     }
                 )
+    centre = centre_prior_warning(results)
+    if centre is not None:
+        out.append(centre)
     for warning in out:
         log.warning("WARNING: %s", warning["message"])
     return out

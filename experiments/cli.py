@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from experiments.config import CONF_DIR, compose_config, with_method_defaults
+from experiments.config import CONF_DIR, compose_config, print_notes, with_method_defaults
 from fam.errors import PREFIX, FamBenchError
 
 EXIT_USER_ERROR = 2
@@ -67,8 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     paragraph, then hand the (method-complete) overrides to Hydra."""
     import hydra
 
+    from experiments.own_data import with_own_data
+
     args = with_method_defaults(list(sys.argv[1:] if argv is None else argv))
     if not any(a.startswith("-") for a in args):  # -m, --cfg, --help: Hydra handles those
+        args, notes = with_own_data(args)  # another data= under an experiment: E@X
+        print_notes(notes)
         try:
             compose_config(args)
         except FamBenchError as err:

@@ -43,6 +43,11 @@ def _conf_dir() -> Path:
 
 CONF_DIR = _conf_dir()
 SUBSTRATES = ("zeros", "blur", "mean")
+MISSING_TARGET = (
+    "model=custom needs model.target=<dotted path to a class or factory function>, e.g. "
+    "model.target=torchvision.models.resnet50 (its keyword arguments as "
+    "+model.kwargs.<name>=<value>)."
+)
 AMP_CHOICES = ("auto", "true", "false")
 
 
@@ -89,10 +94,16 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)
     target: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
-    strip_head: bool = True
+    #: ``auto``: strip a head only when its outputs are a named class count; ``true`` /
+    #: ``false``: always / never (:mod:`experiments.models.custom`)
+    strip_head: str = "auto"
     checkpoint_key: str | None = None
     checkpoint_prefix: str | None = None
     input_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.strip_head = str(self.strip_head).lower()  # YAML/CLI booleans arrive as "True"
+        _choice("model.strip_head", self.strip_head, ("auto", "true", "false"))
 
 
 @dataclass
@@ -284,7 +295,10 @@ def compose_config(
     Errors are :class:`FamBenchError` with the nearest valid key (:func:`explain_error`)."""
     from hydra import compose, initialize_config_dir
 
-    overrides = with_method_defaults(list(overrides or []))
+    from experiments.own_data import with_own_data
+
+    overrides, notes = with_own_data(with_method_defaults(list(overrides or [])))
+    print_notes(notes)
     try:
         with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=overrides, return_hydra_config=return_hydra_config)
@@ -295,6 +309,14 @@ def compose_config(
         raise FamBenchError(message) from None
     load(cfg, overrides)  # `+key=value` bypasses Hydra's key check: the schema catches it
     return cfg
+
+
+def print_notes(notes: list[str]) -> None:
+    """Notes on how the command line was completed (:mod:`experiments.own_data`), on stderr."""
+    import sys
+
+    for note in notes:
+        print(f"fam-bench: note: {note}", file=sys.stderr)
 
 
 def explain_error(err: BaseException, overrides: list[str], config_dir: Path | None = None):
@@ -338,13 +360,19 @@ def load(cfg: DictConfig | dict, overrides: list[str] | None = None) -> RunConfi
     if isinstance(cfg, dict):
         container = {k: v for k, v in cfg.items() if k != "hydra"}
     else:  # children resolve against the root; `hydra` (run-time values) is left out
-        container = {
-            k: OmegaConf.to_container(cfg[k], resolve=True)
-            if OmegaConf.is_config(cfg[k])
-            else cfg[k]
-            for k in cfg
-            if k != "hydra"
-        }
+        try:
+            container = {
+                k: OmegaConf.to_container(cfg[k], resolve=True)
+                if OmegaConf.is_config(cfg[k])
+                else cfg[k]
+                for k in cfg
+                if k != "hydra"
+            }
+        except OmegaConfBaseException as err:
+            text = " ".join(str(err).split())
+            if "${.target}" in text and OmegaConf.select(cfg, "model.target") is None:
+                raise FamBenchError(MISSING_TARGET) from None  # model=custom's name is its target
+            raise FamBenchError(_type_error(text)) from None
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), container)
         typed = OmegaConf.to_object(merged)

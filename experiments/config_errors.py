@@ -62,6 +62,15 @@ def unknown_key_message(key: str, overrides: list[str], config_dir: Path | None 
             f"model=custom model.target={value} (its keyword arguments as "
             "+model.kwargs.<name>=...). Nothing was trained."
         )
+    if key.startswith("model.kwargs."):
+        # kwargs is an open mapping, empty in the model config: the key is new to Hydra but
+        # the model reads it; Hydra adds a new key with a leading +
+        value = next((o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")), "...")
+        return (
+            f"`{key}` is not in the model config yet (model.kwargs starts empty), so Hydra "
+            f"cannot override it: add it with a leading +, `+{key}={value}`. The model's "
+            "keyword arguments are checked against its signature when it is built."
+        )
     base = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
     try:
         cfg = compose_config_plain(base, config_dir)

@@ -288,7 +288,7 @@ def _job(
     eval_set,
     content=None,
 ) -> Job:
-    model_id = builders.model_id(run_cfg, content)
+    model_id = builders.model_id(run_cfg, content, getattr(model, "weights_id", None))
     data_stats = (getattr(eval_set, "mean", None), getattr(eval_set, "std", None))
     data = builders.located_data(run_cfg, content and content["eval"])
     table_id = config.short_hash(
@@ -351,7 +351,9 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
         evaluation.chance(),
         getattr(job.model, "target_shape", None),
     )
-    warnings = [*job.skipped_metrics, *warnings]
+    # the heads replaced by identity (model.strip_head) change what is explained
+    strips = [strip.warning for strip in getattr(job.model, "head_strips", [])]
+    warnings = [*job.skipped_metrics, *strips, *warnings]
     store.write_json("warnings.json", warnings)
     figures = write_figures(job, merged, summary, eval_set, evaluation)
     settings_ids = {name: cols["settings_id"] for name, cols in job.method_columns.items()}

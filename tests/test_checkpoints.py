@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 import torchvision
+from custom_nets import fit_and_save
 from omegaconf import OmegaConf
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
@@ -274,17 +275,7 @@ def solo_learn_checkpoint(path, cifar: bool = True):
     )
     module = SoloMethod(cfg)
     scramble(module)
-    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 16, 16))
-    trainer = pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
-    trainer.save_checkpoint(path)
+    fit_and_save(module, path)
     return module.backbone.eval()
 
 
@@ -414,6 +405,40 @@ def test_a_pickled_module_is_refused_without_running_its_code(tmp_path):
     torch.save(Conv4(hidden=8), path)
     with pytest.raises(FamBenchError, match="pickled experiments.models.conv4.Conv4"):
         load_weights(Conv4(hidden=8), path)
+
+
+class Trap:
+    """Unpickling one runs its ``__setstate__``: the safe loader must never do that."""
+
+    built = False
+
+    def __init__(self) -> None:
+        self.armed = True  # a state, so that unpickling calls __setstate__
+
+    def __setstate__(self, state) -> None:
+        Trap.built = True
+
+
+def test_entries_the_safe_loader_refuses_are_never_built_and_the_state_dict_loads(tmp_path):
+    import pickle
+    from pathlib import Path
+
+    pickle.loads(pickle.dumps(Trap()))  # plain unpickling runs the class's code
+    assert Trap.built
+    Trap.built = False
+    conv = suite_conv4()
+    path = tmp_path / "lightning.ckpt"
+    hparams = {"root": Path("/data/shapes"), "trap": Trap(), "lr": 0.1}
+    torch.save({"state_dict": conv.state_dict(), "hyper_parameters": hparams}, path)
+    model = Conv4(hidden=8, pools=(True, True, False, False))
+    report = load_weights(model, path)
+    assert not Trap.built
+    assert report.key == "state_dict" and report.missing == [] and report.unexpected == []
+    (note,) = report.notes
+    assert "hyper_parameters.root (pathlib.PosixPath)" in note
+    assert f"hyper_parameters.trap ({__name__}.Trap)" in note
+    for name, value in conv.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
 
 
 def test_torchvision_resnet50_with_its_fc_loads_into_a_stripped_custom_model(tmp_path):

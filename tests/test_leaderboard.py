@@ -350,3 +350,16 @@ def test_method_lists_and_options_never_enter_a_heading(tmp_path):
     headings = set(build_leaderboard(load_results([tmp_path]))["heading"])
     assert all("method" not in h for h in headings)
     assert {h.rsplit(", ", 1)[-1] for h in headings} == {"300 training steps", "20 training steps"}
+
+
+def test_the_centre_prior_is_checked_on_each_table_in_place_of_the_runs_own(tmp_path):
+    saturated = results_frame(methods=("fam", "gradcam", "center"), table_id="ta")
+    saturated.loc[saturated["method"] == "center", "pointing_game"] = 1.0
+    stale = {"code": "centre_prior", "message": "a run's own check, replaced by the table's"}
+    write_run(tmp_path / "a", saturated, config(300))
+    write_run(tmp_path / "b", results_frame(table_id="tb"), config(20), warnings=[stale])
+    text = to_markdown(build_leaderboard(load_results([tmp_path])))
+    (section,) = [s for s in text.split("## ")[1:] if "centre_prior" in s]
+    assert "300 training steps" in section and "metric.tolerance" in section
+    assert "the center floor's pointing game (1.000)" in section
+    assert "replaced by the table's" not in text

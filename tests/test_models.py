@@ -159,10 +159,14 @@ def test_resnet_encoder_rejects_unknown_arch():
 
 
 # -- model=custom: any class or factory function, exactly that model or an error -----------
-def custom(target: str, **extra):
+def custom(target: str, class_counts=None, checkpoint_state=None, **extra):
     from experiments.models import build_model_from_config
 
-    return build_model_from_config({"target": target, "kwargs": {}, **extra})
+    return build_model_from_config(
+        {"target": target, "kwargs": {}, **extra},
+        class_counts=class_counts,
+        checkpoint_state=checkpoint_state,
+    )
 
 
 def test_custom_class_is_built_with_its_kwargs_and_labelled_by_its_path():
@@ -174,13 +178,54 @@ def test_custom_class_is_built_with_its_kwargs_and_labelled_by_its_path():
     assert model.default_target_layer == "encoder.3" and model.embedding_dim == 8
 
 
-def test_custom_factory_function_gets_its_head_stripped_and_a_target_layer():
-    model, label = custom("torchvision.models.resnet18", kwargs={"num_classes": 7}, input_size=32)
+def test_custom_factory_head_is_stripped_when_its_outputs_are_the_named_class_count():
+    # torchvision's ResNet names 1000 classes (its num_classes default), which fc maps to
+    model, label = custom("torchvision.models.resnet18", input_size=32)
     assert label == "torchvision.models.resnet18"
     assert isinstance(model.fc, nn.Identity) and model.checkpoint_ignore == ("fc.",)
     assert model.default_target_layer == "layer4" and model.embedding_dim == 512
+    (strip,) = model.head_strips
+    assert (strip.layer, strip.before, strip.after) == ("fc", 1000, 512)
+    assert strip.warning["code"] == "head_stripped" and "default num_classes" in strip.why
     kept, _ = custom("torchvision.models.resnet18", strip_head=False, input_size=32)
     assert isinstance(kept.fc, nn.Linear) and kept.embedding_dim == 1000
+    assert kept.head_strips == []
+
+
+def test_an_fc_the_user_sized_is_explained_in_place_unless_strip_head_is_true():
+    # resnet18(num_classes=128) is how a metric-learning model gets a 128-d embedding fc
+    model, _ = custom("torchvision.models.resnet18", kwargs={"num_classes": 128}, input_size=32)
+    assert isinstance(model.fc, nn.Linear) and model.embedding_dim == 128
+    assert model.head_strips == [] and "model.strip_head=true" in model.head_notes[0]
+    forced, _ = custom(
+        "torchvision.models.resnet18", kwargs={"num_classes": 7}, strip_head="true", input_size=32
+    )
+    assert isinstance(forced.fc, nn.Identity) and forced.embedding_dim == 512
+    assert [(s.layer, s.before, s.after) for s in forced.head_strips] == [("fc", 7, 512)]
+
+
+def test_a_checkpoint_naming_its_classes_strips_the_head_that_maps_to_them():
+    from experiments.models.custom import named_class_counts
+
+    payload = {"hyper_parameters": {"model": {"num_classes": 7}}, "state_dict": {}}
+    counts = named_class_counts(payload)
+    assert list(counts) == [7] and "hyper_parameters.model.num_classes" in counts[7]
+    classifier = torchvision.models.resnet18(num_classes=7).state_dict()
+    state = {f"backbone.{k}": v for k, v in classifier.items()}
+    state["x.fc.weight"] = torch.zeros(3, 512)  # an fc of another module: never the head
+    model, _ = custom(
+        "torchvision.models.resnet18",
+        kwargs={"num_classes": 7},
+        input_size=32,
+        class_counts=counts,
+        checkpoint_state=state,
+    )
+    assert isinstance(model.fc, nn.Identity) and model.head_strips[0].before == 7
+    # the checkpoint's head is 128-d where the model's default is 1000: the stored shape
+    # decides, 128 is no named class count, so fc stays (and must then fit the file)
+    embedding = torchvision.models.resnet18(num_classes=128).state_dict()
+    kept, _ = custom("torchvision.models.resnet18", checkpoint_state=embedding)
+    assert isinstance(kept.fc, nn.Linear) and kept.head_strips == []
 
 
 def test_custom_head_inside_a_pooling_head_is_stripped_one_level_down():

@@ -202,3 +202,147 @@ def test_the_model_config_takes_no_hydra_target(tmp_path):
     cfg = config(tmp_path, *FEWSHOT, "+model._target_=mymodels.SmallNet")
     with pytest.raises(FamBenchError, match="model=custom model.target=mymodels.SmallNet"):
         pipeline.run(cfg, tmp_path / "out")
+
+
+# -- your own weights: heads, file formats, Lightning hyper-parameters ---------------------
+CUSTOM_FC = [*FEWSHOT, "experiment=synthetic_5way", "data.options.images_per_class=4"]
+
+
+def lightning_checkpoint(path: Path, net, hparams: dict) -> None:
+    """A real Lightning checkpoint of ``net`` (as ``model.``), ``hparams`` saved with it;
+    one step at learning rate 0, so the weights are ``net``'s."""
+    import pytorch_lightning as pl
+    import torch
+    from custom_nets import fit_and_save
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.save_hyperparameters(hparams)
+            self.model = net
+
+        def training_step(self, batch, _):
+            return self.model(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    fit_and_save(Module(), path)
+
+
+def test_an_embedding_layer_named_fc_is_explained_in_place(tmp_path):
+    import torch
+    from custom_nets import FcEmbedder
+
+    torch.save(FcEmbedder().state_dict(), tmp_path / "embedder.pth")
+    cfg = config(
+        tmp_path / "cache",
+        *CUSTOM_FC,
+        "model=custom",
+        "model.target=custom_nets.FcEmbedder",
+        f"model.checkpoint={tmp_path / 'embedder.pth'}",
+    )
+    run = pipeline.run(cfg, tmp_path / "out")
+    environment = (tmp_path / "out" / "environment.json").read_text()
+    assert "Loaded 6 tensors" in environment and "0 unexpected" in environment  # fc loaded
+    assert not [w for w in run["warnings"] if w["code"] == "head_stripped"]
+    assert any("fc (16 -> 8) is explained as part of the embedding" in n for n in run["notes"])
+
+
+def test_a_head_the_checkpoint_names_classes_for_is_stripped_with_a_warning(tmp_path):
+    """A Lightning checkpoint whose hyper-parameters say num_classes=5 and hold a
+    pathlib.Path (which weights_only loading refuses): its state_dict is read, the Path
+    never built, and fc (16 -> 5) goes, with a warning naming it and both sizes."""
+    from custom_nets import FcEmbedder
+
+    path = tmp_path / "classifier.ckpt"
+    lightning_checkpoint(path, FcEmbedder(dim=5), {"num_classes": 5, "root": tmp_path})
+    cfg = config(
+        tmp_path / "cache",
+        *CUSTOM_FC,
+        "model=custom",
+        "model.target=custom_nets.FcEmbedder",
+        "+model.kwargs.dim=5",
+        f"model.checkpoint={path}",
+    )
+    run = pipeline.run(cfg, tmp_path / "out")
+    warnings = json.loads((tmp_path / "out" / "warnings.json").read_text())
+    (strip,) = [w for w in warnings if w["code"] == "head_stripped"]
+    assert (strip["layer"], strip["before"], strip["after"]) == ("fc", 5, 16)
+    assert "hyper_parameters.num_classes = 5" in strip["message"]
+    assert any("hyper_parameters.root (pathlib.PosixPath)" in n for n in run["notes"])
+
+
+def test_the_same_weights_share_model_id_in_any_file_format(tmp_path):
+    import torch
+    from custom_nets import FcEmbedder
+    from safetensors.torch import save_file
+
+    state = FcEmbedder().state_dict()
+    torch.save(state, tmp_path / "w.pth")
+    save_file(state, tmp_path / "w.safetensors")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.ckpt")
+    changed = dict(state, **{"fc.bias": state["fc.bias"] + 1e-3})
+    torch.save(changed, tmp_path / "changed.pth")
+
+    def ids(name: str) -> tuple[str, str]:
+        cfg = config(
+            tmp_path / "cache",
+            *CUSTOM_FC,
+            "model=custom",
+            "model.target=custom_nets.FcEmbedder",
+            f"model.checkpoint={tmp_path / name}",
+        )
+        frame = pipeline.run(cfg, tmp_path / name.replace(".", "_"))["results"]
+        return frame["model_id"].iloc[0], frame["table_id"].iloc[0]
+
+    first = ids("w.pth")
+    assert ids("w.safetensors") == first
+    assert ids("w.ckpt") == first  # another container and key prefix, the same tensors
+    assert ids("changed.pth")[0] != first[0]
+
+
+# -- an existing experiment on your own data -------------------------------------------------
+OWN_RETRIEVAL = [
+    "experiment=synthetic_retrieval",
+    "data=manifest",
+    "trainer.accelerator=cpu",
+    "trainer.max_steps=2",
+    "trainer.batch_size=4",
+    "task.samples_per_class=2",
+    "eval.num_queries=4",
+    "eval.unit_size=2",
+    "eval.progress=false",
+    "eval.figure_samples=1",
+    "data.image_size=32",
+    "methods=[fam,center]",
+    "metrics=[pointing_game]",
+]
+
+
+def test_an_experiment_on_other_data_is_named_after_it_and_drops_only_its_own_options(
+    manifest, tmp_path, capsys
+):
+    from evaluation.leaderboard import build_leaderboard, load_results, to_markdown
+    from experiments.config import compose_config
+
+    csv, _ = manifest
+    base = [*OWN_RETRIEVAL, f"data.root={csv}", f"cache_dir={tmp_path / 'cache'}"]
+    cfg = compose_config(base)
+    note = capsys.readouterr().err
+    assert "fam-bench: note: data.options.images_per_class=100 comes from " in note
+    assert "images_per_class" not in cfg.data.options
+    run = pipeline.run(cfg, tmp_path / "out")
+    assert (run["results"]["experiment"] == "synthetic_retrieval@manifest").all()
+    assert (run["results"]["dataset"] == "manifest").all()
+    board = to_markdown(build_leaderboard(load_results([tmp_path / "out"])))
+    assert "## synthetic_retrieval@manifest: manifest / conv4_32 / retrieval" in board
+    # name= wins; on the experiment's own dataset nothing changes
+    assert compose_config([*base, "name=mine"]).name == "mine"
+    same = compose_config(["experiment=synthetic_retrieval", "data=synthetic"])
+    assert same.name == "synthetic_retrieval" and same.data.options.images_per_class == 100
+    capsys.readouterr()
+    # set on the command line, a synthetic-only option stays the user's error
+    with pytest.raises(FamBenchError, match="images_per_class"):
+        pipeline.run(compose_config([*base, "data.options.images_per_class=5"]), tmp_path / "x")
+    assert "note" not in capsys.readouterr().err

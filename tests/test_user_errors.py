@@ -17,6 +17,7 @@ from experiments.store import OutputStore
 from fam.errors import FamBenchError
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 TINY = [
     "data.image_size=16",
     "model.options.hidden=8",
@@ -40,6 +41,7 @@ TINY = [
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env["FAM_BENCH_CACHE"] = str(cwd / "cache")
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])  # custom_nets
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args],
         cwd=cwd,
@@ -152,7 +154,7 @@ class FeatureMap(nn.Module):
 
 
 def test_a_model_whose_output_is_not_n_by_d_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(builders, "build_network", lambda run: FeatureMap())
+    monkeypatch.setattr(builders, "build_network", lambda run, checkpoint=None: FeatureMap())
     cfg = config.compose_config([*TINY, f"cache_dir={tmp_path}"])
     with pytest.raises(FamBenchError, match=r"returns \(2, 4, 16, 16\).*\(N, D\)"):
         pipeline.run(cfg, tmp_path / "run")
@@ -329,3 +331,42 @@ def test_the_neighbour_probability_settings_are_refused_for_few_shot(tmp_path):
     with pytest.raises(FamBenchError, match="metric.temperature=0.1 set"):
         pipeline.run(cfg, tmp_path / "run")
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        ([], ["model=custom needs model.target="]),
+        # the factory's own exception, quoted in one line with its type
+        (
+            ["model.target=custom_nets.offline_pretrained", "+model.kwargs.pretrained=true"],
+            ["custom_nets.offline_pretrained", "URLError", "Temporary failure in name resolution"],
+        ),
+        # the model reads it: the fix is Hydra's +, never "nothing reads it"
+        (
+            ["model.target=custom_nets.FcEmbedder", "model.kwargs.width=24"],
+            ["+model.kwargs.width=24"],
+        ),
+    ],
+)
+def test_cli_custom_model_mistakes_exit_2_with_one_paragraph(args, named, tmp_path):
+    small = ["data.image_size=16", "data.options.images_per_class=6", "trainer.accelerator=cpu"]
+    done = run_cli(
+        "model=custom",
+        *args,
+        *small,
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    one_paragraph_error(done, *named)
+    assert "nothing reads it" not in done.stderr
+    assert not (tmp_path / "cache").exists()  # nothing was trained
+
+
+def test_a_new_model_kwarg_added_with_plus_reaches_the_model():
+    cfg = config.compose_config(
+        ["model=custom", "model.target=custom_nets.FcEmbedder", "+model.kwargs.width=24"]
+    )
+    network = builders.build_network(config.load(cfg))
+    assert network.body[0].out_channels == 24

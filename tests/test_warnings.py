@@ -103,7 +103,7 @@ class NaNNet(nn.Module):
 
 
 def test_a_model_with_non_finite_embeddings_stops_the_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(builders, "build_network", lambda run: NaNNet())
+    monkeypatch.setattr(builders, "build_network", lambda run, checkpoint=None: NaNNet())
     cfg = config.compose_config([*TINY, f"cache_dir={tmp_path}"])
     with pytest.raises(FamBenchError, match="non-finite embeddings"):
         pipeline.run(cfg, tmp_path / "run")
@@ -136,3 +136,29 @@ def test_the_untrained_baseline_scores_a_reinitialised_copy_and_leaves_the_model
     odd = nn.Sequential(nn.Linear(2, 2), Scale())
     assert pipeline.untrained_task_metrics(Stub(), odd, seed=0, notes=notes) == {}
     assert len(notes) == 1 and "no untrained baseline" in notes[0] and "Scale" in notes[0]
+
+
+def hits(share: float, n: int = 1000) -> list[float]:
+    k = round(share * n)
+    return [1.0] * k + [0.0] * (n - k)
+
+
+@pytest.mark.parametrize(
+    ("centre", "fires"),
+    [(0.978, True), (0.967, True), (0.918, True), (0.916, False), (0.5, False)],
+)
+def test_the_centre_prior_warns_within_5_points_of_the_best_method_or_above(centre, fires):
+    # the numbers: centre 0.978 against FAM 0.967 at the default tolerance, 48 px;
+    # the oracle (mask) and the random floor are not "the best method"
+    shares = {"fam": 0.967, "gradcam": 0.8, "random": 0.99, "mask": 1.0, "center": centre}
+    results = pd.concat(
+        [
+            pd.DataFrame({"method": m, "pointing_game": hits(s), "degenerate": False})
+            for m, s in shares.items()
+        ]
+    ).assign(degenerate_reason="")
+    fine = pd.DataFrame({"metric": ["fewshot_accuracy"], "value": [0.9]})
+    got = [w for w in run_warnings(results, fine, 0.2, (4, 4)) if w["code"] == "centre_prior"]
+    assert len(got) == int(fires)
+    if fires:
+        assert "metric.tolerance" in got[0]["message"] and "fam 0.967" in got[0]["message"]

@@ -46,6 +46,15 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
 _SYNTHETIC_OPTIONS = ("images_per_class", "seed", "mode", "normalise", "max_classes", "clutter")
 
 
+def accepted_options(name: str) -> list[str]:
+    """The ``data.options`` dataset ``name`` (a key of :data:`LOADERS`) takes."""
+    key = name.lower()
+    if key == "synthetic":
+        return list(_SYNTHETIC_OPTIONS)
+    parameters = inspect.signature(LOADERS[key]).parameters
+    return [p for p in parameters if p not in ("root", "split", "image_size")]
+
+
 def build_dataset(
     name: str,
     root: str | Path | None = None,
@@ -65,15 +74,7 @@ def build_dataset(
             f"Unknown dataset {name!r}; choose one of {', '.join(sorted(LOADERS))}."
         )
     loader = LOADERS[key]
-    accepted = (
-        _SYNTHETIC_OPTIONS
-        if key == "synthetic"
-        else [
-            p
-            for p in inspect.signature(loader).parameters
-            if p not in ("root", "split", "image_size")
-        ]
-    )
+    accepted = accepted_options(key)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise FamBenchError(

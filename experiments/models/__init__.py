@@ -18,7 +18,8 @@ Model configs (``conf/model/*.yaml``), the keys :func:`build_model_from_config` 
   arguments), ``checkpoint``, ``checkpoint_key``, ``checkpoint_prefix``, ``target_layer``,
   ``input_size``;
 - custom (``conf/model/custom.yaml``): ``target`` (dotted path to a class or factory
-  function), ``kwargs``, ``strip_head`` (default true), ``checkpoint``, ``checkpoint_key``,
+  function), ``kwargs``, ``strip_head`` (``auto``/``true``/``false``, default ``auto``:
+  :mod:`experiments.models.custom`), ``checkpoint``, ``checkpoint_key``,
   ``checkpoint_prefix``, ``target_layer``, ``input_size`` (probe size, by default
   ``data.image_size``) and ``name`` (the label, by default the target path).
 
@@ -34,8 +35,9 @@ from typing import Any
 
 from torch import nn
 
+from experiments.config import MISSING_TARGET
 from experiments.models.conv4 import Conv4
-from experiments.models.custom import build_custom, probe_embedding
+from experiments.models.custom import STRIP_CHOICES, build_custom, probe_embedding
 from experiments.models.resnet import ResNetEncoder
 from experiments.models.resnet12 import ResNet12
 from experiments.models.variants import Conv4GlobalMax
@@ -65,8 +67,16 @@ BUILTIN_KEYS = (*COMMON_KEYS, "options", "input_size")
 CUSTOM_KEYS = (*COMMON_KEYS, "target", "kwargs", "strip_head", "input_size")
 
 
-def build_model_from_config(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
+def build_model_from_config(
+    model_cfg: Mapping[str, Any],
+    *,
+    class_counts: Mapping[int, str] | None = None,
+    checkpoint_state: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, str]:
     """Build the model a ``model`` config names: ``(module, label)``.
+
+    ``class_counts`` and ``checkpoint_state`` (the checkpoint's named class counts and its
+    state_dict) decide ``strip_head=auto`` for a custom model.
 
     ``label`` is the config ``name`` for a built-in model (``"conv4"``) and the target path
     for a custom one (``"torchvision.models.resnet50"``); the module carries it as
@@ -90,16 +100,20 @@ def build_model_from_config(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, st
         _check_keys(cfg, CUSTOM_KEYS, "model=custom")
         target = cfg["target"]
         if not target:
+            raise FamBenchError(MISSING_TARGET)
+        strip = str(cfg.get("strip_head", "auto")).lower()
+        if strip not in STRIP_CHOICES:
             raise FamBenchError(
-                "model=custom needs model.target=<dotted path to a class or factory "
-                "function>, e.g. model.target=torchvision.models.resnet50."
+                f"model.strip_head must be one of {list(STRIP_CHOICES)}, got {strip!r}."
             )
         model = build_custom(
             str(target),
             cfg.get("kwargs") or {},
-            strip_head=bool(cfg.get("strip_head", True)),
+            strip_head=strip,
             target_layer=cfg.get("target_layer"),
             input_size=input_size,
+            class_counts=class_counts,
+            checkpoint_state=checkpoint_state,
         )
         label = str(target)
         if cfg.get("target_layer") is None and getattr(model, "default_target_layer", None) is None:
@@ -176,7 +190,7 @@ def _build_target(name: str, options: dict[str, Any]) -> nn.Module:
         for k in ("default_target_layer", "pooling")
         if k in options and k not in taken
     }
-    model = build_custom(target, options, strip_head=False)
+    model = build_custom(target, options, strip_head="false")
     for attr, value in labels.items():
         setattr(model, attr, value)
     model.model_name = name

@@ -5,7 +5,11 @@
 - plain state_dicts (``.pt`` / ``.pth``) and Lightning ``.ckpt`` files with
   ``torch.load(weights_only=True)``; OmegaConf objects in a Lightning checkpoint's
   ``hyper_parameters`` (solo-learn and any Hydra project store their config there) are
-  allowed by name (:data:`OMEGACONF_GLOBALS`, plain data containers), nothing else is;
+  allowed by name (:data:`OMEGACONF_GLOBALS`, plain data containers). Any other object
+  (a ``pathlib.Path`` or ``argparse.Namespace`` among the hyper-parameters) is never
+  built: the same weights_only unpickler reads it as an inert :class:`Unreadable`, the
+  state_dict is used and a note names the entries not read; a file that is such an
+  object as a whole (a pickled model) is refused;
 - ``.safetensors`` files (``safetensors.torch.load_file``, no pickle at all).
 
 The state_dict is found in the file (``key``, else the first of :data:`NESTED_KEYS` that
@@ -91,6 +95,18 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
+def weights_id(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of tensors by content: each name (sorted), dtype, shape and bytes. The same
+    weights saved as ``.pth``, ``.ckpt`` or ``.safetensors``, under any key prefix, have
+    one id; any changed value, dtype or shape gives another."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 @dataclass
 class LoadReport:
     """What :func:`load_weights` loaded.
@@ -100,7 +116,8 @@ class LoadReport:
     loaded (outside the model's prefix, or classifier heads the model drops). ``layout``:
     the recognised foreign layout (``"feat_resnet12"``, ``"feat_convnet"``,
     ``"easyfsl_resnet"``, ``"solo_learn_resnet"``) or ``None``. ``notes``: warnings that
-    were logged (e.g. FEAT's max embedding loaded into a GAP Conv-4).
+    were logged (e.g. FEAT's max embedding loaded into a GAP Conv-4). ``weights_id``:
+    :func:`weights_id` of the tensors loaded (the same weights in any file format share it).
     """
 
     model: nn.Module = field(repr=False)
@@ -112,6 +129,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    weights_id: str = ""
 
     def summary(self) -> str:
         where = f"key {self.key!r}, " if self.key else ""
@@ -181,6 +199,10 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle/zip errors of many kinds: all mean "not loadable"
         unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if unsupported:
+            payload = _read_around_objects(path)
+            if payload is not None:
+                return payload
         why = (
             f"it holds a pickled {unsupported.group(1)} object, which weights_only loading "
             "refuses (it could run code). Save the weights alone, e.g. "
@@ -191,6 +213,63 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         raise FamBenchError(
             f"Checkpoint {path} could not be read with torch.load(weights_only=True): {why}."
         ) from err
+
+
+class Unreadable:
+    """What an object the safe loader refuses (a ``pathlib.Path`` or ``argparse.Namespace``
+    in Lightning's ``hyper_parameters``, a user's class) is read as: an inert stand-in that
+    keeps only the refused global's name. Its class's code never runs: the weights_only
+    unpickler builds this in its place and hands it the object's arguments, which are
+    dropped."""
+
+    global_name = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<unread {self.global_name}>"
+
+
+def _read_around_objects(path: Path) -> Any:
+    """The checkpoint with every refused global read as an :class:`Unreadable` (still the
+    weights_only unpickler: only plain data and tensors are built), or ``None`` when the
+    file as a whole is such an object (a pickled model, not a state_dict)."""
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    stand_ins = [(type("Unreadable", (Unreadable,), {"global_name": n}), n) for n in names]
+    with torch.serialization.safe_globals([*OMEGACONF_GLOBALS, *stand_ins]):
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    return None if isinstance(payload, Unreadable) else payload
+
+
+def unread_entries(payload: Any, where: str = "", depth: int = 6) -> dict[str, str]:
+    """``{dotted entry: refused global}`` of the :class:`Unreadable` stand-ins in a
+    checkpoint's content (mappings and lists, ``depth`` levels down)."""
+    if isinstance(payload, Unreadable):
+        return {where or "<top>": payload.global_name}
+    found: dict[str, str] = {}
+    if depth and isinstance(payload, Mapping):
+        items = payload.items()
+    elif depth and isinstance(payload, list | tuple):
+        items = enumerate(payload)
+    else:
+        return found
+    for key, value in items:
+        if not isinstance(value, torch.Tensor):
+            found.update(unread_entries(value, f"{where}.{key}" if where else str(key), depth - 1))
+    return found
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -310,6 +389,7 @@ def load_weights(
     *,
     key: str | None = None,
     prefix: str | None = None,
+    payload: Any = None,
 ) -> LoadReport:
     """Load checkpoint ``path`` into ``model`` (module docstring for formats and layouts).
 
@@ -320,6 +400,7 @@ def load_weights(
             ``model.checkpoint_key``); ``None`` finds it.
         prefix: the key prefix holding the model (``model.checkpoint_prefix``, e.g.
             ``"backbone."``; ``""`` for none); ``None`` finds it.
+        payload: the file's content when already read (:func:`read_checkpoint`).
 
     Returns:
         A :class:`LoadReport` (also logged): missing and unexpected keys, layout.
@@ -331,7 +412,8 @@ def load_weights(
     from experiments.models.layouts import RENAMES, check_model, identify
 
     path = Path(path)
-    payload = read_checkpoint(path)
+    if payload is None:
+        payload = read_checkpoint(path)
     where, state = find_state_dict(payload, key, path)
     if prefix is not None and prefix and not prefix.endswith("."):
         prefix += "."
@@ -355,6 +437,14 @@ def load_weights(
     missing = [k for k in expected if k not in mapped]
     _check_fit(mapped, stray, missing, expected, path, model, layout)
     notes = check_model(layout, model)
+    unread = unread_entries(payload)
+    if unread:
+        shown = _shown([f"{k} ({v})" for k, v in unread.items()])
+        notes.append(
+            f"{path}: entries holding objects the safe loader does not build were not read "
+            f"(their classes' code never runs): {shown}; the state_dict "
+            f"{where or '(top level)'} was read as plain tensors."
+        )
     model.load_state_dict(mapped, strict=False)
     report = LoadReport(
         model=model,
@@ -366,6 +456,7 @@ def load_weights(
         missing=missing,
         unexpected=sorted(unexpected),
         notes=notes,
+        weights_id=weights_id(mapped),
     )
     log.info(report.summary())
     for note in notes:
