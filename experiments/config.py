@@ -223,6 +223,14 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _at_least("seed", self.seed, 0)
+        # an empty path is the current directory: the model would land wherever run.py runs
+        if not str(self.cache_dir).strip():
+            raise FamBenchError(
+                "cache_dir is empty; give the folder for trained models, e.g. "
+                "cache_dir=.cache/fam-bench (or leave it unset)."
+            )
+        if self.output_dir is not None and not str(self.output_dir).strip():
+            raise FamBenchError("output_dir is empty; give a folder or leave it unset (null).")
         for key in ("methods", "metrics"):
             names = list(getattr(self, key))
             if not names:
