@@ -301,7 +301,11 @@ def compose_config(
         if message is None:
             raise
         raise FamBenchError(message) from None
-    load(cfg, overrides)  # `+key=value` bypasses Hydra's key check: the schema catches it
+    from experiments.unread_keys import check_unread_keys
+
+    # `+key=value` bypasses Hydra's key check: the schema catches it; a key that exists but
+    # that this experiment, data, task and model never read is refused too
+    check_unread_keys(load(cfg, overrides), overrides)
     return cfg
 
 
