@@ -858,14 +858,21 @@ def write_leaderboard(board: pd.DataFrame, out: str | Path, html: bool = True) -
     Returns the CSV and Markdown paths.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "leaderboard.csv", out / "leaderboard.md"
-    board.to_csv(csv_path, index=False)
-    md_path.write_text(to_markdown(board), encoding="utf-8")
-    if html:
-        from evaluation.report import write_leaderboard_report
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        board.to_csv(csv_path, index=False)
+        md_path.write_text(to_markdown(board), encoding="utf-8")
+        if html:
+            from evaluation.report import write_leaderboard_report
 
-        write_leaderboard_report(board, out / "leaderboard.html")
+            write_leaderboard_report(board, out / "leaderboard.html")
+    except OSError as err:
+        raise FamBenchError(
+            f"The leaderboard cannot be written to {out} ({err.strerror or err}"
+            f"{': ' + str(err.filename) if err.filename else ''}). Choose a writable folder "
+            "with --out <folder>."
+        ) from None
     return csv_path, md_path
 
 

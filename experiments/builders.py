@@ -25,7 +25,7 @@ from experiments.config import (
     short_hash,
     signature_options,
 )
-from fam.errors import FamBenchError
+from fam.errors import FamBenchError, out_of_memory_message
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +240,9 @@ def probe(model: nn.Module, run: RunConfig, device: torch.device) -> tuple[int, 
         with torch.no_grad(), eval_mode(model):
             out = model(x)
     except RuntimeError as err:
+        memory = out_of_memory_message(err)
+        if memory is not None:
+            raise FamBenchError(memory) from None
         first = str(err).strip().splitlines()[0]
         raise FamBenchError(
             f"Model {model_label(run)!r} cannot take {size}x{size} images ({first}). The image "

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from experiments.config import CONF_DIR, compose_config, with_method_defaults
-from fam.errors import PREFIX, FamBenchError
+from fam.errors import PREFIX, FamBenchError, out_of_memory_message
 
 EXIT_USER_ERROR = 2
 EXIT_SIGTERM = 128 + signal.SIGTERM
@@ -57,21 +57,6 @@ def _worker_user_error(err: BaseException) -> str | None:
     if type(err).__name__ != "ProcessRaisedException" or marker not in text:
         return None
     return text.rsplit(marker, 1)[1].strip()
-
-
-def out_of_memory_message(err: BaseException) -> str | None:
-    """The user-facing message of an out-of-memory error (CUDA or host), else ``None``."""
-    text = str(err)
-    markers = ("out of memory", "can't allocate memory", "not enough memory", "OutOfMemoryError")
-    if type(err).__name__ != "OutOfMemoryError" and not any(m in text for m in markers):
-        return None
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return (
-        f"The run ran out of memory ({first[:200]}). Lower the batch sizes: "
-        "eval.batch_size (images per explainer call) and metric.batch_size (images per "
-        "deletion/insertion forward pass), or data.image_size. Finished units are kept; "
-        "the same command resumes."
-    )
 
 
 def _unwritable_message(err: OSError, out: str) -> str:

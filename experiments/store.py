@@ -1,5 +1,7 @@
 """The output store: a run folder's lock, fingerprint claim, result shards and merge.
 
+- **Own folder**: a folder holding files no run wrote (someone's ``results.csv``) is
+  refused, naming them, before anything is written into it.
 - **Lock**: ``.lock`` holds an exclusive ``flock`` for the run's lifetime; a second run
   started on the same folder is refused. The lock dies with its process (a killed run
   leaves no stale lock to clear by hand).
@@ -148,6 +150,7 @@ class OutputStore:
 
     # -- lock -----------------------------------------------------------------------------
     def __enter__(self) -> OutputStore:
+        refuse_foreign_files(self.out, _hydra_log())  # before the lock file is written
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             self._lock_file = open(self.out / ".lock", "a+")  # noqa: SIM115 - held open
@@ -194,9 +197,7 @@ class OutputStore:
 
     # -- claim ----------------------------------------------------------------------------
     def claim(self, fingerprint: str, fingerprinted: dict) -> None:
-        """Refuse a folder holding files no run wrote, or results of another config;
-        record ours otherwise."""
-        refuse_foreign_files(self.out, _hydra_log())
+        """Refuse a folder holding results of another config; record ours otherwise."""
         path = self.out / "run.json"
         if path.is_file() and self.done_units():
             previous = json.loads(path.read_text())
