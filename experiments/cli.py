@@ -20,6 +20,7 @@ otherwise turn SIGTERM into a successful exit), each with one line saying what w
 from __future__ import annotations
 
 import errno
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
 
     signal.signal(signal.SIGTERM, _raise_terminated)
+    # A log file on a disk that fills would print a traceback per log line ("--- Logging
+    # error ---"); the run's own next write reports the full disk as one paragraph.
+    logging.raiseExceptions = False
     try:
         args = with_method_defaults(list(sys.argv[1:] if argv is None else argv))
         try:

@@ -502,16 +502,43 @@ def test_cli_an_output_folder_on_a_full_disk_is_refused(tmp_path):
     one_paragraph_error(done, "disk is full", "hydra.run.dir")
 
 
+FILL_WHEN_CLAIMED = """
+import os, runpy, sys, threading, time
+out, filler = sys.argv[1], sys.argv[2]
+def fill():
+    while not os.path.exists(os.path.join(out, "run.json")):
+        time.sleep(0.005)
+    try:
+        with open(filler, "wb") as f:
+            while True:
+                f.write(bytes(1 << 16))
+                f.flush()
+    except OSError:
+        pass
+threading.Thread(target=fill, daemon=True).start()
+sys.argv = [sys.argv[3], *sys.argv[4:]]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python run.py` would
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @needs_mounts
 @pytest.mark.slow
 def test_cli_a_disk_that_fills_during_the_run_is_one_paragraph(tmp_path):
-    """Enough space at the start (the check passes), too little for the outputs."""
+    """The check before the run passes; the disk fills once the run has claimed its
+    folder (a thread in the run's process), before any result is written."""
     mount = tmp_path / "small"
-    done = in_mounts(
-        tmpfs(mount, "1100k"),
-        [*TINY, f"hydra.run.dir={mount / 'run'}", "metrics=[pointing_game,deletion_auc]"],
-        cwd=tmp_path,
+    out = mount / "run"
+    driver = tmp_path / "driver.py"
+    driver.write_text(FILL_WHEN_CLAIMED)
+    script = f"set -e\n{tmpfs(mount, '2m')}\ncd {shlex.quote(str(tmp_path))}\n" + shlex.join(
+        [sys.executable, str(driver), str(out), str(mount / "filler"), str(ROOT / "run.py")]
+        + [*TINY, f"hydra.run.dir={out}"]
     )
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], env=_env(tmp_path), capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
     one_paragraph_error(done, "No space left on device")
 
 
