@@ -177,7 +177,8 @@ def _check_before_hydra(args: list[str]) -> None:
     if multirun:  # the jobs' folders are new subfolders of the sweep folder
         check_output_folder(Path(folder) / "__probe__", flag)
     else:
-        check_output_folder(folder, flag)
+        job = str(cfg.hydra.job.name)  # "app" unless hydra.job.name is given
+        check_output_folder(folder, flag, None if job == "app" else f"{job}.log")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,6 +62,9 @@ RUN_FILES = frozenset(
 #: what may stand in a folder before the run's ``run.json`` does: Hydra writes its
 #: config and log before the run starts; shards are checked against the fingerprint
 _BEFORE_CLAIM = frozenset({".lock", ".hydra", SHARD_DIR})
+#: the log Hydra writes for ``fam-bench`` / ``run.py`` (the job is named after
+#: :mod:`experiments.cli`, where ``hydra.main`` is called); ``hydra.job.name`` renames it
+HYDRA_LOG = "cli.log"
 #: leftovers of an atomic write killed half-way (:mod:`experiments.atomic`)
 _ATOMIC_TMP = re.compile(r"^\..+\.\d+\.tmp$")
 #: a disk with less free space than this cannot take a run's outputs
@@ -91,7 +94,7 @@ def foreign_files(out: Path, hydra_log: str | None = None) -> list[str]:
     if not out.is_dir():
         return []
     claimed = (out / "run.json").is_file()
-    ours = (RUN_FILES if claimed else _BEFORE_CLAIM) | {hydra_log or "run.log", ".hydra"}
+    ours = (RUN_FILES if claimed else _BEFORE_CLAIM) | {".hydra", HYDRA_LOG, hydra_log or HYDRA_LOG}
     return sorted(
         p.name for p in out.iterdir() if p.name not in ours and not _ATOMIC_TMP.match(p.name)
     )
@@ -111,7 +114,9 @@ def refuse_foreign_files(out: Path, hydra_log: str | None = None) -> None:
         )
 
 
-def check_output_folder(out: str | os.PathLike, flag: str = "hydra.run.dir") -> None:
+def check_output_folder(
+    out: str | os.PathLike, flag: str = "hydra.run.dir", hydra_log: str | None = None
+) -> None:
     """Refuse an output folder that cannot be written, before anything is written: a file
     standing at it or above it, a read-only mount (``os.access`` reports a read-only file
     system even to root), a full disk, or files no run wrote (:func:`refuse_foreign_files`)."""
@@ -138,7 +143,7 @@ def check_output_folder(out: str | os.PathLike, flag: str = "hydra.run.dir") -> 
             f"at {existing}). Free some space, or {fix[0].lower()}{fix[1:]}."
         )
     if existing == out:
-        refuse_foreign_files(out)
+        refuse_foreign_files(out, hydra_log)
 
 
 class OutputStore:
