@@ -581,3 +581,32 @@ def test_a_leaderboard_under_a_file_is_one_paragraph(tmp_path):
         module="evaluation.leaderboard",
     )
     one_paragraph_error(done, "--out")
+
+
+def test_pooled_seed_intervals_are_clipped_to_the_metric_range_with_a_note():
+    """Two seeds give a t interval with 12.7 standard errors on each side."""
+    from results_fixtures import results_frame
+
+    from evaluation.leaderboard import build_leaderboard
+
+    frames = []
+    for seed, value in ((0, 0.1), (1, 0.9)):
+        frame = results_frame(methods=("fam", "random"), seed=seed)
+        frame["energy_pointing_game"] = value
+        frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True)
+    frame["run"] = frame["seed"].map(lambda s: f"run{s}")
+    configs = {f"run{s}": {"seed": s, "metric": {"score": "probability"}} for s in (0, 1)}
+    board = build_leaderboard(frame, pool_seeds=True, configs=configs)
+    cell = board[(board["method"] == "fam") & (board["metric"] == "energy_pointing_game")]
+    assert cell["mean"].item() == pytest.approx(0.5)
+    assert (cell["ci95_low"].item(), cell["ci95_high"].item()) == (0.0, 1.0)
+    notes = json.loads(cell["notes"].item())
+    clip = [n for n in notes if "fam / energy_pointing_game" in n]
+    assert len(clip) == 1 and "clipped to [0, 1]" in clip[0] and "seeds" in clip[0]
+    auc = board[board["metric"].isin(["insertion_auc", "deletion_auc"])]  # probabilities
+    assert auc["ci95_high"].max() <= 1.0 and auc["ci95_low"].min() >= 0.0
+    from evaluation.registry import value_bounds
+
+    assert value_bounds("insertion_auc", "similarity") is None  # a cosine AUC may be < 0
+    assert value_bounds("pointing_game_other") == (0.0, 1.0)
