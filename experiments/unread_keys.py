@@ -46,7 +46,9 @@ def given_keys(overrides: list[str]) -> dict[str, str]:
     given = {}
     for arg in overrides:
         key, sep, value = arg.partition("=")
-        key = key.lstrip("+~")
+        if key.startswith("~"):  # a deletion sets nothing
+            continue
+        key = key.lstrip("+")
         if sep and "." in key and "@" not in key and "/" not in key:
             given[key] = value
     return given
@@ -73,7 +75,7 @@ def check_unread_keys(run: Any, overrides: list[str]) -> None:
                 f"shapes the episodes of task=fewshot; task={task} explains eval.num_queries "
                 "test queries in units of eval.unit_size"
             )
-        elif key == "data.root" and run.data.name in GENERATED_DATA:
+        elif key == "data.root" and run.data.root is not None and run.data.name in GENERATED_DATA:
             reason = (
                 f"is where a dataset read from disk lies (data=imagefolder, data=manifest, "
                 f"...); data={run.data.name} is generated in memory"
