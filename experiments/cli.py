@@ -32,8 +32,6 @@ EXIT_USER_ERROR = 2
 EXIT_SIGTERM = 128 + signal.SIGTERM
 #: write failures a user fixes by choosing another folder or freeing space
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
-#: flags after which Hydra does something other than one run (help, config printing)
-_HYDRA_ONLY_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve")
 _MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
@@ -163,8 +161,8 @@ def _check_before_hydra(args: list[str]) -> None:
     empty = _empty_path_override(args)
     if empty:
         raise FamBenchError(f"{empty} is empty; give a folder, e.g. {empty}=outputs/run1.")
-    if any(a.split("=", 1)[0] in _HYDRA_ONLY_FLAGS for a in args):
-        return
+    if any(a.startswith("-") and a not in _MULTIRUN_FLAGS for a in args):
+        return  # --help, --cfg, --config-dir ...: Hydra handles those
     multirun = any(a in _MULTIRUN_FLAGS for a in args)
     overrides = [a for a in args if a not in _MULTIRUN_FLAGS]
     jobs = sweep_jobs(overrides) if multirun else [overrides]
