@@ -60,15 +60,15 @@ def _worker_user_error(err: BaseException) -> str | None:
 
 def _unwritable_message(err: OSError, out: str) -> str:
     where = err.filename or out
-    fix = (
-        "Free some space"
-        if err.errno in (errno.ENOSPC, errno.EDQUOT)
-        else "Choose a writable folder"
-    )
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        head, fix = f"Cannot write {where}", "Free some space, or choose folders on another disk"
+    elif err.errno == errno.EROFS:
+        head, fix = f"Cannot write {where}", "Choose writable folders"
+    else:  # permissions, or a file where a folder should be: reading or writing
+        head, fix = f"Cannot access {where}", "Check that path (or choose other folders)"
     return (
-        f"Cannot write {where} ({err.strerror or err}). {fix} (the run folder is "
-        f"hydra.run.dir={out}, the model cache cache_dir=...); finished units are kept and "
-        "the same command resumes."
+        f"{head} ({err.strerror or err}). {fix}: the run folder is hydra.run.dir={out}, the "
+        "model cache cache_dir=...; finished units are kept and the same command resumes."
     )
 
 
