@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-BENCHMARKS = ["bench_explainers", "bench_metrics", "bench_e2e"]
+BENCHMARKS = ["bench_explainers", "bench_metrics", "bench_e2e", "bench_content_hash"]
 RESULTS = Path(__file__).parent / "results"
 
 

@@ -424,11 +424,36 @@ def _headings(tables: dict[tuple, pd.DataFrame], configs: dict[str, dict]) -> di
 
 
 # -- aggregation ----------------------------------------------------------------------------
+def _clipped(
+    found: stats.Interval, bounds: tuple[float, float] | None, what: str, clips: list[str]
+) -> stats.Interval:
+    """``found`` clipped to the metric's ``bounds``; each clip leaves a note in ``clips``
+    (an interval reaching past the possible values is too wide to say much)."""
+    if bounds is None or not (found.low < bounds[0] or found.high > bounds[1]):
+        return found
+    low, high = max(found.low, bounds[0]), min(found.high, bounds[1])
+    clips.append(
+        f"{what}: the {found.kind} interval [{found.low:.3g}, {found.high:.3g}] reaches past "
+        f"the metric's range [{bounds[0]:g}, {bounds[1]:g}] and is shown clipped to "
+        f"[{low:.3g}, {high:.3g}]; too few "
+        f"{'seeds' if found.kind == 't-seeds' else 'samples'} for it to say much."
+    )
+    return stats.Interval(found.mean, low, high, found.n, found.kind)
+
+
 def _cell_stats(
-    group: pd.DataFrame, column: str, cluster: str | None, pool_seeds: bool
+    group: pd.DataFrame,
+    column: str,
+    cluster: str | None,
+    pool_seeds: bool,
+    bounds: tuple[float, float] | None = None,
+    clips: list[str] | None = None,
 ) -> tuple[stats.Interval, int]:
-    """The entry's interval on ``column`` and its number of seeds."""
+    """The entry's interval on ``column`` (clipped to ``bounds``, each clip noted in
+    ``clips``) and its number of seeds."""
     spec = registry.spec_of(column)
+    clips = [] if clips is None else clips
+    what = f"{group['label_'].iloc[0]} / {column}" if "label_" in group else column
     values = group[column].astype(float)
     seeds = group["seed"]
     n_seeds = int(seeds[values.notna()].nunique())
@@ -436,10 +461,8 @@ def _cell_stats(
         seed_means = values.groupby(seeds).mean().dropna()
         found = stats.t_interval(seed_means.to_numpy())
         n = int(values.notna().sum())
-        low, high = found.low, found.high
-        if spec.binary:
-            low, high = max(low, 0.0), min(high, spec.scale)
-        return stats.Interval(found.mean, low, high, n, "t-seeds"), n_seeds
+        pooled = stats.Interval(found.mean, found.low, found.high, n, "t-seeds")
+        return _clipped(pooled, bounds, what, clips), n_seeds
     clusters = None
     if cluster is not None:
         clusters = (group["seed"].astype(str) + "/" + group[cluster].astype(str)).to_numpy()
@@ -451,7 +474,7 @@ def _cell_stats(
         found.n,
         found.kind,
     )
-    return scaled, n_seeds
+    return _clipped(scaled, bounds, what, clips), n_seeds
 
 
 def _decimals(means: pd.Series) -> int:
@@ -491,11 +514,23 @@ def _rank(rows: list[dict]) -> None:
             row["best"] = len(top) == 1 and row is top[0]
 
 
+def _table_score(table: pd.DataFrame, configs: dict[str, dict]) -> str | None:
+    """The ``metric.score`` all of the table's runs used (``None``: unknown or mixed)."""
+    if "run" not in table:
+        return None
+    scores = {
+        ((configs.get(run) or {}).get("metric") or {}).get("score") for run in set(table["run"])
+    }
+    return scores.pop() if len(scores) == 1 else None
+
+
 def _table_rows(
     table: pd.DataFrame,
     reference: str,
     pool_seeds: bool,
     sanity: pd.DataFrame | None,
+    score: str | None = None,
+    clips: list[str] | None = None,
 ) -> list[dict]:
     labels = list(dict.fromkeys(table["label_"]))
     names = table.groupby("label_")["method"].first()
@@ -515,7 +550,8 @@ def _table_rows(
             else math.nan
         )
         for column in columns:
-            found, n_seeds = _cell_stats(group, column, cluster, pool_seeds)
+            bounds = registry.value_bounds(column, score)
+            found, n_seeds = _cell_stats(group, column, cluster, pool_seeds, bounds, clips)
             p_value, test, n_pairs, versus = math.nan, "", 0, ""
             if has_reference and label != reference:
                 x, y = paired(table, label, reference, column, SAMPLE_KEYS)
@@ -676,7 +712,11 @@ def build_leaderboard(
         seeds = sorted(set(table["seed"]))
         if pool_seeds and len(seeds) > 1:
             notes.append(f"seeds {', '.join(seeds)} pooled as a seed level (--pool-seeds).")
-        table_rows = _table_rows(table, reference, pool_seeds, sanity)
+        clips: list[str] = []
+        table_rows = _table_rows(
+            table, reference, pool_seeds, sanity, _table_score(table, configs), clips
+        )
+        notes += clips
         for row in table_rows:
             row.update(
                 table=number,
@@ -866,14 +906,21 @@ def write_leaderboard(board: pd.DataFrame, out: str | Path, html: bool = True) -
     Returns the CSV and Markdown paths.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "leaderboard.csv", out / "leaderboard.md"
-    board.to_csv(csv_path, index=False)
-    md_path.write_text(to_markdown(board), encoding="utf-8")
-    if html:
-        from evaluation.report import write_leaderboard_report
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        board.to_csv(csv_path, index=False)
+        md_path.write_text(to_markdown(board), encoding="utf-8")
+        if html:
+            from evaluation.report import write_leaderboard_report
 
-        write_leaderboard_report(board, out / "leaderboard.html")
+            write_leaderboard_report(board, out / "leaderboard.html")
+    except OSError as err:
+        raise FamBenchError(
+            f"The leaderboard cannot be written to {out} ({err.strerror or err}"
+            f"{': ' + str(err.filename) if err.filename else ''}). Choose a writable folder "
+            "with --out <folder>."
+        ) from None
     return csv_path, md_path
 
 

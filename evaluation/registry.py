@@ -92,6 +92,9 @@ class MetricSpec:
     ``needs_confidence``: needs a non-negative score. ``has_other``: also scored against
     the other object of a pairs image. ``curves``: the curve kinds it leaves in
     ``curves.npz``. ``per_sample``: ``False`` for run-level checks (``sanity``).
+    ``bounds``: the range every value lies in, in displayed units (intervals are clipped
+    to it, with a note); ``None`` when it depends on the score (the curve metrics: [0, 1]
+    for ``metric.score=probability``, see :func:`value_bounds`).
     """
 
     name: str
@@ -105,6 +108,7 @@ class MetricSpec:
     has_other: bool = False
     per_sample: bool = True
     curves: tuple[str, ...] = ()
+    bounds: tuple[float, float] | None = None
 
 
 METRICS: dict[str, MetricSpec] = {}
@@ -118,6 +122,18 @@ def register(spec: MetricSpec) -> MetricSpec:
         raise FamBenchError(f"metric {spec.name!r}: direction must be 'lower' or 'higher'.")
     METRICS[spec.name] = spec
     return spec
+
+
+def value_bounds(column: str, score: str | None = None) -> tuple[float, float] | None:
+    """The range every value of ``column`` lies in (displayed units), or ``None``: the
+    spec's ``bounds``, or [0, 1] for a curve metric whose runs scored probabilities
+    (``score``: their ``metric.score``)."""
+    spec = spec_of(column)
+    if spec.bounds is not None:
+        return spec.bounds
+    if spec.curves and score == "probability":
+        return (0.0, 1.0)
+    return None
 
 
 def spec_of(column: str) -> MetricSpec:
@@ -304,6 +320,7 @@ register(
         binary=True,
         needs_masks=True,
         has_other=True,
+        bounds=(0.0, 1.0),
     )
 )
 register(
@@ -314,6 +331,7 @@ register(
         _energy,
         needs_masks=True,
         has_other=True,
+        bounds=(0.0, 1.0),
     )
 )
 register(
@@ -323,6 +341,7 @@ register(
         "Grad-CAM++ Average Drop (%): relative score drop on image x map",
         _drop,
         needs_confidence=True,
+        bounds=(0.0, 100.0),
     )
 )
 register(
@@ -334,6 +353,7 @@ register(
         binary=True,
         scale=100.0,
         needs_confidence=True,
+        bounds=(0.0, 100.0),
     )
 )
 register(

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -26,7 +25,7 @@ from experiments.config import (
     short_hash,
     signature_options,
 )
-from fam.errors import FamBenchError
+from fam.errors import FamBenchError, out_of_memory_message
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +95,23 @@ def data_content(run: RunConfig, train_set: Any, eval_set: Any) -> dict[str, str
     ``data.root`` itself is an execution key (the same copy of a dataset may sit at another
     path on another machine), so what identifies the data in the model cache, the run
     fingerprint and ``table_id`` is this content id instead: the class names, labels,
-    boxes, and each file's path below the root and size (an array dataset: its shape and a
-    sample of its pixels). Pointing ``data.root`` at another folder is another dataset:
+    boxes, and each file's path below the root and the sha256 of its bytes (an array
+    dataset: its shape and every pixel; :mod:`experiments.data.content`, cached in
+    ``cache_dir``). Pointing ``data.root`` at another folder is another dataset:
     another model, another table, and a refused resume."""
+    from experiments.data.content import DIGEST_CACHE, DigestCache
+
     if run.data.root is None:
         return {}
     root = Path(to_absolute_path(run.data.root))
-    return {
-        "train": dataset_content_id(train_set, root),
-        "eval": dataset_content_id(eval_set, root),
-    }
+    cache = DigestCache(Path(to_absolute_path(run.cache_dir)) / DIGEST_CACHE)
+    try:
+        return {
+            "train": dataset_content_id(train_set, root, cache),
+            "eval": dataset_content_id(eval_set, root, cache),
+        }
+    finally:
+        cache.close()
 
 
 def located_data(run: RunConfig, content_id: str | None) -> dict[str, Any]:
@@ -118,7 +124,11 @@ def located_data(run: RunConfig, content_id: str | None) -> dict[str, Any]:
     return data
 
 
-def dataset_content_id(dataset: Any, root: Path) -> str:
+def dataset_content_id(dataset: Any, root: Path, cache: Any = None) -> str:
+    """The content id of one split (:func:`data_content`); ``cache``: a
+    :class:`~experiments.data.content.DigestCache` of file digests."""
+    from experiments.data.content import array_digest, file_digests
+
     digest = hashlib.sha256()
 
     def add(value: Any) -> None:
@@ -135,25 +145,23 @@ def dataset_content_id(dataset: Any, root: Path) -> str:
         add(list(labels))
     root = root.resolve()
     for name in ("paths", "mask_paths"):
-        for path in getattr(dataset, name, None) or []:
+        paths = [
+            None if p is None else Path(p).resolve() for p in getattr(dataset, name, None) or []
+        ]
+        hashes = file_digests([p for p in paths if p is not None], cache)
+        found = iter(hashes)
+        for path in paths:
             if path is None:
                 add(None)
                 continue
-            path = Path(path).resolve()
             where = path.relative_to(root) if path.is_relative_to(root) else path
-            try:
-                size = path.stat().st_size
-            except OSError:
-                size = -1
-            add((str(where), size))
+            add((str(where), next(found)))
     boxes = getattr(dataset, "boxes", None)
     if isinstance(boxes, torch.Tensor):
         digest.update(boxes.cpu().numpy().tobytes())
     images = getattr(dataset, "images", None)
     if images is not None and hasattr(images, "shape") and len(images):
-        add(tuple(images.shape))
-        for i in sorted({int(j) for j in torch.linspace(0, len(images) - 1, 16).tolist()}):
-            digest.update(np.ascontiguousarray(images[i]).tobytes())
+        add(array_digest(images))
     return digest.hexdigest()[:16]
 
 
@@ -244,6 +252,9 @@ def probe(model: nn.Module, run: RunConfig, device: torch.device) -> tuple[int, 
         with torch.no_grad(), eval_mode(model):
             out = model(x)
     except RuntimeError as err:
+        memory = out_of_memory_message(err)
+        if memory is not None:
+            raise FamBenchError(memory) from None
         first = str(err).strip().splitlines()[0]
         raise FamBenchError(
             f"Model {model_label(run)!r} cannot take {size}x{size} images ({first}). The image "

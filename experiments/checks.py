@@ -17,6 +17,13 @@ leaderboard shows them beside the table), when:
 - ``centre_prior``: the ``center`` floor's pointing game is within 5 points of the best
   method's or above it: ``metric.tolerance`` is too large for the image size
   (:func:`evaluation.summary.centre_prior_warning`; the leaderboard checks each table).
+
+Before the run, :func:`settings_warnings` warns about settings that make a metric
+degenerate whatever the model (recorded in the same file):
+
+- ``few_curve_points``: a deletion/insertion curve of fewer than 8 points (its area is a
+  coarse trapezoid: at ``metric.step=100000`` FAM and random both score 0.3932);
+- ``coarse_step``: ``metric.step`` changes more than a tenth of the image's pixels at once.
 """
 
 from __future__ import annotations
@@ -36,6 +43,54 @@ DEGENERATE_SHARE = 0.5
 MIN_MAP_SIDE = 3
 CHANCE_MARGIN = 0.02
 EXCLUDED_SHARE = 0.10
+
+
+MIN_CURVE_POINTS = 8
+MAX_STEP_SHARE = 0.1
+
+
+def settings_warnings(settings: dict[str, Any], metrics: list[str]) -> list[dict[str, Any]]:
+    """Warnings about resolved metric ``settings`` (``step`` and ``image_size`` in pixels)
+    that make the curve metrics among ``metrics`` degenerate (module docstring)."""
+    from evaluation.registry import METRICS
+
+    curves = [m for m in metrics if METRICS[m].curves]
+    if not curves:
+        return []
+    pixels = int(settings["image_size"]) ** 2
+    step = int(settings["step"])
+    points = math.ceil(pixels / step) + 1
+    out = []
+    finer = max(1, pixels // 100)
+    fix = (
+        f"lower metric.step (metric.step={finer} gives {math.ceil(pixels / finer) + 1} points; "
+        f"unset, it is one image row, {settings['image_size']} pixels)"
+    )
+    if points < MIN_CURVE_POINTS:
+        out.append(
+            {
+                "code": "few_curve_points",
+                "message": (
+                    f"{', '.join(curves)}: each curve has {points} points (metric.step={step} "
+                    f"of {pixels} pixels), fewer than {MIN_CURVE_POINTS}: the area under it "
+                    f"cannot tell a good map from a random one; {fix}."
+                ),
+            }
+        )
+    if step > MAX_STEP_SHARE * pixels:
+        out.append(
+            {
+                "code": "coarse_step",
+                "message": (
+                    f"{', '.join(curves)}: metric.step={step} changes "
+                    f"{min(step, pixels) / pixels:.0%} of the image's {pixels} pixels at "
+                    f"once (more than {MAX_STEP_SHARE:.0%}); {fix}."
+                ),
+            }
+        )
+    for warning in out:
+        log.warning("WARNING: %s", warning["message"])
+    return out
 
 
 def run_warnings(

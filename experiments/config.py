@@ -234,6 +234,14 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _at_least("seed", self.seed, 0)
+        # an empty path is the current directory: the model would land wherever run.py runs
+        if not str(self.cache_dir).strip():
+            raise FamBenchError(
+                "cache_dir is empty; give the folder for trained models, e.g. "
+                "cache_dir=.cache/fam-bench (or leave it unset)."
+            )
+        if self.output_dir is not None and not str(self.output_dir).strip():
+            raise FamBenchError("output_dir is empty; give a folder or leave it unset (null).")
         for key in ("methods", "metrics"):
             names = list(getattr(self, key))
             if not names:
@@ -307,7 +315,11 @@ def compose_config(
         if message is None:
             raise
         raise FamBenchError(message) from None
-    load(cfg, overrides)  # `+key=value` bypasses Hydra's key check: the schema catches it
+    from experiments.unread_keys import check_unread_keys
+
+    # `+key=value` bypasses Hydra's key check: the schema catches it; a key that exists but
+    # that this experiment, data, task and model never read is refused too
+    check_unread_keys(load(cfg, overrides), overrides)
     return cfg
 
 

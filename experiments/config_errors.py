@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -30,6 +31,9 @@ def explain_error(
 
     if not isinstance(err, HydraException | OmegaConfBaseException):
         return None
+    cause = err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        err = cause  # "Error merging override k=v" says neither what is wrong nor the fix
     text = " ".join(str(err).split("Config search path:")[0].split())
     if "Available options in" in text:  # an unknown group choice (experiment=..., model=...)
         head, _, options = text.partition("Available options in")
@@ -48,8 +52,55 @@ def explain_error(
     return unknown_key_message(key, overrides, config_dir)
 
 
+#: how a schema type is named in messages, with an example value
+_TYPE_NAMES = {
+    int: ("an integer", "3"),
+    float: ("a number", "0.5"),
+    bool: ("true or false", "true"),
+    str: ("a string", "name"),
+}
+
+
+def expected_type(key: str) -> tuple[str, str] | None:
+    """``(what key takes, an example value)`` from the :class:`RunConfig` schema, or
+    ``None`` for keys outside it (task, method, options)."""
+    import dataclasses
+    import types
+    import typing
+
+    from experiments.config import RunConfig
+
+    node: Any = RunConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None
+        node = hints[part]
+    optional = False
+    if isinstance(node, types.UnionType) or typing.get_origin(node) is typing.Union:
+        args = [a for a in typing.get_args(node) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(node))
+        node = args[0] if len(args) == 1 else node
+    if node not in _TYPE_NAMES:
+        return None
+    name, example = _TYPE_NAMES[node]
+    return (f"{name} or null" if optional else name), example
+
+
 def type_error(text: str) -> str:
-    text = re.sub(r"\s*object_type=\S+", "", text)
+    """A wrong value as one sentence: the key, what it takes, the value given."""
+    key = re.search(r"full_key: ([\w.\[\]-]+)", text)
+    value = re.search(r"Value '([^']*)'", text)
+    expected = expected_type(key.group(1)) if key else None
+    if key and expected:
+        what, example = expected
+        given = f", got {value.group(1)!r}" if value else ""
+        return (
+            f"Wrong value type: {key.group(1)} takes {what}{given}; e.g. {key.group(1)}={example}."
+        )
+    text = re.sub(r"\s*(object_type|reference_type)=\S+", "", text)
     return f"Wrong value type: {text.replace('full_key:', 'key:')}"
 
 

@@ -66,19 +66,33 @@ def _require(module: str, extra: str) -> None:
         ) from err
 
 
+def log_version(logs: Path) -> str:
+    """Where this run's logs go below ``logs``: ``logs`` itself for the first run of the
+    folder, ``logs/run_<k>`` for the k-th (a resumed or repeated run), so the training
+    curves of an earlier run are kept beside the new ones, never replaced (Lightning's
+    CSV logger would rewrite ``metrics.csv``)."""
+    if not logs.is_dir() or not any(p.is_file() for p in logs.iterdir()):
+        return ""
+    k = 2
+    while (logs / f"run_{k}").exists():
+        k += 1
+    return f"run_{k}"
+
+
 def build_logger(cfg: dict[str, Any], out: Path, run_name: str) -> RunLogger:
-    """The logger named by ``cfg.name`` writing under ``out / "logs"``."""
+    """The logger named by ``cfg.name`` writing under ``out / "logs"`` (:func:`log_version`)."""
     kind = str(cfg.get("name", "csv"))
     save_dir = str(Path(out) / "logs")
+    version = log_version(Path(save_dir))
     if kind == "csv":
         from pytorch_lightning.loggers import CSVLogger
 
-        return RunLogger(CSVLogger(save_dir, name="", version=""), kind)
+        return RunLogger(CSVLogger(save_dir, name="", version=version), kind)
     if kind == "tensorboard":
         _require("tensorboard", "tensorboard")
         from pytorch_lightning.loggers import TensorBoardLogger
 
-        return RunLogger(TensorBoardLogger(save_dir, name="", version=""), kind)
+        return RunLogger(TensorBoardLogger(save_dir, name="", version=version), kind)
     if kind == "wandb":
         _require("wandb", "wandb")
         from pytorch_lightning.loggers import WandbLogger

@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from evaluation.registry import METRICS, metric_columns
 from experiments import builders, config
+from experiments.checks import settings_warnings
 from experiments.store import OutputStore
 from experiments.tasks import family_for
 from experiments.worker import Job, launch
@@ -87,6 +88,14 @@ def check_metrics(names: list[str]) -> list[str]:
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise FamBenchError(f"Unknown metric(s) {unknown}. Valid metrics: {list(METRICS)}.")
+    if not any(METRICS[n].per_sample for n in names):
+        per_sample = [n for n, spec in METRICS.items() if spec.per_sample]
+        raise FamBenchError(
+            f"metrics={names} has no per-sample metric: {', '.join(names)} is a run-level "
+            "check beside the metrics, and a run without one has no results table (nor a "
+            f"leaderboard row). Add one, e.g. metrics=[deletion_auc,{','.join(names)}] "
+            f"(valid: {', '.join(per_sample)})."
+        )
     return names
 
 
@@ -227,6 +236,7 @@ def run(
         )
         job.notes = notes
         job.skipped_metrics = skipped
+        job.setting_warnings = settings_warnings(settings, metrics)
 
         task_path = out / "task_metrics.csv"
         if not task_path.is_file():
@@ -353,7 +363,7 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
     )
     # the heads replaced by identity (model.strip_head) change what is explained
     strips = [strip.warning for strip in getattr(job.model, "head_strips", [])]
-    warnings = [*job.skipped_metrics, *strips, *warnings]
+    warnings = [*job.skipped_metrics, *job.setting_warnings, *strips, *warnings]
     store.write_json("warnings.json", warnings)
     figures = write_figures(job, merged, summary, eval_set, evaluation)
     settings_ids = {name: cols["settings_id"] for name, cols in job.method_columns.items()}

@@ -1,5 +1,7 @@
 """The output store: a run folder's lock, fingerprint claim, result shards and merge.
 
+- **Own folder**: a folder holding files no run wrote (someone's ``results.csv``) is
+  refused, naming them, before anything is written into it.
 - **Lock**: ``.lock`` holds an exclusive ``flock`` for the run's lifetime; a second run
   started on the same folder is refused. The lock dies with its process (a killed run
   leaves no stale lock to clear by hand).
@@ -18,6 +20,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
@@ -32,6 +35,40 @@ from experiments.config import flatten
 from fam.errors import FamBenchError
 
 SHARD_DIR = "shards"
+#: what a run writes into its folder (besides Hydra's ``.hydra/`` and ``<job>.log``)
+RUN_FILES = frozenset(
+    {
+        ".lock",
+        "run.json",
+        SHARD_DIR,
+        "task_metrics.csv",
+        "results.csv",
+        "curves.npz",
+        "sanity.csv",
+        "summary.csv",
+        "warnings.json",
+        "settings.json",
+        "environment.json",
+        "report.html",
+        "maps.png",
+        "curves.png",
+        "summary.png",
+        "sanity.png",
+        "model.pt",
+        "model.task.pt",
+        "logs",
+    }
+)
+#: what may stand in a folder before the run's ``run.json`` does: Hydra writes its
+#: config and log before the run starts; shards are checked against the fingerprint
+_BEFORE_CLAIM = frozenset({".lock", ".hydra", SHARD_DIR})
+#: the log Hydra writes for ``fam-bench`` / ``run.py`` (the job is named after
+#: :mod:`experiments.cli`, where ``hydra.main`` is called); ``hydra.job.name`` renames it
+HYDRA_LOG = "cli.log"
+#: leftovers of an atomic write killed half-way (:mod:`experiments.atomic`)
+_ATOMIC_TMP = re.compile(r"^\..+\.\d+\.tmp$")
+#: a disk with less free space than this cannot take a run's outputs
+MIN_FREE_BYTES = 1 << 20
 
 
 def _unwritable(out: Path, err: OSError) -> FamBenchError:
@@ -39,6 +76,74 @@ def _unwritable(out: Path, err: OSError) -> FamBenchError:
         f"The output folder {out} cannot be written ({err.strerror or err}). Choose a "
         "writable folder with hydra.run.dir=<folder> (or free some space)."
     )
+
+
+def _hydra_log() -> str | None:
+    """The log file Hydra writes into the run folder (``<job name>.log``), if under Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return f"{HydraConfig.get().job.name}.log"
+    except Exception:  # noqa: BLE001 - not started by Hydra (Python API, tests)
+        return None
+
+
+def foreign_files(out: Path, hydra_log: str | None = None) -> list[str]:
+    """Entries of ``out`` that no run wrote: anything outside :data:`RUN_FILES`, and run
+    outputs in a folder without the ``run.json`` every run writes first."""
+    if not out.is_dir():
+        return []
+    claimed = (out / "run.json").is_file()
+    ours = (RUN_FILES if claimed else _BEFORE_CLAIM) | {".hydra", HYDRA_LOG, hydra_log or HYDRA_LOG}
+    return sorted(
+        p.name for p in out.iterdir() if p.name not in ours and not _ATOMIC_TMP.match(p.name)
+    )
+
+
+def refuse_foreign_files(out: Path, hydra_log: str | None = None) -> None:
+    """A run never writes into a folder holding files it did not write."""
+    foreign = foreign_files(out, hydra_log)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (
+            f" (+{len(foreign) - 8} more)" if len(foreign) > 8 else ""
+        )
+        raise FamBenchError(
+            f"The output folder {out} holds files no run of fam-bench wrote ({shown}); a run "
+            "would write results.csv, report.html and more beside them, and overwrite any of "
+            "the same name. Use a new or empty folder (hydra.run.dir=<folder>)."
+        )
+
+
+def check_output_folder(
+    out: str | os.PathLike, flag: str = "hydra.run.dir", hydra_log: str | None = None
+) -> None:
+    """Refuse an output folder that cannot be written, before anything is written: a file
+    standing at it or above it, a read-only mount (``os.access`` reports a read-only file
+    system even to root), a full disk, or files no run wrote (:func:`refuse_foreign_files`)."""
+    out = Path(out).absolute()
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    fix = f"Choose another folder with {flag}=<folder>"
+    if not existing.is_dir():
+        raise FamBenchError(
+            f"The output folder {out} cannot be created: {existing} is a file, not a folder. "
+            f"{fix}, or move that file."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FamBenchError(
+            f"The output folder {out} cannot be written: {existing} is read-only (a read-only "
+            f"mount or no write permission). {fix}."
+        )
+    stats = os.statvfs(existing)
+    free = stats.f_bavail * stats.f_frsize
+    if free < MIN_FREE_BYTES:
+        raise FamBenchError(
+            f"The output folder {out} cannot be written: its disk is full ({free} bytes free "
+            f"at {existing}). Free some space, or {fix[0].lower()}{fix[1:]}."
+        )
+    if existing == out:
+        refuse_foreign_files(out, hydra_log)
 
 
 class OutputStore:
@@ -50,6 +155,7 @@ class OutputStore:
 
     # -- lock -----------------------------------------------------------------------------
     def __enter__(self) -> OutputStore:
+        refuse_foreign_files(self.out, _hydra_log())  # before the lock file is written
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             self._lock_file = open(self.out / ".lock", "a+")  # noqa: SIM115 - held open

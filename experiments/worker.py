@@ -56,6 +56,7 @@ class Job:
     notes: list[str] = field(default_factory=list)
     #: ``metric_skipped`` warnings (metrics the data or the score cannot support)
     skipped_metrics: list[dict[str, str]] = field(default_factory=list)
+    setting_warnings: list[dict[str, str]] = field(default_factory=list)
 
 
 _FALLBACK_NOTED: set[str] = set()

@@ -28,3 +28,21 @@ def exit_on_user_error(main: Callable[[], int]) -> NoReturn:
         print(f"{PREFIX}{err}", file=sys.stderr)
         sys.exit(2)
     sys.exit(status)
+
+
+#: how PyTorch and the host allocator word running out of memory
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def out_of_memory_message(err: BaseException) -> str | None:
+    """The user-facing message of an out-of-memory error (CUDA or host), else ``None``."""
+    text = str(err)
+    if type(err).__name__ != "OutOfMemoryError" and not any(m in text for m in _OOM_MARKERS):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return (
+        f"The run ran out of memory ({first[:200]}). Lower the batch sizes: "
+        "eval.batch_size (images per explainer call) and metric.batch_size (images per "
+        "deletion/insertion forward pass), or data.image_size. Finished units are kept; "
+        "the same command resumes."
+    )

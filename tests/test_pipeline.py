@@ -305,11 +305,13 @@ def test_each_experiment_runs_end_to_end_on_its_format(experiment, cache, tmp_pa
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(cache, tmp_path):
     from experiments.models import build_model
+    from experiments.unread_keys import TRAINING_KEYS
 
     path = tmp_path / "other.pt"
     torch.save(build_model("conv4", hidden=8).state_dict(), path)
+    loaded = [o for o in TINY if o.split("=")[0] not in TRAINING_KEYS]  # nothing is trained
     with pytest.raises(FamBenchError, match="does not fit the model"):
-        pipeline.run(config(cache, *TINY, *SUBSET, f"model.checkpoint={path}"), tmp_path / "o")
+        pipeline.run(config(cache, *loaded, *SUBSET, f"model.checkpoint={path}"), tmp_path / "o")
 
 
 def test_an_episode_shape_the_data_cannot_fill_is_a_clear_error(cache, tmp_path):

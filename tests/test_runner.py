@@ -130,7 +130,6 @@ def test_interface_overrides_reach_their_settings():
         "data.root=/data/mini",
         "data.image_size=64",
         "model=resnet12",
-        "model.checkpoint=/ckpt.pt",
         "trainer.max_steps=7",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
@@ -138,29 +137,25 @@ def test_interface_overrides_reach_their_settings():
         "eval.n_way=3",
         "eval.n_shot=1",
         "eval.n_query=4",
-        "eval.num_queries=9",
         "methods=[fam,gradcam]",
         "metrics=[pointing_game]",
         "seed=5",
     )
-    assert (cfg.data.root, cfg.data.image_size, cfg.model.name, cfg.model.checkpoint) == (
-        "/data/mini",
-        64,
-        "resnet12",
-        "/ckpt.pt",
-    )
+    assert (cfg.data.root, cfg.data.image_size, cfg.model.name) == ("/data/mini", 64, "resnet12")
     # a model choice on the command line wins over the experiment's, with its own options
     assert dict(cfg.model.options) == {}
     assert (cfg.trainer.max_steps, cfg.trainer.accelerator, cfg.trainer.devices) == (7, "cpu", 2)
-    assert (
-        cfg.eval.num_episodes,
-        cfg.eval.n_way,
-        cfg.eval.n_shot,
-        cfg.eval.n_query,
-        cfg.eval.num_queries,
-    ) == (3, 3, 1, 4, 9)
+    assert (cfg.eval.num_episodes, cfg.eval.n_way, cfg.eval.n_shot, cfg.eval.n_query) == (
+        3,
+        3,
+        1,
+        4,
+    )
     assert list(cfg.methods) == ["fam", "gradcam"] and list(cfg.metrics) == ["pointing_game"]
     assert cfg.seed == 5
+    given = composed("experiment=miniimagenet_5way", "model.checkpoint=/ckpt.pt")
+    assert given.model.checkpoint == "/ckpt.pt"
+    assert composed("experiment=synthetic_retrieval", "eval.num_queries=9").eval.num_queries == 9
 
 
 def test_launchers_and_loggers_compose():
@@ -258,8 +253,8 @@ def test_the_unit_size_of_neighbour_tasks_is_in_settings_id():
             for n in (8, 32)
         }
         assert len(ids) == 2, experiment
-    fewshot = {builders.settings_id(settings_of(typed(f"eval.unit_size={n}"))) for n in (8, 32)}
-    assert len(fewshot) == 1  # an episode is the unit there
+    with pytest.raises(FamBenchError, match="eval.unit_size=8 would be ignored"):
+        typed("eval.unit_size=8")  # an episode is the unit of few-shot runs
 
 
 def test_method_options_record_the_precision_that_runs():

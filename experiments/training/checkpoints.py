@@ -178,11 +178,11 @@ OMEGACONF_GLOBALS = _omegaconf_globals()
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """The content of a checkpoint file, read without running pickled code (module doc)."""
     path = Path(path)
-    if not path.is_file():
+    what = _not_a_checkpoint(path)
+    if what is not None:
         raise FamBenchError(
-            f"Checkpoint {path} does not exist. Give the path of a saved state_dict, a "
-            "Lightning checkpoint or a .safetensors file, or leave the checkpoint unset to "
-            "train."
+            f"Checkpoint {path} {what}. Give the path of a saved state_dict, a Lightning "
+            "checkpoint or a .safetensors file, or leave the checkpoint unset to train."
         )
     if path.suffix == ".safetensors" or _is_safetensors(path):
         from safetensors import SafetensorError
@@ -208,7 +208,7 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
             "refuses (it could run code). Save the weights alone, e.g. "
             "torch.save(model.state_dict(), path), or as .safetensors"
             if unsupported
-            else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else err}"
+            else _torch_reason(err)
         )
         raise FamBenchError(
             f"Checkpoint {path} could not be read with torch.load(weights_only=True): {why}."
@@ -270,6 +270,46 @@ def unread_entries(payload: Any, where: str = "", depth: int = 6) -> dict[str, s
         if not isinstance(value, torch.Tensor):
             found.update(unread_entries(value, f"{where}.{key}" if where else str(key), depth - 1))
     return found
+
+
+#: how every file ``torch.save`` writes begins: a zip archive, or (legacy) a pickle
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What ``path`` is when it cannot be a checkpoint at all, else ``None``."""
+    if path.is_dir():
+        return "is a folder, not a file (give the weights file inside it)"
+    if not path.exists():
+        return "does not exist"
+    size = path.stat().st_size
+    if size == 0:
+        return "is an empty file (0 bytes): its writing was interrupted or it was never written"
+    if path.suffix == ".safetensors" or _is_safetensors(path):
+        return None
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if not head.startswith(_TORCH_MAGIC):
+        return (
+            f"is not a torch file ({size} bytes, beginning {head!r}: neither the zip archive "
+            "torch.save writes nor a pickle nor safetensors)"
+        )
+    return None
+
+
+def _torch_reason(err: BaseException) -> str:
+    """torch.load's complaint in one line, without its advice to load with
+    ``weights_only=False`` (which would run any code the file holds)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [
+        line
+        for line in lines
+        if "weights_only" not in line
+        and "Weights only load failed" not in line
+        and not line.startswith(("(1)", "(2)", "Please file", "Check the documentation"))
+    ]
+    detail = lines[0].removeprefix("WeightsUnpickler error: ") if lines else ""
+    return f"it is damaged or truncated ({type(err).__name__}{': ' + detail if detail else ''})"
 
 
 def _is_safetensors(path: Path) -> bool:

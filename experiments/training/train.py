@@ -77,7 +77,7 @@ def train_or_load(
         # weights without a sidecar the family needs are an incomplete entry: retrain
         if path.is_file() and (load_task_state(family, path) or not requires_task_state(family)):
             log.info("loading the cached model %s", path)
-            load_weights(model, path)
+            load_cached_weights(model, path)
             return model.eval()
     log.info("training for %d steps", as_trainer(trainer_cfg).max_steps)
     device = model_device(model)
@@ -100,6 +100,18 @@ def train_or_load(
     if trainer.is_global_zero and (path is not None or fallback_dir is not None):
         _keep(model, path, fallback_dir, notes, state)
     return model.eval()
+
+
+def load_cached_weights(model: nn.Module, path: Path) -> None:
+    """Load a model-cache entry; one that cannot be read is named as a cache entry that
+    can be deleted (the run then retrains), never as the user's checkpoint."""
+    try:
+        load_weights(model, path)
+    except FamBenchError as err:
+        raise FamBenchError(
+            f"The model-cache entry {path} cannot be used: {err} This is a cache file the "
+            f"suite wrote, not your checkpoint: delete it (rm {path}) and run again to retrain."
+        ) from None
 
 
 def task_state_path(weights: str | os.PathLike) -> Path:
@@ -178,30 +190,52 @@ def _keep(
     state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Save the trained weights (and the family's sidecar) to the cache, or to the run
-    folder when that fails."""
-    error = None
-    if path is not None:
+    folder when that fails for any reason (a full disk makes ``torch.save`` raise a
+    ``RuntimeError``, not an ``OSError``). When both fail the model stays in memory for
+    this run's evaluation and a note says where it could not be saved."""
+    failures = []
+    for target in (path, Path(fallback_dir) / "model.pt" if fallback_dir is not None else None):
+        if target is None:
+            continue
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if state:  # the sidecar first: weights alone would be an incomplete entry
-                save_task_state(state, path)
-            save_weights(model, path)
-            return
-        except OSError as err:
-            error = err
-    if fallback_dir is None:
+            _save(model, target, state)
+        except Exception as err:  # noqa: BLE001 - any write failure: try the next place
+            failures.append(f"{target}: {_why(err)}")
+            continue
+        if target != path:
+            _note(
+                notes,
+                f"the model cache {path.parent if path else None} could not be written "
+                f"({failures[0].split(': ', 1)[1]}); the trained model was saved to "
+                f"{target} instead (reuse it with model.checkpoint={target}).",
+            )
+        return
+    if fallback_dir is None and path is not None:
         raise FamBenchError(
-            f"The trained model could not be written to the cache {path} ({error}); set "
+            f"The trained model could not be written to the cache ({failures[0]}); set "
             "cache_dir=<a writable folder>."
         )
-    kept = Path(fallback_dir) / "model.pt"
-    if state:
-        save_task_state(state, kept)
-    save_weights(model, kept)
-    note = (
-        f"the model cache {path.parent if path else None} is not writable ({error}); the "
-        f"trained model was saved to {kept} instead (reuse it with model.checkpoint={kept})."
+    _note(
+        notes,
+        f"the trained model could not be saved anywhere ({'; '.join(failures)}); it is "
+        "evaluated from memory and lost when the run ends. Free some space or choose "
+        "writable folders (cache_dir=..., hydra.run.dir=...) to keep it.",
     )
+
+
+def _save(model: nn.Module, path: Path, state: dict[str, torch.Tensor] | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if state:  # the sidecar first: weights alone would be an incomplete entry
+        save_task_state(state, path)
+    save_weights(model, path)
+
+
+def _why(err: BaseException) -> str:
+    text = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _note(notes: list[str] | None, note: str) -> None:
     log.warning(note)
     if notes is not None:
         notes.append(note)

@@ -123,6 +123,14 @@ def load_manifest(
     missing = [c for c in REQUIRED if c not in table.columns]
     if unknown or missing:
         problem = f"missing column(s) {missing}" if missing else f"unknown column(s) {unknown}"
+        other = next(
+            (d for d in (";", "\t", "|") if len(table.columns) == 1 and d in table.columns[0]), None
+        )
+        if other is not None:
+            problem += (
+                f" (the header {table.columns[0]!r} is one column: the file is separated by "
+                f"{other!r}; a manifest is separated by commas, e.g. path,label)"
+            )
         raise dataset_error(NAME, csv, f"{problem}; columns are {list(COLUMNS)}", LAYOUT, SOURCE)
     has_box_columns = [c in table.columns for c in BOX_COLUMNS]
     if any(has_box_columns) and not all(has_box_columns):
