@@ -408,7 +408,7 @@ def test_out_of_memory_says_memory_and_names_the_batch_sizes(tmp_path, monkeypat
         def forward(self, x):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
-    monkeypatch.setattr(builders, "build_network", lambda run: Hungry())
+    monkeypatch.setattr(builders, "build_network", lambda run, checkpoint=None: Hungry())
     cfg = config.compose_config([*TINY, f"cache_dir={tmp_path}"])
     with pytest.raises(FamBenchError) as err:
         pipeline.run(cfg, tmp_path / "run")
