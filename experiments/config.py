@@ -93,6 +93,7 @@ class ModelConfig:
     checkpoint_key: str | None = None
     checkpoint_prefix: str | None = None
     input_size: int | None = None
+    reshape: str | None = None
 
 
 @dataclass

@@ -20,7 +20,9 @@ Model configs (``conf/model/*.yaml``), the keys :func:`build_model_from_config` 
 - custom (``conf/model/custom.yaml``): ``target`` (dotted path to a class or factory
   function), ``kwargs``, ``strip_head`` (default true), ``checkpoint``, ``checkpoint_key``,
   ``checkpoint_prefix``, ``target_layer``, ``input_size`` (probe size, by default
-  ``data.image_size``) and ``name`` (the label, by default the target path).
+  ``data.image_size``), ``reshape`` (dotted path of a callable that reads a token layer
+  as ``(N, K, h, w)``, :mod:`fam.tokens`) and ``name`` (the label, by default the target
+  path).
 
 Anything else is an error, so a typo or a Hydra-style ``model._target_`` never leaves the
 built-in model running in place of the one meant.
@@ -62,7 +64,7 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 #: keys shared by every model config (what the pipeline reads besides building)
 COMMON_KEYS = ("name", "checkpoint", "checkpoint_key", "checkpoint_prefix", "target_layer")
 BUILTIN_KEYS = (*COMMON_KEYS, "options", "input_size")
-CUSTOM_KEYS = (*COMMON_KEYS, "target", "kwargs", "strip_head", "input_size")
+CUSTOM_KEYS = (*COMMON_KEYS, "target", "kwargs", "strip_head", "input_size", "reshape")
 
 
 def build_model_from_config(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
@@ -100,6 +102,7 @@ def build_model_from_config(model_cfg: Mapping[str, Any]) -> tuple[nn.Module, st
             strip_head=bool(cfg.get("strip_head", True)),
             target_layer=cfg.get("target_layer"),
             input_size=input_size,
+            reshape=cfg.get("reshape"),
         )
         label = str(target)
         if cfg.get("target_layer") is None and getattr(model, "default_target_layer", None) is None:
