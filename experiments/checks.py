@@ -13,7 +13,10 @@ leaderboard shows them beside the table), when:
 - ``near_chance``: the task accuracy is within 2 points of chance (an untrained or
   diverged model: its explanations explain noise);
 - ``excluded_samples``: a metric excluded more than 10% of a method's samples (empty
-  masks, zero maps, undefined scores), so its mean is over a subset.
+  masks, zero maps, undefined scores), so its mean is over a subset;
+- ``relevance_not_conserved``: Relevance-CAM's relevance at the target layer is more than
+  5% off the seed under a conserving composite (a block its rules do not see), for the
+  samples listed.
 """
 
 from __future__ import annotations
@@ -122,4 +125,37 @@ def run_warnings(
                 )
     for warning in out:
         log.warning("WARNING: %s", warning["message"])
+    return out
+
+
+def conservation_warnings(flagged: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One ``relevance_not_conserved`` warning per method from the worker's flagged
+    samples (``experiments.worker.not_conserved``), naming the model and the layer."""
+    out: list[dict[str, Any]] = []
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for entry in flagged:
+        by_method.setdefault(entry["method"], []).append(entry)
+    for method, entries in by_method.items():
+        first = entries[0]
+        ratios = [float(e["ratio"]) for e in entries]
+        finite = [r for r in ratios if math.isfinite(r)]
+        span = f"{min(finite):.3g}-{max(finite):.3g}" if finite else "undefined"
+        warning = {
+            "code": "relevance_not_conserved",
+            "method": method,
+            "model": first["model"],
+            "layer": first["layer"],
+            "samples": [e["sample_id"] for e in entries],
+            "ratios": ratios,
+            "message": (
+                f"{method}: relevance is not conserved on model {first['model']} at layer "
+                f"{first['layer']!r} for {len(entries)} samples (relevance / seed {span}, "
+                "more than 5% off under a conserving composite): a block the LRP rules do not "
+                "see (a residual '+' that no canonizer turns into a Sum) passes relevance on "
+                "wrongly, so these maps are not LRP's. Choose another target layer or "
+                "canonize the model's blocks (method.relevancecam.canonizers)."
+            ),
+        }
+        log.warning("WARNING: %s", warning["message"])
+        out.append(warning)
     return out

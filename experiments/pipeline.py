@@ -313,7 +313,7 @@ def _job(
 def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path) -> dict:
     from evaluation.report import write_run_report
     from evaluation.summary import summarise
-    from experiments.checks import run_warnings
+    from experiments.checks import conservation_warnings, run_warnings
     from experiments.environment import write_environment
 
     columns = metric_columns(job.metrics, other=True)
@@ -328,7 +328,7 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
         evaluation.chance(),
         getattr(job.model, "target_shape", None),
     )
-    warnings = [*job.skipped_metrics, *warnings]
+    warnings = [*job.skipped_metrics, *conservation_warnings(merged["not_conserved"]), *warnings]
     store.write_json("warnings.json", warnings)
     figures = write_figures(job, merged, summary, eval_set, evaluation)
     settings_ids = {name: cols["settings_id"] for name, cols in job.method_columns.items()}

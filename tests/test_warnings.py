@@ -136,3 +136,33 @@ def test_the_untrained_baseline_scores_a_reinitialised_copy_and_leaves_the_model
     odd = nn.Sequential(nn.Linear(2, 2), Scale())
     assert pipeline.untrained_task_metrics(Stub(), odd, seed=0, notes=notes) == {}
     assert len(notes) == 1 and "no untrained baseline" in notes[0] and "Scale" in notes[0]
+
+
+def test_relevance_not_conserved_is_recorded_naming_model_and_layer(tmp_path, monkeypatch):
+    from test_relevance_conservation import PlainResNet
+
+    def network(run):
+        torch.manual_seed(0)
+        model = PlainResNet()
+        model.default_target_layer = "block1"  # below a residual '+' no canonizer knows
+        return model
+
+    monkeypatch.setattr(builders, "build_network", network)
+    cfg = config.compose_config(
+        [
+            *TINY[:-1],
+            "methods=[relevancecam]",
+            "method.relevancecam.composite=zplus",
+            f"cache_dir={tmp_path}",
+        ]
+    )
+    out = pipeline.run(cfg, tmp_path / "run")["out"]
+    warnings = json.loads((out / "warnings.json").read_text())
+    found = [w for w in warnings if w["code"] == "relevance_not_conserved"]
+    assert len(found) == 1
+    (warning,) = found
+    assert warning["method"] == "relevancecam" and warning["layer"] == "block1"
+    assert warning["model"] in warning["message"] and "'block1'" in warning["message"]
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(warning["samples"]) == sorted(results["sample_id"].tolist())
+    assert all(r > 1.05 for r in warning["ratios"])
