@@ -2,7 +2,8 @@
 
 The score ``s(e, r)`` is split over the embedding's dimensions with FAM's ``product``
 shares (``e_d r_d`` for dot, ``e_d r_d / (|e| |r|)`` for cosine, ``2 e_d r_d - e_d^2``
-for euclidean; gradient x input ``e_d ds/de_d`` for a similarity callable). That seed is
+for euclidean, that over ``2 |e - r|`` for euclidean_distance; gradient x input
+``e_d ds/de_d`` for a similarity callable). That seed is
 propagated back to the target layer with a zennit composite (default ``EpsilonPlusFlat``)
 and read as the modified gradient w.r.t. the layer's output; in zennit the quantity that
 flows backwards through hooked modules *is* the relevance. Then ``w_k = sum_ij R_kij``

@@ -80,7 +80,8 @@ class Explainer:
             images: ``(N, C, H, W)`` on the model's device.
             reference: ``(N, D)`` reference embeddings (``(D,)`` or ``(1, D)`` is
                 broadcast to every image).
-            similarity: ``"cosine" | "dot" | "euclidean"`` or ``(emb, ref) -> (N,)``.
+            similarity: ``"cosine" | "dot" | "euclidean"`` (``-||e - r||^2``) |
+                ``"euclidean_distance"`` (``-||e - r||``) or ``(emb, ref) -> (N,)``.
             upsample: ``True`` returns ``(N, H, W)`` maps in ``[0, 1]`` (bilinear resize,
                 per-image min-max); ``False`` the raw non-negative ``(N, h, w)`` maps at
                 the target layer's resolution.
