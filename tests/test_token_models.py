@@ -267,3 +267,42 @@ def test_tokens_off_the_grid_are_a_clear_error():
     images, reference = _inputs(_vit())
     with pytest.raises(FamBenchError, match="model.reshape"):
         GradCAM(model, "blocks.1")(images, reference)
+
+
+@pytest.mark.parametrize("method", ["fam", "gradcam", "layercam", "eigencam_signed"])
+def test_vit_amp_maps_agree_with_fp32(method):
+    """bf16 autocast on tokens: the reshaped map is cast back to the tokens' dtype."""
+    model = _vit("avg")
+    images, reference = _inputs(model)
+    fp32 = METHODS[method](model, None)(images, reference, "cosine")
+    explainer = METHODS[method](model, None)
+    explainer.amp = True
+    bf16 = explainer(images, reference, "cosine")
+    assert bf16.dtype == torch.float32
+    assert (fp32 - bf16).abs().max() < 0.15
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_vit_maps_stay_on_cuda_and_match_cpu(method):
+    model = _vit("avg")
+    images, reference = _inputs(model)
+    masks = torch.zeros(3, SIZE, SIZE, dtype=torch.bool)
+    masks[:, 4:12, 8:20] = True
+    extra = {"masks": masks} if method == "mask" else {}
+    layer = "norm" if method == "fam_product" else None
+    cpu = METHODS[method](model, layer)(images, reference, "cosine", **extra)
+    model.cuda()
+    extra = {"masks": masks.cuda()} if method == "mask" else {}
+    # TF32 convolutions (the patch embedding) would differ from the CPU by ~1e-3.
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        maps = METHODS[method](model, layer)(images.cuda(), reference.cuda(), "cosine", **extra)
+    assert maps.device.type == "cuda"
+    if method != "random":
+        torch.testing.assert_close(maps.cpu(), cpu, rtol=1e-3, atol=1e-3)
+    # bf16 autocast with channels_last inputs on the device: maps still come back
+    explainer = METHODS[method](model, layer)
+    explainer.amp = True
+    amp = explainer(images.cuda(), reference.cuda(), "cosine", **extra)
+    assert amp.device.type == "cuda" and bool(torch.isfinite(amp).all())
