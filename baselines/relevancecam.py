@@ -195,9 +195,10 @@ class RelevanceCAM(Explainer):
                 f"Relevance-CAM on {type(self.model).__name__} at layer "
                 f"{self.layer_name!r}: relevance is not conserved for "
                 f"{int(self.not_conserved.sum())} of {len(total)} samples (relevance / seed "
-                f"{ratios}; more than {CONSERVATION_TOLERANCE:.0%} off). A block the rules do "
-                "not see (a residual '+' outside a Sum module, an uncanonized block) passes "
-                "relevance on wrongly, so these maps are not LRP's.",
+                f"{ratios}; more than {CONSERVATION_TOLERANCE:.0%} off). An operation the rules "
+                "do not see (a residual '+' outside a Sum module, an uncanonized block, "
+                "attention or a norm layer) passes relevance on wrongly, so these maps are "
+                "not LRP's.",
                 RelevanceNotConservedWarning,
                 stacklevel=2,
             )

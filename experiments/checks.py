@@ -139,7 +139,7 @@ def conservation_warnings(flagged: list[dict[str, Any]]) -> list[dict[str, Any]]
         first = entries[0]
         ratios = [float(e["ratio"]) for e in entries]
         finite = [r for r in ratios if math.isfinite(r)]
-        span = f"{min(finite):.3g}-{max(finite):.3g}" if finite else "undefined"
+        span = f"{min(finite):.3g} to {max(finite):.3g}" if finite else "undefined"
         warning = {
             "code": "relevance_not_conserved",
             "method": method,
@@ -150,8 +150,9 @@ def conservation_warnings(flagged: list[dict[str, Any]]) -> list[dict[str, Any]]
             "message": (
                 f"{method}: relevance is not conserved on model {first['model']} at layer "
                 f"{first['layer']!r} for {len(entries)} samples (relevance / seed {span}, "
-                "more than 5% off under a conserving composite): a block the LRP rules do not "
-                "see (a residual '+' that no canonizer turns into a Sum) passes relevance on "
+                "more than 5% off under a conserving composite): an operation the LRP rules do "
+                "not see (a residual '+' that no canonizer turns into a Sum, attention, a "
+                "norm layer) passes relevance on "
                 "wrongly, so these maps are not LRP's. Choose another target layer or "
                 "canonize the model's blocks (method.relevancecam.canonizers)."
             ),

@@ -306,3 +306,41 @@ def test_vit_maps_stay_on_cuda_and_match_cpu(method):
     explainer.amp = True
     amp = explainer(images.cuda(), reference.cuda(), "cosine", **extra)
     assert amp.device.type == "cuda" and bool(torch.isfinite(amp).all())
+
+
+@pytest.mark.parametrize("global_pool, layer", [("avg", "blocks.1"), ("token", "blocks.1.norm1")])
+def test_a_custom_timm_vit_defaults_to_its_last_block(global_pool, layer):
+    pytest.importorskip("timm")
+    from experiments.models import build_model_from_config
+
+    kwargs = {
+        "img_size": SIZE,
+        "patch_size": PATCH,
+        "embed_dim": DIM,
+        "depth": 2,
+        "num_heads": 2,
+        "num_classes": 0,
+        "global_pool": global_pool,
+    }
+    target = "timm.models.vision_transformer.VisionTransformer"
+    model, _ = build_model_from_config({"target": target, "kwargs": kwargs, "input_size": SIZE})
+    assert model.default_target_layer == layer
+    images, reference = _inputs(model.eval())
+    raw = GradCAM(model, None)(images, reference, upsample=False)
+    assert raw.shape == (3, GRID, GRID) and not bool(model.training)
+
+
+def test_model_reshape_names_a_callable_for_custom_models_only():
+    from experiments import builders, config
+    from experiments.models import build_model_from_config
+
+    target = "test_token_models.ChannelsLast"
+    model, _ = build_model_from_config(
+        {"target": target, "reshape": "test_token_models.swin_like_reshape", "target_layer": "mix"}
+    )
+    assert model.reshape_transform is swin_like_reshape
+    with pytest.raises(FamBenchError, match="not a callable"):
+        build_model_from_config({"target": target, "reshape": "test_token_models.SIZE"})
+    run = config.load(config.compose_config(["model.reshape=test_token_models.swin_like_reshape"]))
+    with pytest.raises(FamBenchError, match="model=custom only"):
+        builders.build_network(run)
