@@ -107,10 +107,10 @@ def test_fam_closed_form_is_exact_for_the_unsquared_distance():
     images = torch.randn(3, 3, 24, 24, generator=gen)
     with torch.no_grad():
         reference = model(torch.randn(3, 3, 24, 24, generator=gen))
-    closed = FAM(model, "encoder.3")
+    closed = FAM(model, "encoder.3", contribution="ablation")
     got = closed(images, reference, "euclidean_distance", upsample=False)
     assert closed.last_path == "gap"
-    brute = FAM(model, "encoder.3", path="forward_ablation")
+    brute = FAM(model, "encoder.3", contribution="ablation", path="forward_ablation")
     want = brute(images, reference, "euclidean_distance", upsample=False)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     # and not the squared distance's weights (the maps differ)
