@@ -35,25 +35,25 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """timm's Attention: one input, ``qkv`` and ``proj`` linear layers, 2 heads."""
 
-    def __init__(self) -> None:
+    def __init__(self, dim: int = DIM) -> None:
         super().__init__()
-        self.qkv = nn.Linear(DIM, 3 * DIM)
-        self.proj = nn.Linear(DIM, DIM)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, _ = x.shape
-        q, k, v = self.qkv(x).view(n, t, 3, 2, DIM // 2).permute(2, 0, 3, 1, 4)
+        n, t, c = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
         out = nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(n, t, DIM))
+        return self.proj(out.transpose(1, 2).reshape(n, t, c))
 
 
 class Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, dim: int = DIM) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(DIM)
-        self.attn = Attention()
-        self.norm2 = nn.LayerNorm(DIM)
-        self.mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -169,7 +169,7 @@ def test_fam_closed_form_on_mean_token_equals_brute_force_ablation():
     model = _vit("avg")
     images, reference = _inputs(model)
     # the embedding is the mean of the final norm's patch tokens: FAM's closed form applies
-    fam = FAM(model, "norm")
+    fam = FAM(model, "norm", contribution="ablation")
     closed = fam(images, reference, "cosine", upsample=False)
     assert fam.last_path == "gap"
     with torch.no_grad():
@@ -177,7 +177,7 @@ def test_fam_closed_form_on_mean_token_equals_brute_force_ablation():
         contributions = fam.contributions(images, emb, acts, SimilarityTarget(reference))
     brute = _brute_force_drops(model, model.norm, images, reference)
     torch.testing.assert_close(contributions, brute, rtol=1e-4, atol=1e-6)
-    ablated = FAM(model, "norm", path="forward_ablation")
+    ablated = FAM(model, "norm", contribution="ablation", path="forward_ablation")
     torch.testing.assert_close(
         ablated(images, reference, "cosine", upsample=False), closed, rtol=1e-4, atol=1e-6
     )
@@ -186,7 +186,7 @@ def test_fam_closed_form_on_mean_token_equals_brute_force_ablation():
 def test_fam_takes_forward_ablation_inside_a_vit():
     model = _vit("avg")
     images, reference = _inputs(model)
-    fam = FAM(model, "blocks.0")
+    fam = FAM(model, "blocks.0", contribution="ablation")
     fam(images, reference, "cosine", upsample=False)
     assert fam.last_path == "forward_ablation"
     with torch.no_grad():
@@ -344,3 +344,83 @@ def test_model_reshape_names_a_callable_for_custom_models_only():
     run = config.load(config.compose_config(["model.reshape=test_token_models.swin_like_reshape"]))
     with pytest.raises(FamBenchError, match="model=custom only"):
         builders.build_network(run)
+
+
+class ConvStem(nn.Module):
+    """Two Conv-4 blocks: (N, 3, 32, 32) -> (N, 8*8, C) patch tokens."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            )
+
+        self.body = nn.Sequential(block(3, dim), block(dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).flatten(2).transpose(1, 2)
+
+
+class HybridViT(nn.Module):
+    """A small hybrid ViT (a convolutional stem, as timm's ``vit_*_r*`` models): a class
+    token, transformer blocks, and the mean of the last block's patch tokens as the
+    embedding. Its grid is named by ``patch_grid`` (not timm's ``patch_embed.grid_size``)."""
+
+    def __init__(self, dim: int = 64, depth: int = 2, size: int = 32) -> None:
+        super().__init__()
+        self.patch_embed = ConvStem(dim)
+        self.patch_grid = (size // 4, size // 4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, (size // 4) ** 2, dim) * 0.02)
+        self.blocks = nn.Sequential(*(Block(dim) for _ in range(depth)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x) + self.pos_embed
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)
+        return self.blocks(x)[:, 1:].mean(1)
+
+
+@pytest.mark.slow
+def test_a_trained_hybrid_vit_fam_beats_random_on_the_pointing_game(tmp_path, monkeypatch):
+    """The embedded few-shot data, a small hybrid ViT trained briefly (80 ProtoNet steps):
+    every method explains its last block's patch tokens, and FAM points at the object
+    more often than the random map (its closed form: the embedding is the mean token).
+    Measured: FAM 0.81, random 0.14 (n = 100)."""
+    import pandas as pd
+
+    from experiments import builders, config, pipeline
+
+    def network(run):
+        torch.manual_seed(0)
+        return HybridViT()
+
+    monkeypatch.setattr(builders, "build_network", network)
+    methods = sorted(set(METHODS) - {"fam_product", "eigencam_signed"})
+    cfg = config.compose_config(
+        [
+            "experiment=synthetic_5way",
+            "task.train_way=5",
+            "trainer.max_steps=80",
+            "eval.num_episodes=4",
+            "eval.n_query=5",
+            f"methods=[{','.join(methods)}]",
+            "metrics=[pointing_game]",
+            f"cache_dir={tmp_path / 'cache'}",
+            "eval.progress=false",
+            "trainer.accelerator=cpu",
+        ]
+    )
+    out = pipeline.run(cfg, tmp_path / "run")["out"]
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(results["method"].unique()) == methods
+    hits = results.groupby("method")["pointing_game"].mean()
+    assert len(results) == len(methods) * 100
+    # (Grad-CAM and XGrad-CAM give all-negative sums, zero maps, for about a third of the
+    # queries of this briefly trained model: their definition, not the token reading)
+    assert not results.loc[results["method"] == "fam", "degenerate"].any()
+    assert hits["fam"] >= hits["random"] + 0.2, hits.to_dict()
