@@ -192,6 +192,7 @@ _CUSTOM_KEYS = (
     "kwargs",
     "strip_head",
     "input_size",
+    "reshape",
 )
 
 
@@ -224,6 +225,11 @@ def build_network(run: RunConfig, checkpoint: Any = None) -> nn.Module:
             f"model.strip_head applies to model=custom only; the built-in model "
             f"{model.get('name')!r} has no classifier head (drop model.strip_head)."
         )
+    if not custom and model.get("reshape"):
+        raise FamBenchError(
+            f"model.reshape applies to model=custom only; the built-in model "
+            f"{model.get('name')!r} returns feature maps (drop model.reshape)."
+        )
     keys = _CUSTOM_KEYS if custom else _BUILTIN_KEYS
     state = None
     if custom and checkpoint is not None:
@@ -242,12 +248,14 @@ def probe(model: nn.Module, run: RunConfig, device: torch.device) -> tuple[int, 
     """Check that the model maps a batch of data-size images to ``(N, D)``; returns the
     target layer's spatial shape ``(h, w)`` (``None`` if it is not a 4-D map)."""
     from fam.layers import eval_mode, resolve_target_layer
+    from fam.tokens import FeatureLayout
 
     size = run.data.image_size
     x = torch.zeros(2, 3, size, size, device=device)
     layer = resolve_target_layer(model, run.model.target_layer)
     seen: list[tuple[int, ...]] = []
-    handle = layer.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    layout = FeatureLayout(model)  # a ViT's tokens are read on its patch grid
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(tuple(layout.to_map(o).shape)))
     try:
         with torch.no_grad(), eval_mode(model):
             out = model(x)

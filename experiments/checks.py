@@ -14,6 +14,9 @@ leaderboard shows them beside the table), when:
   diverged model: its explanations explain noise);
 - ``excluded_samples``: a metric excluded more than 10% of a method's samples (empty
   masks, zero maps, undefined scores), so its mean is over a subset;
+- ``relevance_not_conserved``: Relevance-CAM's relevance at the target layer is more than
+  5% off the seed under a conserving composite (a block its rules do not see), for the
+  samples listed.
 - ``centre_prior``: the ``center`` floor's pointing game is within 5 points of the best
   method's or above it: ``metric.tolerance`` is too large for the image size
   (:func:`evaluation.summary.centre_prior_warning`; the leaderboard checks each table).
@@ -184,4 +187,38 @@ def run_warnings(
         out.append(centre)
     for warning in out:
         log.warning("WARNING: %s", warning["message"])
+    return out
+
+
+def conservation_warnings(flagged: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One ``relevance_not_conserved`` warning per method from the worker's flagged
+    samples (``experiments.worker.not_conserved``), naming the model and the layer."""
+    out: list[dict[str, Any]] = []
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for entry in flagged:
+        by_method.setdefault(entry["method"], []).append(entry)
+    for method, entries in by_method.items():
+        first = entries[0]
+        ratios = [float(e["ratio"]) for e in entries]
+        finite = [r for r in ratios if math.isfinite(r)]
+        span = f"{min(finite):.3g} to {max(finite):.3g}" if finite else "undefined"
+        warning = {
+            "code": "relevance_not_conserved",
+            "method": method,
+            "model": first["model"],
+            "layer": first["layer"],
+            "samples": [e["sample_id"] for e in entries],
+            "ratios": ratios,
+            "message": (
+                f"{method}: relevance is not conserved on model {first['model']} at layer "
+                f"{first['layer']!r} for {len(entries)} samples (relevance / seed {span}, "
+                "more than 5% off under a conserving composite): an operation the LRP rules do "
+                "not see (a residual '+' that no canonizer turns into a Sum, attention, a "
+                "norm layer) passes relevance on "
+                "wrongly, so these maps are not LRP's. Choose another target layer or "
+                "canonize the model's blocks (method.relevancecam.canonizers)."
+            ),
+        }
+        log.warning("WARNING: %s", warning["message"])
+        out.append(warning)
     return out

@@ -100,6 +100,7 @@ class ModelConfig:
     checkpoint_key: str | None = None
     checkpoint_prefix: str | None = None
     input_size: int | None = None
+    reshape: str | None = None
 
     def __post_init__(self) -> None:
         self.strip_head = str(self.strip_head).lower()  # YAML/CLI booleans arrive as "True"

@@ -345,7 +345,7 @@ def _job(
 def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path) -> dict:
     from evaluation.report import write_run_report
     from evaluation.summary import summarise
-    from experiments.checks import run_warnings
+    from experiments.checks import conservation_warnings, run_warnings
     from experiments.environment import write_environment
 
     progress("report", "merging results; writing the summary, figures and report")
@@ -363,7 +363,13 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
     )
     # the heads replaced by identity (model.strip_head) change what is explained
     strips = [strip.warning for strip in getattr(job.model, "head_strips", [])]
-    warnings = [*job.skipped_metrics, *job.setting_warnings, *strips, *warnings]
+    warnings = [
+        *job.skipped_metrics,
+        *job.setting_warnings,
+        *strips,
+        *conservation_warnings(merged["not_conserved"]),
+        *warnings,
+    ]
     store.write_json("warnings.json", warnings)
     figures = write_figures(job, merged, summary, eval_set, evaluation)
     settings_ids = {name: cols["settings_id"] for name, cols in job.method_columns.items()}

@@ -262,14 +262,16 @@ class OutputStore:
         front: list[str],
         metric_columns: list[str],
     ) -> dict[str, Any]:
-        """Shards -> ``results.csv``, ``curves.npz``, ``sanity.csv``; returns the frames."""
-        rows, sanity, figure = [], [], None
+        """Shards -> ``results.csv``, ``curves.npz``, ``sanity.csv``; returns the frames
+        (and ``not_conserved``: the shards' Relevance-CAM samples flagged by the worker)."""
+        rows, sanity, figure, not_conserved = [], [], None, []
         curves: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         sample_ids = []
         for u in range(num_units):
             shard = self.load_shard(u, fingerprint)
             rows.extend(shard["rows"])
             sanity.extend(shard.get("sanity", []))
+            not_conserved.extend(shard.get("not_conserved", []))
             figure = shard.get("figure", figure)
             sample_ids.extend(shard["sample_ids"])
             for kind, values in shard["curves"].items():
@@ -308,4 +310,5 @@ class OutputStore:
             "figure": figure,
             "sanity": sanity_frame,
             "metric_columns": columns,
+            "not_conserved": not_conserved,
         }

@@ -108,17 +108,22 @@ def unit_inputs(explainer: Any, unit: Unit, start: int, size: int) -> dict[str, 
     return extra
 
 
-def explain(job: Job, unit: Unit, u: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def explain(
+    job: Job, unit: Unit, u: int, conservation: list[dict[str, Any]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Maps ``(M*N, H, W)``, degenerate flags ``(M*N,)`` and reasons of every method.
 
     Nothing in the batch loop reads a value back to the host; the flags become reason
-    strings once, after every method ran."""
+    strings once, after every method ran. ``conservation`` (when given) receives one entry
+    per method whose explainer checks relevance conservation (Relevance-CAM under a
+    conserving composite): ``{"method", "layer", "ratio" (N,), "flagged" (N,)}``."""
     n = len(unit.images)
     maps, flags, given = [], [], []
     for name, method in job.methods.items():
         explainer = make_explainer(
             job, method, job.model, derive_seed(job.seed, Stream.EXPLAINER, u)
         )
+        ratios, flagged = [], []
         for i in range(0, n, job.explain_batch):
             batch = explainer(
                 unit.images[i : i + job.explain_batch],
@@ -135,7 +140,19 @@ def explain(job: Job, unit: Unit, u: int) -> tuple[torch.Tensor, torch.Tensor, l
             )
             flags.append(flag)
             given.append(getattr(explainer, "degenerate_reason", None))
+            if getattr(explainer, "not_conserved", None) is not None:
+                ratios.append(explainer.conservation)
+                flagged.append(explainer.not_conserved)
         _note_fallback(name, explainer)
+        if conservation is not None and flagged:
+            conservation.append(
+                {
+                    "method": name,
+                    "layer": explainer.layer_name,
+                    "ratio": torch.cat(ratios),
+                    "flagged": torch.cat(flagged),
+                }
+            )
     all_flags = torch.cat(flags)
     host_flags = iter(all_flags.tolist())
     reasons: list[str] = []
@@ -161,7 +178,8 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
     if unit.annotation_sizes is None and job.annotation_size is not None:
         unit.annotation_sizes = torch.tensor([list(job.annotation_size)] * n, dtype=torch.float64)
     names = list(job.methods)
-    all_maps, degenerate, reasons = explain(job, unit, u)
+    conservation: list[dict[str, Any]] = []
+    all_maps, degenerate, reasons = explain(job, unit, u, conservation)
     mean, std = job.data_stats
     inputs = MetricInputs(
         images=unit.images,
@@ -206,6 +224,7 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
         "curves": {kind: c.float().cpu().view(len(names), n, -1) for kind, c in curves.items()},
         "sample_ids": list(unit.columns["sample_id"]),
     }
+    shard["not_conserved"] = not_conserved(job, unit, conservation)
     if u == 0 and job.figure_samples > 0:
         k = min(job.figure_samples, n)
         shard["figure"] = {
@@ -220,6 +239,27 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
     if u == 0 and "sanity" in job.metrics:
         shard["sanity"] = sanity_rows(job, unit)
     return shard
+
+
+def not_conserved(job: Job, unit: Unit, conservation: list[dict[str, Any]]) -> list[dict]:
+    """The samples whose Relevance-CAM relevance is off the seed by more than 5% under a
+    conserving composite: ``{"method", "model", "layer", "sample_id", "ratio"}`` each."""
+    out = []
+    for entry in conservation:
+        flags = entry["flagged"].tolist()
+        ratios = entry["ratio"].tolist()
+        out.extend(
+            {
+                "method": entry["method"],
+                "model": job.constants["model"],
+                "layer": entry["layer"],
+                "sample_id": unit.columns["sample_id"][j],
+                "ratio": ratios[j],
+            }
+            for j, flag in enumerate(flags)
+            if flag
+        )
+    return out
 
 
 def sanity_rows(job: Job, unit: Unit) -> list[dict]:

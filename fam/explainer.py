@@ -33,6 +33,7 @@ from fam.errors import FamBenchError
 from fam.layers import capture_layer, eval_mode, model_device, resolve_target_layer
 from fam.maps import degenerate, minmax_normalise, non_finite, upsample, weighted_sum
 from fam.similarity import SimilarityLike, SimilarityTarget, as_float
+from fam.tokens import FeatureLayout
 
 #: ``degenerate_reason`` strings by code
 DEGENERATE_REASONS = ("", "constant", "non-finite")
@@ -44,7 +45,9 @@ class Explainer:
     Args:
         model: any module mapping images ``(N, 3, H, W)`` to embeddings ``(N, D)``.
         target_layer: dotted module name or the module; ``None`` uses
-            ``model.default_target_layer``.
+            ``model.default_target_layer`` (a ViT: its last block). A layer that returns
+            tokens ``(N, T, C)`` is read as its patch tokens on the model's patch grid
+            (:mod:`fam.tokens`; ``model.reshape_transform`` for other layouts).
         amp: run the model's forward passes under bf16 autocast with channels_last
             inputs on CUDA (weights and maps are still computed in fp32).
     """
@@ -57,6 +60,8 @@ class Explainer:
     ) -> None:
         self.model = model
         self.target_layer = resolve_target_layer(model, target_layer)
+        #: reads the layer's output as (N, K, h, w): a ViT's patch tokens on its grid
+        self.layout = FeatureLayout(model)
         self.amp = amp
         self.degenerate: Tensor | None = None
         self._reason: Tensor | None = None
@@ -75,7 +80,8 @@ class Explainer:
             images: ``(N, C, H, W)`` on the model's device.
             reference: ``(N, D)`` reference embeddings (``(D,)`` or ``(1, D)`` is
                 broadcast to every image).
-            similarity: ``"cosine" | "dot" | "euclidean"`` or ``(emb, ref) -> (N,)``.
+            similarity: ``"cosine" | "dot" | "euclidean"`` (``-||e - r||^2``) |
+                ``"euclidean_distance"`` (``-||e - r||``) or ``(emb, ref) -> (N,)``.
             upsample: ``True`` returns ``(N, H, W)`` maps in ``[0, 1]`` (bilinear resize,
                 per-image min-max); ``False`` the raw non-negative ``(N, h, w)`` maps at
                 the target layer's resolution.
@@ -121,7 +127,8 @@ class Explainer:
     def forward(
         self, images: Tensor, gradients: bool = False, replace=None, keep_activations: bool = True
     ) -> tuple[Tensor, Tensor | None]:
-        """One hooked forward pass: ``(embedding (N, D), activations (N, K, h, w))``.
+        """One hooked forward pass: ``(embedding (N, D), activations (N, K, h, w))``;
+        ``replace`` acts on the ``(N, K, h, w)`` feature map.
 
         ``keep_activations=False`` returns ``None`` for the activations (no copy is made).
         """
@@ -132,6 +139,7 @@ class Explainer:
                 replace=replace,
                 model=self.model,
                 keep_activations=keep_activations,
+                layout=self.layout,
             ) as cap,
             self.autocast(images.device),
         ):
@@ -150,7 +158,9 @@ class Explainer:
         if cap.activations is not None and cap.activations.dim() != 4:
             raise FamBenchError(
                 f"The target layer's output has shape {tuple(cap.activations.shape)}; it must "
-                "be a feature map (N, K, h, w). Choose a convolutional layer or block."
+                "be a feature map (N, K, h, w) or tokens (N, T, C). Choose a convolutional "
+                "layer or block, or name a callable that reshapes it: model.reshape=<dotted "
+                "path> (Python: model.reshape_transform = fn)."
             )
         return as_float(emb), cap.activations
 

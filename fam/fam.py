@@ -9,8 +9,11 @@ removed from the embedding::
 ``contribution="product"`` uses the first-order split ``e_k r_k`` (dot),
 ``e_k r_k / (|e| |r|)`` (cosine) and ``2 e_k r_k - e_k^2`` (euclidean). The first two sum
 exactly to the score; the euclidean split sums to ``s + |r|^2`` (the constant ``|r|^2``
-does not depend on the image). Weights are ``w = c / sum_j |c_j|`` and the map is
-``ReLU(sum_k w_k A_k)``.
+does not depend on the image). ``euclidean_distance`` (``-||e - r||``, easyfsl's ProtoNet
+logit) has the exact ablation ``c_k = sqrt(d^2 + 2 p_k - q_k) - d`` (``d = ||e - r||``,
+``p_k``, ``q_k`` channel k's shares of ``e.r`` and ``|e|^2``) and the product split
+``(2 p_k - q_k) / (2 d)``, the first order of that. Weights are ``w = c / sum_j |c_j|``
+and the map is ``ReLU(sum_k w_k A_k)``.
 
 Two exact paths compute ``c``:
 
@@ -215,6 +218,14 @@ def closed_form(e: Tensor, r: Tensor, similarity: str, contribution: str) -> Ten
     if similarity == "euclidean":
         # -|e - r|^2 changes by sum_g (e_g - r_g)^2 - r_g^2 = q - 2p when the group is zeroed
         return 2 * p - q
+    if similarity == "euclidean_distance":
+        # -|e - r|: zeroing the group moves |e - r|^2 to d^2 + 2p - q; the product split is
+        # that change's first order, (2p - q) / (2d)
+        d_sq = (e - r).pow(2).sum((1, 2))[:, None]
+        d = d_sq.sqrt()
+        if contribution == "product":
+            return (2 * p - q) / (2 * d).clamp_min(COSINE_EPS)
+        return (d_sq + 2 * p - q).clamp_min(0).sqrt() - d
     if similarity != "cosine":
         raise FamBenchError(f"No closed form for similarity {similarity!r}.")
     e_sq = q.sum(1, keepdim=True)

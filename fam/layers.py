@@ -11,15 +11,17 @@ import torch
 from torch import Tensor, nn
 
 from fam.errors import FamBenchError
+from fam.tokens import FeatureLayout, token_default_layer
 
 
 def resolve_target_layer(model: nn.Module, target_layer: str | nn.Module | None) -> nn.Module:
     """Return the module named by ``target_layer`` (dotted name or the module itself).
 
-    ``None`` uses ``model.default_target_layer`` (the suite's models name theirs).
+    ``None`` uses ``model.default_target_layer`` (the suite's models name theirs), or for
+    a ViT its last block (:func:`fam.tokens.token_default_layer`).
     """
     if target_layer is None:
-        target_layer = getattr(model, "default_target_layer", None)
+        target_layer = getattr(model, "default_target_layer", None) or token_default_layer(model)
         if target_layer is None:
             raise FamBenchError(
                 f"No target layer given and {type(model).__name__} has no "
@@ -53,14 +55,16 @@ def resolve_target_layer(model: nn.Module, target_layer: str | nn.Module | None)
 class Capture:
     """What one hooked forward pass saw at the target layer.
 
-    ``activations``: ``(N, K, h, w)`` output of the target layer (a leaf that requires
-    grad when gradients were asked for). ``replace``: optional function applied to the
-    layer's output before the rest of the network sees it (used by ablation paths).
+    ``activations``: ``(N, K, h, w)`` output of the target layer read through ``layout``
+    (a leaf that requires grad when gradients were asked for; a token layer's patch
+    tokens). ``replace``: optional function applied to that feature map before the rest
+    of the network sees it (used by ablation paths).
     """
 
     gradients_wanted: bool = False
     replace: object = None
     keep_activations: bool = True
+    layout: FeatureLayout | None = None
     ran: bool = False
     activations: Tensor | None = None
     handles: list = field(default_factory=list)
@@ -72,25 +76,35 @@ def _hook(capture: Capture):
             raise FamBenchError(
                 f"The target layer ({type(module).__name__}) returns "
                 f"{type(output).__name__}, not a tensor; choose a layer whose output is a "
-                "feature map (N, K, h, w)."
+                "feature map (N, K, h, w) or tokens (N, T, C)."
             )
         capture.ran = True
+        layout = capture.layout
+        if not capture.gradients_wanted and capture.replace is None:
+            if capture.keep_activations:
+                # A copy: an in-place op after the layer (ReLU(inplace=True) after a
+                # BatchNorm) would otherwise overwrite the captured activations.
+                acts = output if layout is None else layout.to_map(output)
+                capture.activations = acts.detach().clone()
+            return None
+        base = output
         if capture.gradients_wanted:
             # A fresh leaf: gradients stop here, so parameters' .grad are never touched
             # and in-place ops downstream act on the clone, not on the captured values.
             # Recording resumes here if the layers before ran without a graph.
             torch.set_grad_enabled(True)
-            leaf = output.detach().requires_grad_(True)
+            base = output.detach()
+            acts = base if layout is None else layout.to_map(base)
+            leaf = acts.detach().requires_grad_(True)
             capture.activations = leaf
-            out = leaf.clone()
+            new = leaf.clone()
         else:
+            new = output if layout is None else layout.to_map(output)
             if capture.keep_activations:
-                # A copy: an in-place op after the layer (ReLU(inplace=True) after a
-                # BatchNorm) would otherwise overwrite the captured activations.
-                capture.activations = output.detach().clone()
-            out = output
+                capture.activations = new.detach().clone()
         if capture.replace is not None:
-            out = capture.replace(out)
+            new = capture.replace(new)
+        out = new if layout is None else layout.to_output(new, base)
         return out if (out is not output) else None
 
     return hook
@@ -103,18 +117,28 @@ def capture_layer(
     replace=None,
     model: nn.Module | None = None,
     keep_activations: bool = True,
+    layout: FeatureLayout | None = None,
 ) -> Iterator[Capture]:
     """Hook ``layer`` for the duration of the block; the hooks are removed on exit.
 
     ``keep_activations=False`` (only without gradients) records that the layer ran but
     keeps no copy of its output, for passes that only need the model's output.
 
+    ``layout`` reads the layer's output as a feature map (:class:`fam.tokens.FeatureLayout`:
+    a token layer's patch tokens on the model's grid); by default the model's own when
+    ``model`` is given, else the output as it is.
+
     With ``gradients=True`` and the enclosing ``model`` given, the layers before the target
     layer run without recording an autograd graph (gradients stop at the target layer
     anyway), which saves their activation memory and the recording time.
     """
+    if layout is None and model is not None:
+        layout = FeatureLayout(model)
     capture = Capture(
-        gradients_wanted=gradients, replace=replace, keep_activations=keep_activations
+        gradients_wanted=gradients,
+        replace=replace,
+        keep_activations=keep_activations,
+        layout=layout,
     )
     handles = [layer.register_forward_hook(_hook(capture))]
     grad_enabled = torch.is_grad_enabled()

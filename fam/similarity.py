@@ -36,7 +36,18 @@ def euclidean(emb: Tensor, ref: Tensor) -> Tensor:
     return -(emb - ref).pow(2).sum(dim=1)
 
 
-SIMILARITIES: dict[str, SimilarityFn] = {"cosine": cosine, "dot": dot, "euclidean": euclidean}
+def euclidean_distance(emb: Tensor, ref: Tensor) -> Tensor:
+    """Negative Euclidean distance per row, ``-||e - r||`` (easyfsl's ProtoNet logit,
+    ``-torch.cdist``): ``(N,)``."""
+    return -(emb - ref).pow(2).sum(dim=1).sqrt()
+
+
+SIMILARITIES: dict[str, SimilarityFn] = {
+    "cosine": cosine,
+    "dot": dot,
+    "euclidean": euclidean,
+    "euclidean_distance": euclidean_distance,
+}
 
 
 def resolve_similarity(similarity: SimilarityLike) -> tuple[str | None, SimilarityFn]:
@@ -92,6 +103,8 @@ def pairwise(similarity: SimilarityLike, emb: Tensor, refs: Tensor) -> Tensor:
     name, fn = resolve_similarity(similarity)
     if name == "euclidean":
         return -(emb[:, None] - refs[None]).pow(2).sum(dim=-1)
+    if name == "euclidean_distance":
+        return -(emb[:, None] - refs[None]).pow(2).sum(dim=-1).sqrt()
     if name == "cosine":
         return F.cosine_similarity(emb[:, None], refs[None], dim=-1, eps=COSINE_EPS)
     if name == "dot":

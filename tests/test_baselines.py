@@ -256,6 +256,10 @@ def test_relevancecam_conserves_relevance_at_any_depth(layer, similarity):
     score = SIMILARITIES[similarity](emb, reference)
     if similarity == "euclidean":
         score = score + reference.pow(2).sum(1)
+    if similarity == "euclidean_distance":
+        # (2 e.r - |e|^2) / (2d) = (|r|^2 - d^2) / (2d), d = -s: the first order of the
+        # squared split at distance d
+        score = (reference.pow(2).sum(1) - score.pow(2)) / (-2 * score)
     assert relevance.abs().sum() > 0
     torch.testing.assert_close(
         relevance.sum(dim=(1, 2, 3)).to(score.dtype), score, rtol=1e-6, atol=1e-9

@@ -126,6 +126,10 @@ def test_product_contributions_sum_to_the_score(pooling, similarity):
         # 2 e.r - |e|^2 = -|e - r|^2 + |r|^2: the split sums to s + |r|^2, a constant of
         # the reference that does not depend on the image.
         score = score + reference.pow(2).sum(1)
+    if similarity == "euclidean_distance":
+        # (2 e.r - |e|^2) / (2d) = (|r|^2 - d^2) / (2d), d = -s: the first order of the
+        # squared split at distance d
+        score = (reference.pow(2).sum(1) - score.pow(2)) / (-2 * score)
     torch.testing.assert_close(shares.sum(1), score, rtol=1e-10, atol=1e-10)
 
 

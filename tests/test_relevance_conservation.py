@@ -173,3 +173,101 @@ def test_bad_relevance_options_raise_clear_errors():
         RelevanceCAM(model, "encoder.3", composite="guided_backprop", zero_bias=True)
     with pytest.raises(FamBenchError, match="zplus"):
         RelevanceCAM(model, "encoder.3", composite="zplus_everywhere")
+
+
+def _timm_and_torchvision(arch: str) -> tuple[nn.Module, nn.Module]:
+    """timm's and torchvision's ResNet with the same (BatchNorm-trained) weights."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, arch)(weights=None)
+    reference.fc = nn.Identity()
+    reference.train()
+    with torch.no_grad():
+        for _ in range(2):
+            reference(torch.randn(8, 3, 48, 48))
+    other = timm.create_model(arch, pretrained=False, num_classes=0)
+    other.load_state_dict(reference.state_dict())
+    return other.eval(), reference.eval()
+
+
+def _blocks(model: nn.Module) -> list[str]:
+    return [f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(model, f"layer{i}")))]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("composite", [{"composite": "zplus"}, {}])
+def test_timm_resnet_relevance_equals_torchvision_at_every_block(arch, composite):
+    timm_model, reference = _timm_and_torchvision(arch)
+    images = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        emb = reference(images)
+        torch.testing.assert_close(timm_model(images), emb, rtol=1e-5, atol=1e-5)
+    blocks = _blocks(reference) if arch == "resnet18" else ["layer1.0", "layer2.3", "layer4.2"]
+    for layer in blocks:
+        got = RelevanceCAM(timm_model, layer, **composite).layer_relevance(images, emb, "dot")
+        want = RelevanceCAM(reference, layer, **composite).layer_relevance(images, emb, "dot")
+        assert got.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_timm_canonizer_keeps_the_block_output_and_is_removed():
+    timm_model, _ = _timm_and_torchvision("resnet18")
+    images = torch.randn(2, 3, 48, 48)
+    explainer = RelevanceCAM(timm_model, "layer3", composite="zplus")
+    with torch.no_grad():
+        before = timm_model(images)
+        with explainer._composite().context(timm_model):
+            inside = timm_model(images)
+        after = timm_model(images)
+    torch.testing.assert_close(inside, before, rtol=1e-4, atol=1e-4)
+    assert torch.equal(after, before)
+    assert all("canonizer_sum" not in n for n, _ in timm_model.named_modules())
+
+
+class PlainResidual(nn.Module):
+    """A residual block that adds its branches with ``+``: no canonizer knows it."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x + self.conv(x))
+
+
+class PlainResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.block1 = PlainResidual(8)
+        self.block2 = PlainResidual(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.block2(self.block1(self.stem(x)))).flatten(1)
+
+
+def test_uncanonized_residual_blocks_are_flagged_and_warned():
+    torch.manual_seed(0)
+    model = PlainResNet().eval()
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        emb = model(images)
+    from baselines.relevancecam import RelevanceNotConservedWarning
+
+    # after block2 only the pooling follows: conserved, no warning
+    last = RelevanceCAM(model, "block2", composite="zplus")
+    last(images, emb, "dot")
+    assert not bool(last.not_conserved.any())
+    torch.testing.assert_close(last.conservation, torch.ones(3), rtol=1e-4, atol=0)
+    # below a plain '+' the relevance is copied into both branches: flagged, warned
+    explainer = RelevanceCAM(model, "block1", composite="zplus")
+    with pytest.warns(RelevanceNotConservedWarning, match="PlainResNet at layer 'block1'"):
+        explainer(images, emb, "dot")
+    assert bool(explainer.not_conserved.all())
+    assert bool((explainer.conservation > 1.05).all())
+    # a non-conserving composite (epsilon with biases) is not checked
+    loose = RelevanceCAM(model, "block1")
+    loose(images, emb, "dot")
+    assert loose.not_conserved is None and loose.conservation is None

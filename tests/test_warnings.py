@@ -162,3 +162,33 @@ def test_the_centre_prior_warns_within_5_points_of_the_best_method_or_above(cent
     assert len(got) == int(fires)
     if fires:
         assert "metric.tolerance" in got[0]["message"] and "fam 0.967" in got[0]["message"]
+
+
+def test_relevance_not_conserved_is_recorded_naming_model_and_layer(tmp_path, monkeypatch):
+    from test_relevance_conservation import PlainResNet
+
+    def network(run):
+        torch.manual_seed(0)
+        model = PlainResNet()
+        model.default_target_layer = "block1"  # below a residual '+' no canonizer knows
+        return model
+
+    monkeypatch.setattr(builders, "build_network", network)
+    cfg = config.compose_config(
+        [
+            *(o for o in TINY if not o.startswith("methods=")),
+            "methods=[relevancecam]",
+            "method.relevancecam.composite=zplus",
+            f"cache_dir={tmp_path}",
+        ]
+    )
+    out = pipeline.run(cfg, tmp_path / "run")["out"]
+    warnings = json.loads((out / "warnings.json").read_text())
+    found = [w for w in warnings if w["code"] == "relevance_not_conserved"]
+    assert len(found) == 1
+    (warning,) = found
+    assert warning["method"] == "relevancecam" and warning["layer"] == "block1"
+    assert warning["model"] in warning["message"] and "'block1'" in warning["message"]
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(warning["samples"]) == sorted(results["sample_id"].tolist())
+    assert all(r > 1.05 for r in warning["ratios"])

@@ -21,7 +21,9 @@ Model configs (``conf/model/*.yaml``), the keys :func:`build_model_from_config` 
   function), ``kwargs``, ``strip_head`` (``auto``/``true``/``false``, default ``auto``:
   :mod:`experiments.models.custom`), ``checkpoint``, ``checkpoint_key``,
   ``checkpoint_prefix``, ``target_layer``, ``input_size`` (probe size, by default
-  ``data.image_size``) and ``name`` (the label, by default the target path).
+  ``data.image_size``), ``reshape`` (dotted path of a callable that reads a token layer
+  as ``(N, K, h, w)``, :mod:`fam.tokens`) and ``name`` (the label, by default the target
+  path).
 
 Anything else is an error, so a typo or a Hydra-style ``model._target_`` never leaves the
 built-in model running in place of the one meant.
@@ -64,7 +66,7 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 #: keys shared by every model config (what the pipeline reads besides building)
 COMMON_KEYS = ("name", "checkpoint", "checkpoint_key", "checkpoint_prefix", "target_layer")
 BUILTIN_KEYS = (*COMMON_KEYS, "options", "input_size")
-CUSTOM_KEYS = (*COMMON_KEYS, "target", "kwargs", "strip_head", "input_size")
+CUSTOM_KEYS = (*COMMON_KEYS, "target", "kwargs", "strip_head", "input_size", "reshape")
 
 
 def build_model_from_config(
@@ -114,6 +116,7 @@ def build_model_from_config(
             input_size=input_size,
             class_counts=class_counts,
             checkpoint_state=checkpoint_state,
+            reshape=cfg.get("reshape"),
         )
         label = str(target)
         if cfg.get("target_layer") is None and getattr(model, "default_target_layer", None) is None:

@@ -22,9 +22,12 @@ with ``kwargs`` and checks what came back. It builds exactly that model or raise
   (:attr:`HeadStrip.warning`, in the run's ``warnings.json``) naming the layer and the
   dimensions before and after; the stripped names go into ``checkpoint_ignore``, so a
   checkpoint's head entries are dropped on load.
-- ``default_target_layer``: kept when the module names one; otherwise the last top-level
-  child that holds a convolution (``layer4`` of a torchvision or timm ResNet, ``features``
-  of a VGG/DenseNet/MobileNet). ``model.target_layer`` overrides it.
+- ``default_target_layer``: kept when the module names one; for a ViT (``patch_embed`` and
+  ``blocks``) its last block (:func:`fam.tokens.token_default_layer`); otherwise the last
+  top-level child that holds a convolution (``layer4`` of a torchvision or timm ResNet,
+  ``features`` of a VGG/DenseNet/MobileNet). ``model.target_layer`` overrides it.
+- ``reshape``: a dotted path to a callable that turns the target layer's output into a
+  feature map ``(N, K, h, w)``, for token layouts the suite does not read by itself.
 - a probe: two images ``(2, 3, S, S)`` go through the network in eval mode (its own seeded
   generator, so the global RNG is untouched) and the output must be a tensor ``(2, D)``.
 """
@@ -42,6 +45,7 @@ import torch
 from torch import nn
 
 from fam.errors import FamBenchError
+from fam.tokens import token_default_layer
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,16 @@ def locate(target: str) -> Any:
         "factory function importable from the run's Python path (install your package, or "
         "put its folder on PYTHONPATH)."
     )
+
+
+def _reshape_callable(path: str) -> Any:
+    fn = locate(str(path))
+    if not callable(fn):
+        raise FamBenchError(
+            f"model.reshape={path!r} is a {type(fn).__name__}, not a callable "
+            "(layer output) -> (N, K, h, w)."
+        )
+    return fn
 
 
 def _check_kwargs(target: str, factory: Any, kwargs: Mapping[str, Any]) -> None:
@@ -349,6 +363,7 @@ def build_custom(
     input_size: int | None = None,
     class_counts: Mapping[int, str] | None = None,
     checkpoint_state: Mapping[str, torch.Tensor] | None = None,
+    reshape: str | None = None,
 ) -> nn.Module:
     """Build ``target(**kwargs)`` as an embedding network (module docstring).
 
@@ -362,6 +377,9 @@ def build_custom(
         input_size: side of the probe images; ``None`` skips the probe.
         class_counts: class counts the checkpoint names (:func:`named_class_counts`).
         checkpoint_state: the checkpoint's state_dict (its head shapes decide ``auto``).
+        reshape: dotted path of a callable ``(layer output) -> (N, K, h, w)`` for a target
+            layer the suite cannot read by itself (:mod:`fam.tokens`); set on the model as
+            ``reshape_transform``.
 
     Raises:
         FamBenchError: the target cannot be imported, is not callable, the kwargs do not fit
@@ -406,8 +424,10 @@ def build_custom(
             f"model.target_layer={target_layer!r} is not a module of {target}; its top-level "
             f"modules are {[n for n, _ in model.named_children()]}."
         )
+    if reshape is not None:
+        model.reshape_transform = _reshape_callable(reshape)
     if getattr(model, "default_target_layer", None) is None:
-        default = last_conv_block(model)
+        default = token_default_layer(model) or last_conv_block(model)
         if default is not None:
             model.default_target_layer = default
     if input_size is not None:

@@ -24,6 +24,9 @@ from fam.errors import FamBenchError
 from fam.layers import eval_mode
 from fam.similarity import pairwise
 
+#: ``task.distance``: the similarity each names (``fam.similarity``)
+DISTANCES = {"squared_euclidean": "euclidean", "euclidean": "euclidean_distance"}
+
 
 @dataclass
 class FewShotConfig:
@@ -33,6 +36,9 @@ class FewShotConfig:
     #: protonet | matchingnet | relationnet | simpleshot (experiments/tasks/fewshot_algorithms.py)
     algorithm: str = "protonet"
     similarity: str = "euclidean"
+    #: protonet with similarity=euclidean: squared_euclidean (Snell et al.) | euclidean
+    #: (-||e - p||, easyfsl's logit)
+    distance: str = "squared_euclidean"
     temperature: float | None = None
     train_way: int = 5
     train_shot: int = 5
@@ -57,6 +63,10 @@ class FewShotConfig:
                 f"task.similarity must be 'euclidean' or 'cosine' for ProtoNet, got "
                 f"{self.similarity!r}."
             )
+        if self.distance not in DISTANCES:
+            raise FamBenchError(
+                f"task.distance must be one of {list(DISTANCES)}, got {self.distance!r}."
+            )
         if self.temperature is not None and self.temperature <= 0:
             raise FamBenchError(f"task.temperature must be > 0 or null, got {self.temperature}.")
         self._refuse_keys_the_algorithm_ignores()
@@ -78,6 +88,12 @@ class FewShotConfig:
             ignored.append(
                 f"task.temperature={self.temperature} (the negative squared distance and the "
                 "relation module have none; protonet takes it with task.similarity=cosine)"
+            )
+        if self.distance != FewShotConfig.distance and (
+            a != "protonet" or self.similarity != "euclidean"
+        ):
+            ignored.append(
+                f"task.distance={self.distance} (protonet with task.similarity=euclidean only)"
             )
         if a != "relationnet" and self.relation_hidden != FewShotConfig.relation_hidden:
             ignored.append(f"task.relation_hidden={self.relation_hidden} (relationnet only)")

@@ -11,7 +11,8 @@ algorithm turns one episode's support embeddings into an :class:`EpisodeClassifi
 
 Per algorithm (reference; similarity explained; causal score):
 
-- ``protonet``: class prototype; -squared euclidean or cosine; episode softmax.
+- ``protonet``: class prototype; -squared euclidean (``task.distance=euclidean``: the
+  unsquared ``-||e - p||`` of easyfsl) or cosine; episode softmax.
 - ``matchingnet``: class key (mean support embedding) naming the class; ``P(c | x)``,
   cosine attention over every support embedding summed over class ``c``; the same.
 - ``relationnet``: class feature map (mean support embedding read as ``K x h x w``); the
@@ -150,7 +151,13 @@ class ProtoNet(FewShotAlgorithm):
 
     @property
     def similarity_name(self) -> str:  # type: ignore[override]
-        return self.config.similarity
+        """The score the model decides with: ``euclidean`` (``-||e - p||^2``),
+        ``euclidean_distance`` (``-||e - p||``, ``task.distance=euclidean``) or ``cosine``."""
+        from experiments.tasks.fewshot import DISTANCES
+
+        if self.cosine:
+            return "cosine"
+        return DISTANCES[self.config.distance]
 
     @property
     def requires_task_state(self) -> bool:
@@ -166,7 +173,11 @@ class ProtoNet(FewShotAlgorithm):
 
         c = self.config
         module = self._episode_module(
-            ProtoNetModule, model, similarity=c.similarity, temperature=c.temperature, **optim
+            ProtoNetModule,
+            model,
+            similarity=self.similarity_name,
+            temperature=c.temperature,
+            **optim,
         )
         if self.cosine:
             self.log_temperature = module.log_temperature  # live, saved in the sidecar
@@ -183,7 +194,7 @@ class ProtoNet(FewShotAlgorithm):
 
     def classifier(self, support, n_way, n_shot):
         prototypes = support.view(n_way, n_shot, -1).mean(1)
-        similarity, tau = self.config.similarity, self.temperature
+        similarity, tau = self.similarity_name, self.temperature
         return EpisodeClassifier(
             prototypes,
             similarity,
@@ -193,7 +204,7 @@ class ProtoNet(FewShotAlgorithm):
     def accuracy(self, model, dataset, sampler, train_set=None):
         from experiments.training.metrics import fewshot_accuracy
 
-        return fewshot_accuracy(model, dataset, sampler, self.config.similarity)
+        return fewshot_accuracy(model, dataset, sampler, self.similarity_name)
 
     def evaluation(self, dataset, sampler, eval_cfg, score, seed, pairs):
         e = eval_cfg
@@ -203,7 +214,7 @@ class ProtoNet(FewShotAlgorithm):
             e.n_way,
             e.n_shot,
             e.n_query,
-            self.config.similarity,
+            self.similarity_name,
             score,
             seed,
             pairs,

@@ -12,7 +12,7 @@ from experiments.training.base import TaskModule
 from fam.errors import FamBenchError
 from fam.similarity import pairwise
 
-SIMILARITIES = ("euclidean", "cosine")
+SIMILARITIES = ("euclidean", "euclidean_distance", "cosine")
 
 
 class ProtoNetModule(TaskModule):
@@ -22,7 +22,8 @@ class ProtoNetModule(TaskModule):
     ``W*Q`` queries, each class-major. Prototypes are the mean support embeddings.
 
     Logits: ``similarity="euclidean"`` uses ``-||q - p||^2`` (the paper's; no
-    temperature). ``similarity="cosine"`` uses ``tau * cos(q, p)``: cosine logits lie in
+    temperature), ``"euclidean_distance"`` ``-||q - p||`` (easyfsl's; no temperature).
+    ``similarity="cosine"`` uses ``tau * cos(q, p)``: cosine logits lie in
     [-1, 1], too flat for a softmax over classes, so they are scaled by ``tau``. With
     ``temperature=None`` (default) ``tau`` is learned, starting at 10, as a log-parameter
     (so it stays positive) of this module (not of the embedding network, which is what is
@@ -57,7 +58,7 @@ class ProtoNetModule(TaskModule):
     def logits(self, query: Tensor, prototypes: Tensor) -> Tensor:
         """``(Q, D), (W, D) -> (Q, W)``."""
         scores = pairwise(self.similarity, query, prototypes)
-        if self.similarity == "euclidean":
+        if self.similarity != "cosine":
             return scores
         return self.log_temperature.exp() * scores
 
