@@ -395,7 +395,7 @@ def test_a_trained_hybrid_vit_fam_beats_random_on_the_pointing_game(tmp_path, mo
 
     from experiments import builders, config, pipeline
 
-    def network(run):
+    def network(run, checkpoint=None):
         torch.manual_seed(0)
         return HybridViT()
 

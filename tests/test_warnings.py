@@ -167,7 +167,7 @@ def test_the_centre_prior_warns_within_5_points_of_the_best_method_or_above(cent
 def test_relevance_not_conserved_is_recorded_naming_model_and_layer(tmp_path, monkeypatch):
     from test_relevance_conservation import PlainResNet
 
-    def network(run):
+    def network(run, checkpoint=None):
         torch.manual_seed(0)
         model = PlainResNet()
         model.default_target_layer = "block1"  # below a residual '+' no canonizer knows

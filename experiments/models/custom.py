@@ -57,11 +57,12 @@ _HEAD_PARTS = (nn.Linear, nn.Dropout, nn.Identity, nn.ReLU, nn.GELU, nn.SiLU, nn
 PROBE_BATCH = 2
 
 
-def locate(target: str) -> Any:
-    """The object at dotted path ``target`` (``pkg.module.Name`` or ``pkg.module.Cls.create``)."""
+def locate(target: str, key: str = "model.target") -> Any:
+    """The object at dotted path ``target`` (``pkg.module.Name`` or ``pkg.module.Cls.create``);
+    ``key`` is the setting named in errors."""
     if not isinstance(target, str) or not target.strip() or target.startswith("."):
         raise FamBenchError(
-            f"model.target must be a dotted path such as 'torchvision.models.resnet50' or "
+            f"{key} must be a dotted path such as 'torchvision.models.resnet50' or "
             f"'mypkg.nets.SmallNet', got {target!r}."
         )
     parts = target.split(".")
@@ -75,7 +76,7 @@ def locate(target: str) -> Any:
             # import *inside* the user's module is their error and is reported as such
             if err.name is not None and not (name == err.name or name.startswith(err.name + ".")):
                 raise FamBenchError(
-                    f"Cannot import model.target {target!r}: importing {name!r} failed "
+                    f"Cannot import {key} {target!r}: importing {name!r} failed "
                     f"({err}). Install the missing package in the run's environment."
                 ) from err
             error = err
@@ -84,20 +85,20 @@ def locate(target: str) -> Any:
         for attr in parts[i:]:
             if not hasattr(obj, attr):
                 raise FamBenchError(
-                    f"Cannot import model.target {target!r}: {name!r} has no attribute "
+                    f"Cannot import {key} {target!r}: {name!r} has no attribute "
                     f"{attr!r}. Check the spelling; the path must name a class or a function."
                 )
             obj = getattr(obj, attr)
         return obj
     raise FamBenchError(
-        f"Cannot import model.target {target!r} ({error}). Give a dotted path to a class or "
+        f"Cannot import {key} {target!r} ({error}). Give a dotted path to a class or "
         "factory function importable from the run's Python path (install your package, or "
         "put its folder on PYTHONPATH)."
     )
 
 
 def _reshape_callable(path: str) -> Any:
-    fn = locate(str(path))
+    fn = locate(str(path), "model.reshape")
     if not callable(fn):
         raise FamBenchError(
             f"model.reshape={path!r} is a {type(fn).__name__}, not a callable "
