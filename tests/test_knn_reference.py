@@ -85,3 +85,26 @@ def test_tied_votes_predict_the_smaller_label():
     )
     assert predicted.tolist() == [1]
     torch.testing.assert_close(reference, bank[1:2])
+
+
+def test_the_reference_changes_the_protocol_but_not_the_model_cache_key():
+    """``task.reference`` picks what is explained, not how the encoder trains: the cached
+    model is shared, while the results' protocol (``settings_id``) tells the two apart."""
+    from experiments import builders, config
+    from experiments.tasks import family_for
+
+    runs = {
+        ref: config.load(
+            config.compose_config(["experiment=synthetic_simclr", f"task.reference={ref}"])
+        )
+        for ref in ("knn_class", "nearest")
+    }
+    keys = {ref: builders.training_key(run) for ref, run in runs.items()}
+    assert keys["knn_class"] == keys["nearest"]
+    protocols = {ref: family_for(run.task).protocol(run.eval) for ref, run in runs.items()}
+    assert protocols["knn_class"]["reference"] == "knn_class"
+    assert protocols["knn_class"] != protocols["nearest"]
+    other = config.load(
+        config.compose_config(["experiment=synthetic_simclr", "task.temperature=0.2"])
+    )
+    assert builders.training_key(other) != keys["knn_class"]

@@ -228,6 +228,8 @@ def holdout_split(dataset: Any, per_class: int) -> tuple[Tensor, Tensor]:
 class Contrastive(TaskFamily):
     name = "contrastive"
     Config = ContrastiveConfig
+    # which reference is explained: the same encoder serves both
+    evaluation_keys = ("reference",)
 
     def training_part(self, train_set: Any) -> Any:
         """The images the encoder trains on and the bank holds (all but the held out)."""
