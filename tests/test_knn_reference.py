@@ -108,3 +108,48 @@ def test_the_reference_changes_the_protocol_but_not_the_model_cache_key():
         config.compose_config(["experiment=synthetic_simclr", "task.temperature=0.2"])
     )
     assert builders.training_key(other) != keys["knn_class"]
+
+
+class _Images(torch.utils.data.Dataset):
+    """Random images with labels (no masks): enough for a neighbour evaluation."""
+
+    def __init__(self, n: int, classes: int, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, 16, 16, generator=gen)
+        self.labels = torch.arange(n) % classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": int(self.labels[i])}
+
+
+def test_a_knn_unit_scores_and_re_embeds_its_reference_as_defined():
+    """The unit's reference is the predicted class's neighbour mean, its score the kNN
+    probability of the prediction, and ``reference_fn`` (the sanity check's re-embedding)
+    gives the same reference for the same network."""
+    import torch.nn.functional as F
+
+    from experiments.models import build_model
+    from experiments.tasks.neighbour_evaluation import NeighbourEvaluation
+
+    torch.manual_seed(0)
+    model = build_model("conv4", hidden=8, pools=[True, True, False, False]).eval()
+    bank, queries = _Images(30, 3, seed=1), _Images(6, 3, seed=2)
+    ev = NeighbourEvaluation(
+        "contrastive", queries, bank, torch.arange(6), 4, "cosine",
+        reference="knn_class", knn_k=5, knn_temperature=0.07,
+    )  # fmt: skip
+    with torch.no_grad():
+        ev.find_neighbours(model, torch.device("cpu"), 4, exclude_self=False)
+        unit = ev.unit(0, model, torch.device("cpu"))
+        bank_unit = F.normalize(model(bank.images), dim=1)
+        emb = model(queries.images[:4])
+        predicted, reference, _, _ = knn_class_reference(emb, bank_unit, bank.labels, 5, 0.07)
+        torch.testing.assert_close(unit.reference, reference)
+        assert unit.columns["reference_label"] == predicted.tolist()
+        expected = knn_probability(emb, bank_unit, bank.labels, predicted, 5, 0.07)
+        index = torch.arange(4)
+        torch.testing.assert_close(unit.score_fn(queries.images[:4], index), expected)
+        torch.testing.assert_close(unit.reference_fn(model), reference, rtol=1e-5, atol=1e-6)
