@@ -4,8 +4,9 @@ The score ``s(e, r)`` is split over the embedding's dimensions with FAM's ``prod
 shares (``e_d r_d`` for dot, ``e_d r_d / (|e| |r|)`` for cosine, ``2 e_d r_d - e_d^2``
 for euclidean, that over ``2 |e - r|`` for euclidean_distance; gradient x input
 ``e_d ds/de_d`` for a similarity callable). That seed is
-propagated back to the target layer with a zennit composite (default ``EpsilonPlusFlat``)
-and read as the modified gradient w.r.t. the layer's output; in zennit the quantity that
+propagated back to the target layer with a zennit composite (default ``"zplus"``, the
+official code's rule; ``EpsilonPlusFlat`` or any zennit composite as an option) and
+read as the modified gradient w.r.t. the layer's output; in zennit the quantity that
 flows backwards through hooked modules *is* the relevance. Then ``w_k = sum_ij R_kij``
 and ``M = ReLU(sum_k w_k A_k)``.
 
@@ -98,7 +99,7 @@ class RelevanceCAM(Explainer):
         model, target_layer: see :class:`fam.explainer.Explainer`.
         composite: a zennit composite instance, the name of a built-in one (registry
             key such as ``"epsilon_plus_flat"`` or class name such as
-            ``"EpsilonPlusFlat"``; default), or ``"zplus"``: z+ everywhere, biases
+            ``"EpsilonPlusFlat"``), or ``"zplus"`` (default): z+ everywhere, biases
             ignored, as the official Relevance-CAM code (module docstring).
         canonizers: for a composite given by name: ``"auto"`` (default:
             ``ResNetCanonizer`` for torchvision ResNet blocks, else
@@ -121,7 +122,7 @@ class RelevanceCAM(Explainer):
         model: nn.Module,
         target_layer: str | nn.Module | None = None,
         *,
-        composite: CompositeLike = "EpsilonPlusFlat",
+        composite: CompositeLike = ZPLUS,
         canonizers: CanonizersLike = "auto",
         relevance_seed: RelevanceSeed = "share",
         zero_bias: bool = False,

@@ -49,7 +49,11 @@ SETTINGS = {
 #: our methods: (name, factory(model, layer, amp), pytorch-grad-cam class or None)
 METHODS: list[tuple[str, Callable, type | None]] = [
     ("fam", lambda m, layer, amp: FAM(m, layer, amp=amp), None),
-    ("fam_product", lambda m, layer, amp: FAM(m, layer, contribution="product", amp=amp), None),
+    (
+        "fam_ablation",
+        lambda m, layer, amp: FAM(m, layer, contribution="ablation", weights="abs_sum", amp=amp),
+        None,
+    ),
     ("gradcam", lambda m, layer, amp: bl.GradCAM(m, layer, amp=amp), pgc.GradCAM),
     ("gradcampp", lambda m, layer, amp: bl.GradCAMPlusPlus(m, layer, amp=amp), pgc.GradCAMPlusPlus),
     ("xgradcam", lambda m, layer, amp: bl.XGradCAM(m, layer, amp=amp), pgc.XGradCAM),

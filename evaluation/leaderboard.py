@@ -36,7 +36,8 @@ ranks; bold marks the best only when no other entry ties it at that rounding. ``
 given per metric. The sanity column is the mean rank correlation after full
 randomisation (lower is better). The ground-truth oracle (``mask`` vs ``random``,
 paired) flags metrics that do not separate the two. Entries with identical values on
-every sample are listed as one row (``fam = fam_product``), not as rivals. Warnings the
+every sample are listed as one row (e.g. ``fam_ablation = fam (weights=abs_sum)`` under a
+dot product, where the drop is the share), not as rivals. Warnings the
 runs wrote (``warnings.json``) are shown beside their table.
 """
 

@@ -298,7 +298,13 @@ def training_key(run: RunConfig, content: dict[str, str] | None = None) -> dict[
         model.pop(key, None)
     trainer = {k: v for k, v in plain(run.trainer).items() if k not in TRAINER_EXECUTION_KEYS}
     trainer.update(run_identity_trainer_keys(run))
-    return {"model": model, "data": data, "task": dict(run.task), "trainer": trainer}
+    from experiments.tasks import family_class
+
+    task = dict(run.task)
+    family = family_class(str(task.get("name", "")), task.get("family"))
+    for key in family.evaluation_keys:
+        task.pop(key, None)
+    return {"model": model, "data": data, "task": task, "trainer": trainer}
 
 
 def model_id(

@@ -1,35 +1,59 @@
 """Feature Activation Map (FAM; Liao, Gao & Zhang, arXiv 2307.05017).
 
-Channel contributions come from the similarity score itself. With ``contribution=
-"ablation"`` (the default) ``c_k`` is the drop in similarity when channel ``k`` is
-removed from the embedding::
+Channel weights come from the similarity score itself. Two contributions ``c_k``:
 
-    c_k = s(e, r) - s(e with channel k zeroed, r)
+- ``contribution="product"`` (the paper's, default): channel ``k``'s share of the score,
+  ``ê_k r̂_k`` for cosine (L2-normalised embedding and reference, so ``sum_k c_k = cos``)
+  and ``e_k r_k`` for dot. ProtoNet's negative squared Euclidean distance has no source
+  in the authors' code; the suite's reading is ``2 e_k r_k - e_k^2`` (the drop in score
+  when channel ``k`` is removed; the split sums to ``s + |r|^2``, and ``|r|^2`` does not
+  depend on the image).
+- ``contribution="ablation"`` (the suite's variant, ``fam_ablation``): the drop in
+  similarity when channel ``k`` is removed from the embedding,
+  ``c_k = s(e, r) - s(e with channel k zeroed, r)``.
 
-``contribution="product"`` uses the first-order split ``e_k r_k`` (dot),
-``e_k r_k / (|e| |r|)`` (cosine) and ``2 e_k r_k - e_k^2`` (euclidean). The first two sum
-exactly to the score; the euclidean split sums to ``s + |r|^2`` (the constant ``|r|^2``
-does not depend on the image). ``euclidean_distance`` (``-||e - r||``, easyfsl's ProtoNet
-logit) has the exact ablation ``c_k = sqrt(d^2 + 2 p_k - q_k) - d`` (``d = ||e - r||``,
-``p_k``, ``q_k`` channel k's shares of ``e.r`` and ``|e|^2``) and the product split
-``(2 p_k - q_k) / (2 d)``, the first order of that. Weights are ``w = c / sum_j |c_j|``
-and the map is ``ReLU(sum_k w_k A_k)``.
+ProtoNet's unsquared distance ``euclidean_distance`` (``-||e - r||``, easyfsl's logit;
+``task.distance=euclidean``) is also the suite's reading: the exact ablation is
+``c_k = sqrt(d^2 + 2 p_k - q_k) - d`` (``d = ||e - r||``, ``p_k``, ``q_k`` channel k's
+shares of ``e.r`` and ``|e|^2``) and the product split ``(2 p_k - q_k) / (2 d)`` is its
+first order.
+
+Two weightings:
+
+- ``weights="minmax"`` (default; the first author's public code, see below):
+  ``w = minmax(c / |sum_j c_j|)`` over the channels, in ``[0, 1]`` (all-equal ``c``
+  gives ``w = 1``, as in that code), and the map is ``minmax(sum_k w_k A_k)`` at the
+  layer's resolution, with no ReLU;
+- ``weights="abs_sum"``: ``w = c / sum_j |c_j|`` and the map is ``ReLU(sum_k w_k A_k)``.
+
+The evidence for ``product`` + ``minmax``: the first author's code for a later paper by
+the same authors (github.com/ly9802/DynamicAccumulatedAttentionMap) computes the FAM
+step in ``contri_weight_generate`` / ``contribution_weight`` / ``max_min_normal``
+(``DINO_DAAM_Visualization_oneSample.py``) and ``linear_combine_allchannels`` /
+``generate_saliency_map`` (``DynamicalAccumul.py``, commit 368ad1d): the per-dimension
+product of the normalised embedding and the reference, divided by the absolute
+similarity, min-max scaled, used as the coefficients of a plain channel sum that is
+min-max normalised and resized bilinearly. The explainer then min-max normalises the
+resized map again (every method's last step; an increasing affine map, so the pixel
+order is the same).
 
 Two exact paths compute ``c``:
 
 - **closed form** — when the embedding is the global average (GAP) or the flattening of
-  the target layer's output, zeroing channel ``k`` of ``A`` zeroes a known group of
-  embedding dimensions, so ``c`` follows from per-channel sums of ``e*r`` and ``e^2``.
-  Cost: the one forward pass that computes ``e`` plus ``O(N D)`` arithmetic; no
-  gradients. The pooling is detected on the batch by comparing the model's output to
-  ``A.mean((2, 3))`` and ``A.flatten(1)`` (one host sync per call); ``path=
-  "closed_form"`` skips the check and assumes GAP/flatten from the shapes.
+  the target layer's output, channel ``k`` feeds a known group of embedding dimensions,
+  so ``c`` follows from per-channel sums of ``e*r`` and ``e^2``. Cost: the one forward
+  pass that computes ``e`` plus ``O(N D)`` arithmetic; no gradients. The pooling is
+  detected on the batch by comparing the model's output to ``A.mean((2, 3))`` and
+  ``A.flatten(1)`` (one host sync per call); ``path="closed_form"`` skips the check and
+  assumes GAP/flatten from the shapes.
 - **forward ablation** (the general fallback) — for any other model (a head after the
   layer, an intermediate layer) channel ``k`` is zeroed in the target layer's output
   and the model re-run, ``ablation_batch`` channels per batched forward. Cost: ``K``
   forward passes of the model per image (``K`` = number of channels). This is
   Ablation-CAM applied to the similarity score; at the last layer with a GAP embedding
-  the closed form is its exact value.
+  the closed form is its exact value. A channel's share of the embedding is not defined
+  when the embedding is not a pooling of the layer, so ``product`` takes this drop there
+  too (for ``dot`` at a GAP layer the two coincide); ``last_path`` says which path ran.
 
 For a user-supplied similarity callable the closed-form path evaluates the callable on
 the ``K`` ablated embeddings (no extra forward passes). ``product`` with a callable is its
@@ -38,8 +62,7 @@ first-order (gradient x input) split at the embedding, ``c_k = sum_{g in k} e_g 
 ``e_k r_k`` exactly, and for any score linear in ``e`` it sums to the score. The named
 cosine and euclidean splits above are not this one (they hold ``|e|`` fixed; cosine's
 gradient split sums to 0, Euler's theorem for a scale-invariant score), which is why a
-callable never stands in for a name. ``product`` needs the GAP/flatten grouping of the
-embedding either way.
+callable never stands in for a name.
 """
 
 from __future__ import annotations
@@ -51,10 +74,11 @@ from torch import Tensor, nn
 
 from fam.errors import FamBenchError
 from fam.explainer import Explainer
-from fam.maps import weighted_sum
+from fam.maps import minmax_normalise, weighted_sum
 from fam.similarity import COSINE_EPS, SimilarityTarget, as_float
 
-Contribution = Literal["ablation", "product"]
+Contribution = Literal["product", "ablation"]
+Weights = Literal["minmax", "abs_sum"]
 Path = Literal["auto", "closed_form", "forward_ablation"]
 
 
@@ -63,7 +87,10 @@ class FAM(Explainer):
 
     Args:
         model, target_layer, amp: see :class:`fam.explainer.Explainer`.
-        contribution: ``"ablation"`` (default) or ``"product"`` (module docstring).
+        contribution: ``"product"`` (default, the paper's) or ``"ablation"`` (module
+            docstring).
+        weights: ``"minmax"`` (default, the paper's: min-max scaled weights, min-max
+            normalised map, no ReLU) or ``"abs_sum"`` (``c / sum|c|``, ReLU'd map).
         path: ``"auto"`` (closed form when the embedding is GAP/flatten of the target
             layer, else forward ablation), ``"closed_form"`` or ``"forward_ablation"``.
         ablation_batch: channels ablated per batched forward pass on the fallback path.
@@ -75,7 +102,8 @@ class FAM(Explainer):
         model: nn.Module,
         target_layer: str | nn.Module | None = None,
         *,
-        contribution: Contribution = "ablation",
+        contribution: Contribution = "product",
+        weights: Weights = "minmax",
         path: Path = "auto",
         ablation_batch: int = 16,
         detect_tol: float = 1e-4,
@@ -84,8 +112,10 @@ class FAM(Explainer):
         super().__init__(model, target_layer, amp=amp)
         if contribution not in ("ablation", "product"):
             raise FamBenchError(
-                f"Unknown FAM contribution {contribution!r}; use 'ablation' or 'product'."
+                f"Unknown FAM contribution {contribution!r}; use 'product' or 'ablation'."
             )
+        if weights not in ("minmax", "abs_sum"):
+            raise FamBenchError(f"Unknown FAM weights {weights!r}; use 'minmax' or 'abs_sum'.")
         if path not in ("auto", "closed_form", "forward_ablation"):
             raise FamBenchError(
                 f"Unknown FAM path {path!r}; use 'auto', 'closed_form' or 'forward_ablation'."
@@ -93,6 +123,7 @@ class FAM(Explainer):
         if ablation_batch < 1:
             raise FamBenchError(f"ablation_batch must be >= 1, got {ablation_batch}.")
         self.contribution = contribution
+        self.weights = weights
         self.path = path
         self.ablation_batch = ablation_batch
         self.detect_tol = detect_tol
@@ -107,14 +138,20 @@ class FAM(Explainer):
         self.score(emb, target)  # validates the reference and the similarity's output
         acts = as_float(acts)
         weights = self.channel_weights(images, emb, acts, target)
-        return weighted_sum(weights, acts)
+        if self.weights == "abs_sum":
+            return weighted_sum(weights, acts)
+        # The authors' map: a plain weighted sum (no ReLU), min-max normalised. A constant
+        # sum stays all zeros and is flagged degenerate by the explainer.
+        return minmax_normalise((weights[:, :, None, None] * acts).sum(1))
 
     def channel_weights(
         self, images: Tensor, emb: Tensor, acts: Tensor, target: SimilarityTarget
     ) -> Tensor:
-        """Normalised weights ``w = c / sum|c|``, ``(N, K)``."""
+        """Channel weights ``(N, K)``: ``minmax(c / |sum c|)`` or ``c / sum|c|``."""
         contributions = self.contributions(images, emb, acts, target)
-        return contributions / contributions.abs().sum(1, keepdim=True).clamp_min(1e-30)
+        if self.weights == "abs_sum":
+            return contributions / contributions.abs().sum(1, keepdim=True).clamp_min(1e-30)
+        return minmax_weights(contributions)
 
     def contributions(
         self, images: Tensor, emb: Tensor, acts: Tensor, target: SimilarityTarget
@@ -123,12 +160,6 @@ class FAM(Explainer):
         pooling = self._pooling(emb, acts)
         self.last_path = pooling or "forward_ablation"
         if pooling is None:
-            if self.contribution == "product":
-                raise FamBenchError(
-                    "contribution='product' needs an embedding that is the GAP or flattening "
-                    "of the target layer's output; use contribution='ablation' for this "
-                    "model/layer."
-                )
             return self._forward_ablation(images, emb, acts, target)
         n, k = acts.shape[:2]
         e = emb.view(n, k, -1)
@@ -203,6 +234,22 @@ class FAM(Explainer):
             ablated = SimilarityTarget(ref, target.fn)(ablated_emb)
             drops.append(base[None] - ablated.view(c, n))
         return torch.cat(drops, 0).T.contiguous()
+
+
+def minmax_weights(contributions: Tensor) -> Tensor:
+    """The authors' weights ``minmax(c / |sum_j c_j|)`` over channels, ``(N, K)``.
+
+    Dividing by the absolute score does not change the min-max result; it is kept so the
+    steps read as the source does. Channels that all contribute equally get weight 1 (as
+    in the source's ``max_min_normal``); a non-finite contribution makes the row nan.
+    """
+    total = contributions.sum(1, keepdim=True).abs()
+    shares = contributions / torch.where(total > 0, total, 1.0)
+    lo = shares.amin(1, keepdim=True)
+    hi = shares.amax(1, keepdim=True)
+    span = hi - lo
+    scaled = torch.where(span > 0, (shares - lo) / span.clamp_min(1e-30), 1.0)
+    return torch.where(torch.isfinite(span), scaled, torch.nan)
 
 
 def closed_form(e: Tensor, r: Tensor, similarity: str, contribution: str) -> Tensor:

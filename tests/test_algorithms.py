@@ -232,9 +232,9 @@ def trained(data_for, tmp_path_factory):
     return get
 
 
-#: every method (``fam_product`` on a callable similarity is its gradient split)
+#: every method (``fam`` on a callable similarity is its gradient split)
 ALL_METHODS = [
-    "fam", "fam_product", "gradcam", "gradcampp", "xgradcam", "layercam", "scorecam",
+    "fam", "fam_ablation", "gradcam", "gradcampp", "xgradcam", "layercam", "scorecam",
     "relevancecam", "eigencam", "random", "center",
 ]  # fmt: skip
 

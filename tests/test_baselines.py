@@ -286,7 +286,7 @@ def test_relevancecam_at_last_layer_equals_fam_product_with_dot(cases, model_nam
     torch.testing.assert_close(weights, product, rtol=1e-4, atol=1e-5 * float(product.abs().max()))
 
     ours = explainer(images, reference, "dot", upsample=False)
-    fam = FAM(model, layer, contribution="product")(images, reference, "dot", upsample=False)
+    fam = FAM(model, layer, weights="abs_sum")(images, reference, "dot", upsample=False)
     scaled = fam * product.abs().sum(1)[:, None, None]
     assert ours.amax() > 0
     torch.testing.assert_close(ours, scaled, rtol=1e-4, atol=1e-5 * float(ours.abs().max()))

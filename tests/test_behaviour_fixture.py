@@ -35,6 +35,13 @@ OLD_BEHAVIOUR: list[str] = [
     "metric.tolerance_at=input",
     "method.eigencam.sign_correction=true",
     "method.scorecam.score=similarity",  # Score-CAM now weights by the task probability
+    # issue 22: `fam` became the authors' FAM; the old `fam` is `fam_ablation`'s settings and
+    # the old `fam_product` is `fam` with weights=abs_sum (its config was dropped)
+    "method.fam.contribution=ablation",
+    "method.fam.weights=abs_sum",
+    "+method@method.fam_product=fam",
+    "method.fam_product.weights=abs_sum",
+    "method.relevancecam.composite=EpsilonPlusFlat",  # the default is now the official z+
 ]
 
 

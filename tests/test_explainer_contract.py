@@ -30,7 +30,7 @@ from fam.errors import FamBenchError
 
 METHODS = {
     "fam": lambda m, layer: FAM(m, layer),
-    "fam_product": lambda m, layer: FAM(m, layer, contribution="product"),
+    "fam_ablation": lambda m, layer: FAM(m, layer, contribution="ablation", weights="abs_sum"),
     "gradcam": GradCAM,
     "gradcampp": GradCAMPlusPlus,
     "xgradcam": XGradCAM,

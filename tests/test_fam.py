@@ -1,8 +1,9 @@
-"""FAM against its definition: the drop in similarity when one channel is removed.
+"""FAM against its definitions.
 
-The closed forms and the forward-ablation fallback are each compared with the slow,
-literal computation (zero channel k, recompute the score) for every similarity and for
-GAP and flatten embeddings.
+``fam`` (the paper's, as the first author's code computes it) is compared with an
+independent implementation of its four steps; ``fam_ablation`` (the drop in similarity
+when one channel is removed) with the slow, literal computation (zero channel k,
+recompute the score) for every similarity and for GAP, flatten and non-GAP embeddings.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from experiments.models import build_model
 from experiments.models.conv4 import Conv4
 from fam import FAM, SimilarityTarget, capture_layer, closed_form, eval_mode
 from fam.similarity import SIMILARITIES
@@ -19,14 +21,19 @@ SIMS = sorted(SIMILARITIES)
 N, SIZE = 3, 32
 
 
+def ABLATION(model, layer, **options):  # noqa: N802 - reads as the method's name
+    """``fam_ablation``: the drop in similarity, ``c / sum|c|`` weights, ReLU'd map."""
+    return FAM(model, layer, contribution="ablation", weights="abs_sum", **options)
+
+
 def _conv4(pooling: str = "gap") -> Conv4:
     torch.manual_seed(0)
     return Conv4(hidden=16, pools=(True, True, True, False), pooling=pooling).double().eval()
 
 
-def _inputs(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(model: nn.Module, size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(2)
-    images = torch.randn(N, 3, SIZE, SIZE, generator=gen, dtype=torch.float64)
+    images = torch.randn(N, 3, size, size, generator=gen, dtype=torch.float64)
     with torch.no_grad():
         emb = model(images)
     # Signed references near the images' own embeddings: every similarity has channels
@@ -87,7 +94,7 @@ def _map_from(contributions: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
 def test_closed_form_equals_the_definition(pooling, similarity):
     model = _conv4(pooling)
     images, reference = _inputs(model)
-    explainer = FAM(model, "encoder.3")
+    explainer = ABLATION(model, "encoder.3")
     emb, acts = _embed(model, explainer.target_layer, images)
     with eval_mode(model), torch.no_grad():
         got = explainer.contributions(images, emb, acts, SimilarityTarget(reference, similarity))
@@ -104,8 +111,8 @@ def test_closed_form_equals_the_definition(pooling, similarity):
 def test_forward_ablation_fallback_equals_closed_form(pooling, similarity):
     model = _conv4(pooling)
     images, reference = _inputs(model)
-    closed = FAM(model, "encoder.3", path="closed_form")
-    fallback = FAM(model, "encoder.3", path="forward_ablation", ablation_batch=5)
+    closed = ABLATION(model, "encoder.3", path="closed_form")
+    fallback = ABLATION(model, "encoder.3", path="forward_ablation", ablation_batch=5)
     a = closed(images, reference, similarity, upsample=False)
     b = fallback(images, reference, similarity, upsample=False)
     assert fallback.last_path == "forward_ablation"
@@ -137,7 +144,7 @@ def test_product_contributions_sum_to_the_score(pooling, similarity):
 def test_callable_similarity_gives_the_same_map_as_its_name(path):
     model = _conv4()
     images, reference = _inputs(model)
-    explainer = FAM(model, "encoder.3", path=path)
+    explainer = ABLATION(model, "encoder.3", path=path)
     named = explainer(images, reference, "cosine")
 
     def my_cosine(e, r):
@@ -153,7 +160,7 @@ def test_product_with_a_callable_is_its_gradient_split(pooling):
     images, reference = _inputs(model)
     emb, acts = _embed(model, model.encoder[3], images)
     n, k = acts.shape[:2]
-    product = FAM(model, "encoder.3", contribution="product")
+    product = FAM(model, "encoder.3", weights="abs_sum")
     # a callable dot product: the split is e_k r_k, the named closed form exactly
     named = product(images, reference, "dot", upsample=False)
     custom = product(images, reference, lambda e, r: (e * r).sum(1), upsample=False)
@@ -179,7 +186,7 @@ def test_head_after_the_layer_takes_the_fallback_and_matches_a_slow_loop(similar
     model = nn.Sequential(conv4, nn.Linear(16, 12)).double().eval()
     images, reference = _inputs(model)
     layer = "0.encoder.3"
-    explainer = FAM(model, layer, ablation_batch=6)
+    explainer = ABLATION(model, layer, ablation_batch=6)
     raw = explainer(images, reference, similarity, upsample=False)
     assert explainer.last_path == "forward_ablation"
     module = dict(model.named_modules())[layer]
@@ -226,3 +233,127 @@ def test_a_constant_nonzero_map_is_flagged_degenerate():
     maps = fam(images, reference, "dot")
     assert bool(fam.degenerate.all())
     assert bool((maps == 0).all())
+
+
+# -- fam: the paper's four steps --------------------------------------------------------
+def _paper_fam(model, layer, images, reference, similarity):
+    """The first author's FAM step, written out independently: per-dimension product of
+    the (for cosine, L2-normalised) embedding and reference, divided by the absolute
+    similarity, min-max over channels; the map is the plain weighted channel sum,
+    min-max normalised (returned at the layer's size and bilinearly resized)."""
+    acts = {}
+    handle = layer.register_forward_hook(lambda m, i, o: acts.__setitem__("A", o.detach()))
+    try:
+        with torch.no_grad():
+            emb = model(images)
+    finally:
+        handle.remove()
+    a = acts["A"]
+    e, r = emb, reference
+    if similarity == "cosine":
+        e, r = e / e.norm(dim=1, keepdim=True), r / r.norm(dim=1, keepdim=True)
+    product = e * r
+    share = product / product.sum(1, keepdim=True).abs()
+    lo, hi = share.min(1, keepdim=True).values, share.max(1, keepdim=True).values
+    w = (share - lo) / (hi - lo)
+    fam = (w[:, :, None, None] * a).sum(1)
+
+    def minmax(m):
+        flat = m.flatten(1)
+        lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+        return ((flat - lo) / (hi - lo)).view_as(m)
+
+    raw = minmax(fam)
+    resized = torch.nn.functional.interpolate(
+        raw[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False
+    )[:, 0]
+    return raw, minmax(resized)
+
+
+def _paper_case(name: str):
+    torch.manual_seed(0)
+    if name == "conv4":
+        model = Conv4(hidden=16, pools=(True, True, True, False)).double().eval()
+        layer = "encoder.3"
+    else:
+        model = build_model("resnet18").double().eval()
+        layer = "layer4"
+    images, reference = _inputs(model, 128 if name == "resnet18" else SIZE)
+    return model, layer, images, reference
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+@pytest.mark.parametrize("name", ["conv4", "resnet18"])
+def test_fam_equals_the_papers_four_steps(name, similarity):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from experiments.config import CONF_DIR
+
+    model, layer, images, reference = _paper_case(name)
+    module = dict(model.named_modules())[layer]
+    raw, maps = _paper_fam(model, module, images, reference, similarity)
+    assert raw.shape[-1] > 1 and (raw < 0.5).any() and (raw > 0.5).any()
+    from_config = instantiate(OmegaConf.load(CONF_DIR / "method" / "fam.yaml"), _partial_=True)
+    for explainer in (FAM(model, layer), from_config(model, layer)):
+        got_raw = explainer(images, reference, similarity, upsample=False)
+        assert explainer.last_path == "gap"
+        torch.testing.assert_close(got_raw, raw.float(), rtol=0, atol=1e-5)
+        got = explainer(images, reference, similarity)
+        torch.testing.assert_close(got, maps.float(), rtol=0, atol=1e-5)
+        assert not bool(explainer.degenerate.any())
+
+
+def test_fam_ablation_config_is_the_drop_with_abs_sum_weights():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from experiments.config import CONF_DIR
+
+    model = _conv4("flatten")
+    images, reference = _inputs(model)
+    cfg = OmegaConf.load(CONF_DIR / "method" / "fam_ablation.yaml")
+    explainer = instantiate(cfg, _partial_=True)(model, "encoder.3")
+    emb, acts = _embed(model, explainer.target_layer, images)
+    raw = explainer(images, reference, "cosine", upsample=False)
+    expected = _slow_embedding_ablation(emb, acts, reference, "cosine")
+    torch.testing.assert_close(raw, _map_from(expected, acts))
+
+
+@pytest.mark.parametrize("similarity", SIMS)
+def test_fam_after_a_head_weights_the_forward_ablation_drop_by_minmax(similarity):
+    """No per-channel share exists when a head follows the layer: ``fam`` min-max scales the
+    exact drop (the slow loop), and maps ``minmax(sum_k w_k A_k)``."""
+    conv4 = _conv4()
+    torch.manual_seed(5)
+    model = nn.Sequential(conv4, nn.Linear(16, 12)).double().eval()
+    images, reference = _inputs(model)
+    layer = "0.encoder.3"
+    explainer = FAM(model, layer, ablation_batch=6)
+    raw = explainer(images, reference, similarity, upsample=False)
+    assert explainer.last_path == "forward_ablation"
+    module = dict(model.named_modules())[layer]
+    drop = _slow_forward_ablation(model, module, images, reference, similarity)
+    drop = drop / drop.sum(1, keepdim=True).abs()
+    w = (drop - drop.amin(1, keepdim=True)) / (
+        drop.amax(1, keepdim=True) - drop.amin(1, keepdim=True)
+    )
+    _, acts = _embed(model, module, images)
+    fam = (w[:, :, None, None] * acts).sum(1).flatten(1)
+    lo, hi = fam.amin(1, keepdim=True), fam.amax(1, keepdim=True)
+    expected = ((fam - lo) / (hi - lo)).view_as(raw)
+    torch.testing.assert_close(raw, expected.float(), rtol=0, atol=1e-5)
+
+
+def test_fam_keeps_a_zero_map_zero_and_degenerate():
+    """All-zero activations give a constant sum: never stretched, flagged degenerate."""
+    model = _conv4()
+    images, reference = _inputs(model)
+    explainer = FAM(model, "encoder.3")
+    zero = lambda module, inputs, output: torch.zeros_like(output)  # noqa: E731
+    handle = explainer.target_layer.register_forward_hook(zero)
+    try:
+        maps = explainer(images, torch.ones_like(reference), "dot")
+    finally:
+        handle.remove()
+    assert bool(explainer.degenerate.all()) and bool((maps == 0).all())

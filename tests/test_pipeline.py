@@ -202,7 +202,7 @@ QUALITY = [
     "task.train_way=5",
     "eval.num_episodes=4",
     "eval.n_query=3",
-    "methods=[fam,fam_product,random,center]",
+    "methods=[fam,fam_ablation,random,center]",
     "metrics=[deletion_auc,insertion_auc,pointing_game]",
 ]
 

@@ -88,18 +88,62 @@ def test_resnet12_splits_relevance_between_body_and_shortcut():
     torch.testing.assert_close(body + shortcut, total("layer3"), rtol=1e-3, atol=0)
 
 
-def test_default_composite_conserves_at_the_last_block_and_loses_to_biases_below():
-    """EpsilonPlusFlat keeps zennit's defaults: z+ keeps positive biases, which absorb
-    relevance below the last block; zero_bias=True removes exactly that loss."""
+def _perturb_batchnorm(model: nn.Module, seed: int) -> nn.Module:
+    """BatchNorm far from identity: random scale (some negative), shift and statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                c = module.num_features
+                module.weight.copy_(torch.randn(c, generator=gen) * 0.8 + 0.5)
+                module.bias.copy_(torch.randn(c, generator=gen) * 0.5)
+                module.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
+                module.running_var.copy_(torch.rand(c, generator=gen) * 2 + 0.2)
+    return model.eval()
+
+
+DEFAULT_CASES = {
+    "conv4_pool_all": ("conv4", {"pools": [True, True, True, True]}, 84),
+    "conv4_pool_two": ("conv4", {"pools": [True, True, False, False]}, 32),
+    "conv4_pool_none": ("conv4", {"pools": [False, False, False, False]}, 16),
+    "resnet12": ("resnet12", OPTIONS["resnet12"], 42),
+    "resnet18": ("resnet18", {}, 48),
+}
+
+
+@pytest.mark.parametrize("case_name", sorted(DEFAULT_CASES))
+def test_default_composite_conserves_relevance_at_every_block(case_name):
+    """The default (the official z+ rule, biases ignored) keeps relevance sum / seed within
+    0.02 of 1 at every block, with BatchNorm merged from statistics far from identity."""
+    name, options, size = DEFAULT_CASES[case_name]
+    torch.manual_seed(0)
+    model = _perturb_batchnorm(build_model(name, **options), seed=4)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        emb = model(images)
+    seed = emb.pow(2).sum(1)
+    assert (seed > 0).all()
+    for layer in BLOCKS[name]:
+        relevance = RelevanceCAM(model, layer).layer_relevance(images, emb, "dot")
+        ratio = relevance.sum(dim=(1, 2, 3)) / seed
+        assert ((ratio - 1).abs() < 0.02).all(), (case_name, layer, ratio.tolist())
+
+
+def test_epsilon_plus_flat_conserves_at_the_last_block_and_loses_to_biases_below():
+    """EpsilonPlusFlat (an option) keeps zennit's defaults: z+ keeps positive biases, which
+    absorb relevance below the last block; zero_bias=True removes exactly that loss."""
     model = _model("conv4")
     images = torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         emb = model(images)
     seed = emb.pow(2).sum(1)
-    last = RelevanceCAM(model, "encoder.3").layer_relevance(images, emb, "dot").sum((1, 2, 3))
-    torch.testing.assert_close(last / seed, torch.ones(2), rtol=1e-4, atol=0)
-    first = RelevanceCAM(model, "encoder.0").layer_relevance(images, emb, "dot").sum((1, 2, 3))
-    assert (first / seed < 0.99).all()
+
+    def ratio(layer: str) -> torch.Tensor:
+        explainer = RelevanceCAM(model, layer, composite="EpsilonPlusFlat")
+        return explainer.layer_relevance(images, emb, "dot").sum((1, 2, 3)) / seed
+
+    torch.testing.assert_close(ratio("encoder.3"), torch.ones(2), rtol=1e-4, atol=0)
+    assert (ratio("encoder.0") < 0.99).all()
 
 
 def test_trunk_pool_canonizer_keeps_the_output_and_is_removed():

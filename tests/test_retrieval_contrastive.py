@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from baselines import MaskOracle, ScoreCAM
 from evaluation.pointing import pointing_game
+from evaluation.stats import wilcoxon
 from experiments import builders, config, pipeline
 from experiments.config import compose_config
 from experiments.models import build_model
@@ -146,6 +147,19 @@ def test_fam_points_far_above_random_on_retrieval(retrieval):
     pointing = means(retrieval["probability"], "pointing_game")
     assert pointing["fam"] >= pointing["random"] + 0.25, pointing
     assert pointing["mask"] == 1.0
+
+
+def test_the_knn_probability_ranks_the_ground_truth_above_random_on_simclr(simclr):
+    """The default contrastive score (the kNN probability of the predicted class, issue 22)
+    separates the true object from a random map, paired per query, on both curves; the
+    distractor softmax it replaced spread the deletion AUCs by 0.027 only."""
+    frame = simclr["results"].pivot(index="sample_id", columns="method")
+    deletion = frame["deletion_auc"]["random"] - frame["deletion_auc"]["mask"]
+    insertion = frame["insertion_auc"]["mask"] - frame["insertion_auc"]["random"]
+    assert deletion.mean() >= 0.1, deletion.mean()
+    assert insertion.mean() > 0, insertion.mean()
+    for gap in (deletion, insertion):
+        assert wilcoxon(gap.to_numpy(), 0 * gap.to_numpy()) < 0.05, gap.describe()
 
 
 def test_fam_points_above_random_on_simclr(simclr):

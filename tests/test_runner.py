@@ -22,7 +22,7 @@ CONF = ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 METHODS = [
     "fam",
-    "fam_product",
+    "fam_ablation",
     "gradcam",
     "gradcampp",
     "xgradcam",
@@ -200,7 +200,7 @@ def test_fingerprint_ignores_execution_settings_but_not_result_settings():
         "methods=[fam]",
         "trainer.max_steps=5",
         "metric.score=similarity",
-        "method.fam.contribution=product",
+        "method.fam.contribution=ablation",
     ):
         assert fingerprint(different)[0] != base, different
 
@@ -287,7 +287,7 @@ def test_settings_id_changes_with_every_metric_setting():
 def test_output_folder_of_another_config_is_refused(tmp_path):
     fp, plain = fingerprint()
     fp2, plain2 = fingerprint("eval.n_query=7")
-    fp3, plain3 = fingerprint("method.fam.contribution=product")
+    fp3, plain3 = fingerprint("method.fam.contribution=ablation")
     store = OutputStore(tmp_path)
     store.claim(fp2, plain2)
     store.claim(fp, plain)  # no results yet: the folder is taken over

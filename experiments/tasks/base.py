@@ -104,6 +104,9 @@ class TaskFamily:
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    #: task config keys that change only the evaluation, never the trained weights: they
+    #: stay out of the model cache key (``experiments.builders.training_key``)
+    evaluation_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any) -> None:
         self.config = config

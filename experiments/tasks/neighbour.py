@@ -1,9 +1,14 @@
 """Contrastive (SimCLR) and retrieval: explain a test query against a nearest neighbour.
 
-- ``contrastive``: a query image is explained against the embedding of its nearest
-  neighbour (cosine) in the bank of training-split images (``task.bank_size`` of them, or
-  all); a fixed, deterministic reference (an augmented view would make the explained
-  score depend on augmentation randomness). With ``task.holdout_per_class > 0`` the last
+- ``contrastive``: a query image is classified as the field classifies a self-supervised
+  embedding and the FAM authors' code does (:mod:`experiments.tasks.knn`): a weighted kNN
+  vote over the bank of training-split images (``task.bank_size`` of them, or all;
+  cosine, ``task.knn_k`` = 20 neighbours, weights ``exp(s / task.knn_temperature)``,
+  T = 0.07). With ``task.reference=knn_class`` (default) it is explained against the mean
+  normalised bank embedding of the predicted class among those neighbours;
+  ``task.reference=nearest`` explains it against its nearest bank item. Both are fixed,
+  deterministic references (an augmented view would make the explained score depend on
+  augmentation randomness). With ``task.holdout_per_class > 0`` the last
   ``holdout_per_class`` images of every training class (in index order) are held out:
   the encoder never trains on them, they are not in the bank, and they are the queries,
   the kNN test set and the linear probe's test set. That is how an evaluation split with
@@ -17,7 +22,13 @@
 
 The score the faithfulness metrics read (``metric.score``, DESIGN.md section 4):
 
-- ``probability`` (default): the softmax, at temperature ``metric.temperature``, of the
+- ``probability`` (default) under ``task.reference=knn_class`` (contrastive's default):
+  the kNN classifier's probability of the predicted class, the normalised vote
+  ``sum_{i in top-k, y_i = c} w_i / sum_{i in top-k} w_i``, with the bank held fixed and
+  the neighbours re-found for every perturbed image (few-shot's episode probability is its
+  counterpart).
+- ``probability`` under ``task.reference=nearest`` (contrastive) and for retrieval: the
+  softmax, at temperature ``metric.temperature``, of the
   perturbed query's similarities to the reference and to a fixed set of distractors, the
   ``metric.distractors`` (K) nearest other bank items of the *unperturbed* query (the
   reference and, for retrieval, the query itself excluded), by default only items of
@@ -68,7 +79,10 @@ class ContrastiveConfig:
     temperature: float = 0.5
     projection_dim: int = 128
     bank_size: int | None = None
-    knn_k: int = 200
+    #: the explained reference: "knn_class" (the kNN-predicted class) or "nearest"
+    reference: str = "knn_class"
+    knn_k: int = 20
+    knn_temperature: float = 0.07
     holdout_per_class: int = 0
     probe_max_iter: int = 1000
     min_scale: float = 0.08
@@ -97,6 +111,16 @@ class ContrastiveConfig:
                 f"task.holdout_per_class must be >= 0, got {self.holdout_per_class}."
             )
         cosine_only(self.similarity, "kNN accuracy and the linear probe's features")
+        if self.reference not in ("knn_class", "nearest"):
+            raise FamBenchError(
+                f"task.reference must be 'knn_class' (the weighted kNN prediction's class) or "
+                f"'nearest' (the nearest bank image), got {self.reference!r}."
+            )
+        if self.knn_k < 1 or not self.knn_temperature > 0:
+            raise FamBenchError(
+                f"task.knn_k must be >= 1 and task.knn_temperature > 0 (got {self.knn_k} and "
+                f"{self.knn_temperature})."
+            )
 
 
 @dataclass
@@ -204,6 +228,8 @@ def holdout_split(dataset: Any, per_class: int) -> tuple[Tensor, Tensor]:
 class Contrastive(TaskFamily):
     name = "contrastive"
     Config = ContrastiveConfig
+    # which reference is explained: the same encoder serves both
+    evaluation_keys = ("reference",)
 
     def training_part(self, train_set: Any) -> Any:
         """The images the encoder trains on and the bank holds (all but the held out)."""
@@ -217,8 +243,16 @@ class Contrastive(TaskFamily):
         return ALGORITHMS[self.config.algorithm](model, dim, self.config, optim)
 
     def protocol(self, eval_cfg):
-        # one leaderboard table per algorithm: the same network trained otherwise
-        return {"algorithm": self.config.algorithm, **unit_protocol(eval_cfg)}
+        # one leaderboard table per algorithm: the same network trained otherwise; the
+        # explained reference (and the kNN that picks it) changes every number
+        c = self.config
+        knn = {"knn_k": c.knn_k, "knn_temperature": c.knn_temperature}
+        return {
+            "algorithm": c.algorithm,
+            "reference": c.reference,
+            **(knn if c.reference == "knn_class" else {}),
+            **unit_protocol(eval_cfg),
+        }
 
     def train_loader(self, train_set, trainer, seed):
         from torch.utils.data import DataLoader
@@ -257,8 +291,9 @@ class Contrastive(TaskFamily):
     def monitor(self, train_set, val_set, seed):
         from experiments.training.metrics import knn_accuracy
 
+        c = self.config
         return "val_knn_accuracy", lambda m: knn_accuracy(
-            m, self.training_part(train_set), val_set, self.config.knn_k
+            m, self.training_part(train_set), val_set, c.knn_k, c.knn_temperature
         )
 
     def check_data(self, run, train_set, eval_set):
@@ -295,17 +330,20 @@ class Contrastive(TaskFamily):
             temperature=(
                 run.metric.temperature if run.metric.temperature is not None else c.temperature
             ),
+            reference=c.reference,
+            knn_k=c.knn_k,
+            knn_temperature=c.knn_temperature,
         )
         ev.find_neighbours(
             model, device, run.eval.batch_size, exclude_self=False, bank_indices=bank
         )
-        knn_k, max_iter = c.knn_k, c.probe_max_iter
+        knn_k, knn_t, max_iter = c.knn_k, c.knn_temperature, c.probe_max_iter
 
         def task_metrics(net: nn.Module) -> dict[str, float]:
             from experiments.training.metrics import knn_accuracy, linear_probe_accuracy
 
             return {
-                f"knn{knn_k}_accuracy": float(knn_accuracy(net, bank_set, query_set, knn_k)),
+                f"knn{knn_k}_accuracy": float(knn_accuracy(net, bank_set, query_set, knn_k, knn_t)),
                 "linear_probe_accuracy": float(
                     linear_probe_accuracy(net, bank_set, query_set, max_iter=max_iter)
                 ),

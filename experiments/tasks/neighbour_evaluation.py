@@ -1,6 +1,9 @@
 """The evaluation of the neighbour tasks (contrastive, retrieval): one query against its
 nearest bank item, scored by the probability over the reference and its distractors or by
-the raw similarity (see :mod:`experiments.tasks.neighbour` for the definitions)."""
+the raw similarity, or (contrastive's default, ``reference="knn_class"``) against the
+class its weighted kNN vote predicts, scored by that vote's probability (see
+:mod:`experiments.tasks.neighbour` and :mod:`experiments.tasks.knn` for the
+definitions)."""
 
 from __future__ import annotations
 
@@ -13,15 +16,20 @@ from torch import Tensor, nn
 from experiments.data.seeding import derive_seed
 from experiments.embedding import embed
 from experiments.tasks.base import Evaluation, Unit, stack_items
+from experiments.tasks.knn import knn_class_reference, knn_probability
 from experiments.training.batches import labels_of
 from fam.errors import FamBenchError
 from fam.similarity import resolve_similarity
 
 
 class NeighbourEvaluation(Evaluation):
-    """Explain each query against its nearest bank item.
+    """Explain each query against its nearest bank item, or against its kNN class.
 
-    ``queries``: indices of ``dataset`` explained, in order (units of ``unit_size``);
+    ``reference``: ``"nearest"`` (the nearest bank item's embedding) or ``"knn_class"``
+    (the mean normalised bank embedding of the class the weighted vote of the
+    ``knn_k`` nearest predicts, at ``knn_temperature``; the probability score is then that
+    vote's probability of the predicted class). ``queries``: indices of ``dataset``
+    explained, in order (units of ``unit_size``);
     ``bank``: the dataset the neighbour comes from; ``neighbours``: bank index of each
     query's neighbour and ``distractor_ids`` ``(Q, K)`` the bank indices of its next K
     nearest items (computed once by :meth:`find_neighbours`, with the bank's embeddings).
@@ -44,8 +52,15 @@ class NeighbourEvaluation(Evaluation):
         pairs: bool = False,
         seed: int = 0,
         other_classes: bool = True,
+        reference: str = "nearest",
+        knn_k: int = 20,
+        knn_temperature: float = 0.07,
     ) -> None:
         resolve_similarity(similarity)
+        if reference not in ("nearest", "knn_class"):
+            raise FamBenchError(
+                f"task.reference must be 'knn_class' or 'nearest', got {reference!r}."
+            )
         if score not in ("probability", "similarity"):
             raise FamBenchError(
                 f"metric.score must be 'probability' or 'similarity', got {score!r}."
@@ -59,23 +74,33 @@ class NeighbourEvaluation(Evaluation):
         self.queries, self.unit_size, self.similarity = queries, unit_size, similarity
         self.score, self.distractors, self.temperature = score, distractors, temperature
         self.pairs, self.seed, self.other_classes = pairs, seed, other_classes
+        self.reference, self.knn_k, self.knn_temperature = reference, knn_k, knn_temperature
+        self.knn: dict[str, Tensor] | None = None
         self.neighbours: Tensor | None = None
         self.distractor_ids: Tensor | None = None
         self.bank_ids: Tensor | None = None
         self.bank_emb: Tensor | None = None
         self.metrics_fn = None
         self.num_classes: int | None = None
-        self.score_label = (
-            f"probability of the reference against {distractors} distractors (T={temperature:g})"
-            if score == "probability"
-            else f"{similarity} similarity to the reference"
-        )
+        if score != "probability":
+            self.score_label = f"{similarity} similarity to the reference"
+        elif reference == "knn_class":
+            self.score_label = (
+                f"kNN probability of the predicted class (k={knn_k}, T={knn_temperature:g})"
+            )
+        else:
+            self.score_label = (
+                f"probability of the reference against {distractors} distractors "
+                f"(T={temperature:g})"
+            )
 
     @property
     def score_settings(self) -> dict[str, Any]:
         """The score's own settings (they go into ``settings_id``)."""
         if self.score != "probability":
             return {}
+        if self.reference == "knn_class":
+            return {"score_knn_k": self.knn_k, "score_knn_temperature": self.knn_temperature}
         return {
             "score_distractors": self.distractors,
             "score_distractor_classes": "other" if self.other_classes else "any",
@@ -123,9 +148,35 @@ class NeighbourEvaluation(Evaluation):
                 sims = sims.masked_fill(bank_ids.to(device)[None, :] == q[:, None], float("-inf"))
             rows.append(sims.argmax(1).cpu())
         rows = torch.cat(rows)
-        self.neighbours, self.reference_rows = bank_ids[rows], rows
         self.bank_ids, self.bank_emb = bank_ids, bank_emb.cpu()
         self.bank_labels = labels_of(self.bank)[bank_ids]
+        if self.reference == "knn_class":
+            labels = self.bank_labels.to(bank_unit.device)
+            parts = [
+                knn_class_reference(
+                    query_emb[i : i + batch_size],
+                    bank_unit,
+                    labels,
+                    self.knn_k,
+                    self.knn_temperature,
+                )
+                for i in range(0, len(self.queries), batch_size)
+            ]
+            predicted, reference, members, member = (
+                torch.cat([part[j] for part in parts]).cpu() for j in range(4)
+            )
+            # the nearest member of the predicted class stands for the reference's image
+            # (figures, the reference_index column)
+            rows = members.gather(1, member.float().argmax(1, keepdim=True))[:, 0]
+            self.knn = {
+                "predicted": predicted,
+                "reference": reference,
+                "members": members,
+                "member": member,
+            }
+        self.neighbours, self.reference_rows = bank_ids[rows], rows
+        if self.reference == "knn_class":
+            return  # the kNN probability needs no distractors
         for i in range(0, len(self.queries), batch_size):
             mine = None if own is None else own[i : i + batch_size]
             emb = query_emb[i : i + batch_size]
@@ -181,6 +232,10 @@ class NeighbourEvaluation(Evaluation):
         extras: dict = {}
         images, masks, labels = stack_items(self.dataset, queries, device, extras)
         ref_images, _, ref_labels = stack_items(self.bank, neighbours, device)
+        if self.knn is not None:
+            return self._knn_unit(
+                u, sl, model, device, queries, neighbours, images, masks, labels, extras, ref_images
+            )
         reference = embed(model, ref_images)
         distractor_rows = self.distractor_ids[sl]
         other_masks, other_labels = None, None
@@ -247,4 +302,83 @@ class NeighbourEvaluation(Evaluation):
             reference_images=ref_images,
             embedding_score=embedding_probability,
             columns=columns,
+        )
+
+    def _knn_unit(
+        self,
+        u,
+        sl,
+        model,
+        device,
+        queries,
+        neighbours,
+        images,
+        masks,
+        labels,
+        extras,
+        ref_images,
+    ) -> Unit:
+        """A unit explained against its kNN class (``reference="knn_class"``)."""
+        knn = self.knn
+        predicted = knn["predicted"][sl].to(device)
+        reference = knn["reference"][sl].to(device)
+        members, member = knn["members"][sl], knn["member"][sl]
+        bank_unit = F.normalize(self.bank_emb.to(device), dim=1)
+        bank_labels = self.bank_labels.to(device)
+        k, temperature = self.knn_k, self.knn_temperature
+        _, fn = resolve_similarity(self.similarity)
+
+        def similarity(x: Tensor, index: Tensor) -> Tensor:
+            return fn(model(x).float(), reference[index])
+
+        def embedding_probability(emb: Tensor, index: Tensor) -> Tensor:
+            # the bank is fixed; the perturbed image finds its own k neighbours
+            return knn_probability(emb, bank_unit, bank_labels, predicted[index], k, temperature)
+
+        def probability(x: Tensor, index: Tensor) -> Tensor:
+            return embedding_probability(model(x).float(), index)
+
+        def shifted_cosine(x: Tensor, index: Tensor) -> Tensor:
+            return similarity(x, index).clamp_min(0)
+
+        def reference_fn(net: nn.Module) -> Tensor:
+            # the same members, embedded by ``net`` (the sanity check's randomised model)
+            rows = members[member]
+            emb = F.normalize(
+                embed(net, stack_items(self.bank, self.bank_ids[rows].tolist(), device)[0]).float(),
+                dim=1,
+            )
+            owner = torch.arange(len(members)).repeat_interleave(member.sum(1)).to(device)
+            summed = torch.zeros(len(members), emb.shape[1], device=device).index_add_(
+                0, owner, emb
+            )
+            return summed / member.sum(1, keepdim=True).to(device)
+
+        if self.score == "probability":
+            score_fn, confidence_fn = probability, probability
+        else:
+            score_fn, confidence_fn = similarity, shifted_cosine
+        predicted_labels = knn["predicted"][sl].tolist()
+        return Unit(
+            unit=u,
+            images=images,
+            reference=reference,
+            score_fn=score_fn,
+            confidence_fn=confidence_fn,
+            reference_fn=reference_fn,
+            similarity=self.similarity,
+            masks=masks,
+            boxes=extras.get("boxes"),
+            annotation_sizes=extras.get("annotation_sizes"),
+            reference_images=ref_images,
+            embedding_score=embedding_probability,
+            columns={
+                "sample_id": queries,
+                "episode": [u] * len(queries),
+                "index": queries,
+                "label": labels,
+                "reference_index": neighbours,
+                "reference_label": predicted_labels,
+                "correct": [a == b for a, b in zip(labels, predicted_labels, strict=True)],
+            },
         )
