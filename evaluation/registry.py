@@ -39,8 +39,10 @@ class MetricInputs:
     bool or ``None``; ``boxes (N, 4)`` or ``None``; ``annotation_sizes (N, 2)`` the
     resolution each mask was drawn at; ``sample_seeds (N,)`` int64, one per sample (the
     random tie order of deletion/insertion depends on a sample's seed alone, so shards and
-    resumed runs agree); ``mean``/``std`` the data's normalisation; ``settings`` the run's
-    resolved metric settings; ``model`` whose mode the metric restores.
+    resumed runs agree); ``tie_field (N, H, W)`` the ``random`` method's map of each
+    sample, the order of tied pixels under ``ties="smooth"``; ``mean``/``std`` the data's
+    normalisation; ``settings`` the run's resolved metric settings; ``model`` whose mode
+    the metric restores.
     """
 
     images: Tensor
@@ -55,6 +57,7 @@ class MetricInputs:
     boxes: Tensor | None = None
     annotation_sizes: Tensor | None = None
     sample_seeds: Tensor | None = None
+    tie_field: Tensor | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     _cache: dict[str, Any] = field(default_factory=dict)
@@ -185,6 +188,7 @@ def _causal(inputs: MetricInputs) -> Any:
             amp=s["amp"],
             ties=s["ties"],
             seed=inputs.repeated(inputs.sample_seeds) if inputs.sample_seeds is not None else 0,
+            tie_field=inputs.tie_field,
             # every method's maps share the unit's images: the map-independent points
             # (unperturbed, fully deleted, substrate) are scored once per image
             image_index=inputs.image_index,

@@ -109,7 +109,7 @@ class MetricConfig:
     tolerance_image_size: int = 224
     energy_region: str = "box"
     confidence_space: str = "image"
-    ties: str = "random"
+    ties: str = "smooth"
     score: str = "probability"
     distractors: int = 10
     distractor_classes: str = "other"
@@ -133,7 +133,7 @@ class MetricConfig:
         _choice("metric.tolerance_at", self.tolerance_at, ("annotation", "input"))
         _choice("metric.energy_region", self.energy_region, ("box", "mask"))
         _choice("metric.confidence_space", self.confidence_space, ("image", "normalised"))
-        _choice("metric.ties", self.ties, ("random", "stable"))
+        _choice("metric.ties", self.ties, ("smooth", "pixel", "stable"))
         _choice("metric.score", self.score, ("probability", "similarity"))
         _at_least("metric.distractors", self.distractors, 1)
         _choice("metric.distractor_classes", self.distractor_classes, ("other", "any"))

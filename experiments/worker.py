@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from baselines.random_map import smooth_tie_field
 from evaluation.registry import MetricInputs, compute_all
 from experiments.data.seeding import Stream, derive_seed
 from experiments.store import OutputStore
@@ -89,11 +90,17 @@ def make_explainer(job: Job, method: Any, model: nn.Module, seed: int) -> Any:
     return explainer
 
 
-def unit_inputs(explainer: Any, unit: Unit, start: int, size: int) -> dict[str, Any]:
+def unit_inputs(
+    explainer: Any, unit: Unit, start: int, size: int, sample_seeds: torch.Tensor | None = None
+) -> dict[str, Any]:
     """Keyword inputs an explainer declares it needs, for unit samples ``start:start+size``:
-    ``masks`` (``needs_masks``; ``None`` without ground truth) and ``task_score``
-    (``needs_task_score``: the unit's ``embedding_score`` with indices of the call)."""
+    ``masks`` (``needs_masks``; ``None`` without ground truth), ``task_score``
+    (``needs_task_score``: the unit's ``embedding_score`` with indices of the call) and
+    ``sample_seeds`` (``needs_sample_seeds``: the samples' tie seeds, so the ``random``
+    floor draws the field that orders tied pixels under ``metric.ties=smooth``)."""
     extra: dict[str, Any] = {}
+    if getattr(explainer, "needs_sample_seeds", False) and sample_seeds is not None:
+        extra["sample_seeds"] = sample_seeds[start : start + size]
     if getattr(explainer, "needs_masks", False):
         extra["masks"] = None if unit.masks is None else unit.masks[start : start + size]
     if getattr(explainer, "needs_task_score", False):
@@ -107,8 +114,11 @@ def unit_inputs(explainer: Any, unit: Unit, start: int, size: int) -> dict[str, 
     return extra
 
 
-def explain(job: Job, unit: Unit, u: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Maps ``(M*N, H, W)``, degenerate flags ``(M*N,)`` and reasons of every method.
+def explain(
+    job: Job, unit: Unit, u: int, sample_seeds: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Maps ``(M*N, H, W)``, degenerate flags ``(M*N,)`` and reasons of every method
+    (``sample_seeds (N,)``: each sample's tie seed, for methods that draw from it).
 
     Nothing in the batch loop reads a value back to the host; the flags become reason
     strings once, after every method ran."""
@@ -123,7 +133,7 @@ def explain(job: Job, unit: Unit, u: int) -> tuple[torch.Tensor, torch.Tensor, l
                 unit.images[i : i + job.explain_batch],
                 unit.reference[i : i + job.explain_batch],
                 unit.similarity,
-                **unit_inputs(explainer, unit, i, job.explain_batch),
+                **unit_inputs(explainer, unit, i, job.explain_batch, sample_seeds),
             ).detach()
             maps.append(batch)
             flag = getattr(explainer, "degenerate", None)
@@ -160,7 +170,17 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
     if unit.annotation_sizes is None and job.annotation_size is not None:
         unit.annotation_sizes = torch.tensor([list(job.annotation_size)] * n, dtype=torch.float64)
     names = list(job.methods)
-    all_maps, degenerate, reasons = explain(job, unit, u)
+    sample_seeds = torch.tensor(
+        [derive_seed(job.seed, Stream.TIES, int(i)) for i in unit.columns["sample_id"]],
+        dtype=torch.int64,
+        device=device,
+    )
+    all_maps, degenerate, reasons = explain(job, unit, u, sample_seeds)
+    tie_field = None
+    if job.settings.get("ties") == "smooth" and any(
+        name in ("deletion_auc", "insertion_auc") for name in job.metrics
+    ):
+        tie_field = smooth_tie_field(job.model, job.target_layer, unit.images, sample_seeds)
     mean, std = job.data_stats
     inputs = MetricInputs(
         images=unit.images,
@@ -171,11 +191,8 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
         other_masks=unit.other_masks,
         boxes=unit.boxes,
         annotation_sizes=unit.annotation_sizes,
-        sample_seeds=torch.tensor(
-            [derive_seed(job.seed, Stream.TIES, int(i)) for i in unit.columns["sample_id"]],
-            dtype=torch.int64,
-            device=device,
-        ),
+        sample_seeds=sample_seeds,
+        tie_field=tie_field,
         settings=job.settings,
         model=job.model,
         batch_size=job.metric_batch,
