@@ -27,17 +27,22 @@ Pooling rules (what a reader of the numbers should know):
   training steps``).
 
 Statistics (:mod:`evaluation.stats`): Wilson intervals for binary metrics, t intervals
-otherwise, both episode-aware for few-shot. Paired tests of every entry against the
-reference on the samples both scored (paired by seed and ``sample_id``): exact McNemar
-for binary metrics, Wilcoxon signed-rank for continuous ones, Holm-corrected over all
-comparisons of a table. Each cell gives the direction against the reference (better or
-worse) beside its stars. Ranks use the means rounded as displayed, so float noise never
-ranks; bold marks the best only when no other entry ties it at that rounding. ``n`` is
-given per metric. The sanity column is the mean rank correlation after full
-randomisation (lower is better). The ground-truth oracle (``mask`` vs ``random``,
-paired) flags metrics that do not separate the two. Entries with identical values on
-every sample are listed as one row (``fam = fam_product``), not as rivals. Warnings the
-runs wrote (``warnings.json``) are shown beside their table.
+otherwise; for few-shot the clustered t interval over episodes (clipped to [0, 1] for
+binary metrics). Paired tests of every entry against the reference on the samples both
+scored (paired by seed and ``sample_id``), chosen by the table's design: for few-shot a
+paired t over episode-mean differences (``t-episodes``), otherwise exact McNemar for
+binary metrics and Wilcoxon signed-rank for continuous ones; Holm-corrected over all
+comparisons of a table; each table's legend names its tests. Per-sample differences
+within the metric's identity tolerance (float noise) count as none. Each cell gives the
+direction against the reference (better or worse) beside its stars. Ranks use the means
+rounded as displayed, so float noise never ranks; bold marks the best only when no other
+entry ties it at that rounding. ``n`` is given per metric. The sanity column is the mean
+rank correlation after full randomisation (lower is better). The ground-truth oracle
+(``mask`` vs ``random``, paired, Holm over the table's metrics) flags metrics that do not
+separate the two. The degenerate column counts the rows whose map is constant or
+non-finite. Entries with identical values on every sample are listed as one row
+(``fam = fam_product``), not as rivals. Warnings the runs wrote (``warnings.json``) are
+shown beside their table.
 """
 
 from __future__ import annotations
@@ -59,10 +64,11 @@ from evaluation.summary import (
     cluster_column,
     full_randomisation,
     identical_groups,
+    identity_tolerance,
     method_labels,
     metric_columns,
     oracle_check,
-    paired,
+    paired_clusters,
     summarise_sanity,
 )
 from fam.errors import FamBenchError, exit_on_user_error
@@ -126,6 +132,7 @@ LEADERBOARD_COLUMNS: tuple[str, ...] = (
     "p_holm",
     "versus",
     "degenerate_rate",
+    "n_degenerate",
     "identical_to",
     "oracle_p",
     "oracle_separates",
@@ -504,22 +511,25 @@ def _table_rows(
     oracle = oracle_check(table, keys=SAMPLE_KEYS).set_index("metric")
     groups = identical_groups(table, keys=SAMPLE_KEYS)
     identical = {label: " = ".join(g) for g in groups for label in g}
+    tolerance = {column: identity_tolerance(table, column) for column in columns}
     rows: list[dict] = []
     for label in labels:
         group = table[table["label_"] == label]
         flags = group["degenerate"] if "degenerate" in group else pd.Series(dtype=object)
-        degenerate = (
-            float(flags.map(lambda v: str(v).lower() in ("true", "1", "1.0")).mean())
-            if len(flags)
-            else math.nan
-        )
+        flagged = flags.map(lambda v: str(v).lower() in ("true", "1", "1.0"))
+        degenerate = float(flagged.mean()) if len(flags) else math.nan
+        n_degenerate = int(flagged.sum()) if len(flags) else 0
         for column in columns:
             found, n_seeds = _cell_stats(group, column, cluster, pool_seeds)
             p_value, test, n_pairs, versus = math.nan, "", 0, ""
             if has_reference and label != reference:
-                x, y = paired(table, label, reference, column, SAMPLE_KEYS)
+                x, y, clusters = paired_clusters(
+                    table, label, reference, column, SAMPLE_KEYS, cluster
+                )
                 n_pairs = int(x.size)
-                p_value, test = stats.paired_test(x, y, registry.is_binary(column))
+                p_value, test = stats.paired_test(
+                    x, y, registry.is_binary(column), clusters, tolerance[column]
+                )
                 if n_pairs and x.mean() != y.mean():
                     lower_better = metric_direction(column) == "lower"
                     versus = "better" if (x.mean() < y.mean()) == lower_better else "worse"
@@ -544,6 +554,7 @@ def _table_rows(
                     p_value=p_value,
                     versus=versus,
                     degenerate_rate=degenerate,
+                    n_degenerate=n_degenerate,
                     identical_to=identical.get(label, ""),
                     oracle_p=oracle["oracle_p"].get(column, math.nan),
                     oracle_separates=oracle["oracle_separates"].get(column, None),
@@ -598,6 +609,7 @@ def _sanity_rows(
                 p_holm=math.nan,
                 versus="",
                 degenerate_rate=math.nan,
+                n_degenerate=0,
                 identical_to="",
                 oracle_p=math.nan,
                 oracle_separates=None,
@@ -685,6 +697,15 @@ def build_leaderboard(
 
 
 # -- rendering ------------------------------------------------------------------------------
+#: how each paired test reads in a table's legend (:func:`evaluation.stats.paired_test`)
+TEST_WORDS: dict[str, str] = {
+    "t-episodes": "paired t over the episode means of the differences, G-1 df (queries of "
+    "one episode share prototypes)",
+    "wilcoxon": "Wilcoxon signed-rank over independent samples",
+    "mcnemar-exact": "exact McNemar over independent samples",
+}
+
+
 def _is_true(value: Any) -> bool:
     return str(value).lower() in ("true", "1", "1.0")
 
@@ -776,12 +797,13 @@ def table_view(table: pd.DataFrame) -> dict[str, Any]:
             for m in metrics
         ]
         degenerate = float(mine["degenerate_rate"].astype(float).max())
+        count = int(pd.to_numeric(mine["n_degenerate"], errors="coerce").fillna(0).max())
         body.append(
             [
                 label,
                 *values,
                 str(n_common) if n_common is not None else "–",
-                f"{degenerate:.1%}" if math.isfinite(degenerate) else "–",
+                f"{count} ({degenerate:.1%})" if math.isfinite(degenerate) else "–",
             ]
         )
     kinds = sorted(set(table.loc[table["metric"] != "sanity", "interval"]))
@@ -789,12 +811,14 @@ def table_view(table: pd.DataFrame) -> dict[str, Any]:
         f"Mean [95% interval: {', '.join(kinds)}]; bold: best, unless tied at the shown "
         "rounding; (n=k): the metric used k of the n samples."
     )
+    legend += " degenerate: rows whose map is constant or non-finite (share of n)."
     if reference:
         tests = sorted({t for t in table["test"] if isinstance(t, str) and t})
+        words = "; ".join(f"`{t}`: {TEST_WORDS.get(t, t)}" for t in tests)
         legend += (
-            f" better/worse than `{reference}` with Holm-corrected {' / '.join(tests)} p-values "
-            "on paired samples: * p<0.05, ** p<0.01, *** p<0.001 (none where the means are "
-            "equal at the shown rounding)."
+            f" better/worse than `{reference}` with Holm-corrected p-values on paired "
+            f"samples ({words}): * p<0.05, ** p<0.01, *** p<0.001 (none where the means "
+            "are equal at the shown rounding)."
         )
     else:
         legend += " No reference method in this table, so no paired tests."

@@ -95,6 +95,9 @@ class MetricSpec:
     ``needs_confidence``: needs a non-negative score. ``has_other``: also scored against
     the other object of a pairs image. ``curves``: the curve kinds it leaves in
     ``curves.npz``. ``per_sample``: ``False`` for run-level checks (``sanity``).
+    ``identical_tolerance``: per-sample difference (in the column's units) under which two
+    entries count as identical on this metric; ``None``: a share of the metric's range
+    over the table (:func:`evaluation.summary.identity_tolerance`).
     """
 
     name: str
@@ -108,6 +111,7 @@ class MetricSpec:
     has_other: bool = False
     per_sample: bool = True
     curves: tuple[str, ...] = ()
+    identical_tolerance: float | None = None
 
 
 METRICS: dict[str, MetricSpec] = {}

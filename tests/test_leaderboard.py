@@ -136,10 +136,11 @@ def test_cli_pool_seeds_flag(tmp_path):
 
 
 def test_binary_metrics_get_wilson_intervals_and_exact_mcnemar_tests():
-    board = build_leaderboard(results_frame())
+    """Independent samples (retrieval): Wilson intervals, exact McNemar, Wilcoxon."""
+    frame = results_frame().assign(task="retrieval")
+    board = build_leaderboard(frame)
     r = row(board, "gradcam", "pointing_game")
-    assert r["interval"] == "wilson-episodes" and r["test"] == "mcnemar-exact"
-    frame = results_frame()
+    assert r["interval"] == "wilson" and r["test"] == "mcnemar-exact"
     x = frame.loc[frame["method"] == "gradcam", "pointing_game"].to_numpy() > 0.5
     y = frame.loc[frame["method"] == "fam", "pointing_game"].to_numpy() > 0.5
     table = [[np.sum(x & y), np.sum(x & ~y)], [np.sum(~x & y), np.sum(~x & ~y)]]
@@ -149,7 +150,32 @@ def test_binary_metrics_get_wilson_intervals_and_exact_mcnemar_tests():
     assert d["test"] == "wilcoxon"
     xs = frame.loc[frame["method"] == "gradcam", "deletion_auc"].to_numpy()
     ys = frame.loc[frame["method"] == "fam", "deletion_auc"].to_numpy()
+    # differences within 1% of the metric's range over the table are float noise: none
+    tol = 0.01 * np.ptp(frame["deletion_auc"].to_numpy())
+    ys = np.where(np.abs(xs - ys) <= tol, xs, ys)
     assert d["p_value"] == pytest.approx(scipy_stats.wilcoxon(xs, ys).pvalue, rel=1e-12)
+    assert "Wilcoxon signed-rank over independent samples" in to_markdown(board)
+
+
+@pytest.mark.parametrize("column", ["pointing_game", "deletion_auc"])
+def test_few_shot_tables_test_episode_mean_differences_with_g_minus_1_df(column):
+    """Issue 25: queries of one episode share prototypes, so a few-shot table compares
+    methods on the episode means of the paired differences (t, G - 1 df), binary metrics
+    included, and its legend says so."""
+    frame = results_frame()
+    board = build_leaderboard(frame)
+    r = row(board, "gradcam", column)
+    assert r["test"] == "t-episodes"
+    mine = frame[frame["method"] == "gradcam"].set_index("sample_id")
+    ref = frame[frame["method"] == "fam"].set_index("sample_id")
+    diff = mine[column] - ref.loc[mine.index, column]
+    # differences within 1% of the metric's range over the table are float noise: none
+    diff = diff.where(diff.abs() > 0.01 * np.ptp(frame[column].to_numpy()), 0.0)
+    diff = diff.groupby(mine["episode"]).mean()
+    assert len(diff) == 5
+    expected = scipy_stats.ttest_1samp(diff.to_numpy(), 0.0).pvalue
+    assert r["p_value"] == pytest.approx(expected, rel=1e-12)
+    assert "paired t over the episode means of the differences, G-1 df" in to_markdown(board)
 
 
 def test_pairing_uses_sample_ids_not_row_order():
@@ -193,9 +219,10 @@ def test_bold_only_when_not_tied_at_the_shown_rounding():
     assert row(board, "relevancecam", "insertion_auc")["best"]
     text = to_markdown(board)
     assert not md_row(text, "fam")[1].startswith("**")
-    # Float noise is neither bold nor "better", even though Wilcoxon finds it significant.
+    # Float noise is neither bold nor "better": within the identity tolerance (issue 25)
+    # its differences count as none, although a Wilcoxon test on them finds p < 0.001.
     assert md_row(text, "relevancecam")[1] == md_row(text, "fam")[1]
-    assert rel_d["p_holm"] < 0.001 and rel_d["versus"] == "tied"
+    assert rel_d["p_holm"] == 1.0 and rel_d["versus"] == "tied"
     assert md_row(text, "relevancecam")[2].startswith("**")
 
 

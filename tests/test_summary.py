@@ -31,10 +31,16 @@ def test_each_metric_gets_its_interval_kind_and_few_shot_respects_episodes():
     frame = results_frame(episode_effect=0.1)
     summary = summarise(frame)
     assert list(summary.columns[: len(SUMMARY_COLUMNS)]) == list(SUMMARY_COLUMNS)
-    assert cell(summary, "fam", "pointing_game")["interval"] == "wilson-episodes"
+    assert cell(summary, "fam", "pointing_game")["interval"] == "t-episodes-clipped"
     assert cell(summary, "fam", "deletion_auc")["interval"] == "t-episodes"
-    assert cell(summary, "fam", "increase_in_confidence")["interval"] == "wilson-episodes"
+    assert cell(summary, "fam", "increase_in_confidence")["interval"] == "t-episodes-clipped"
     fam = frame[frame["method"] == "fam"]
+    # binary hits over episodes: the same clustered t interval, clipped to [0, 1]
+    hits = stats.clustered_t_interval(fam["pointing_game"], fam["episode"])
+    row = cell(summary, "fam", "pointing_game")
+    assert (row["ci95_low"], row["ci95_high"]) == pytest.approx(
+        (max(hits.low, 0.0), min(hits.high, 1.0))
+    )
     expected = stats.clustered_t_interval(fam["deletion_auc"], fam["episode"])
     row = cell(summary, "fam", "deletion_auc")
     assert (row["ci95_low"], row["ci95_high"]) == pytest.approx((expected.low, expected.high))
@@ -104,8 +110,13 @@ def test_oracle_flags_a_metric_that_does_not_separate_mask_from_random():
     check = oracle_check(frame).set_index("metric")
     assert not check.loc["average_drop", "oracle_separates"]
     assert check.loc["deletion_auc", "oracle_separates"]
-    assert check.loc["pointing_game", "test"] == "mcnemar-exact"
-    assert check.loc["deletion_auc", "test"] == "wilcoxon"
+    # few-shot: over episodes; Holm across the table's metrics (issue 25)
+    assert set(check["test"]) == {"t-episodes"}
+    np.testing.assert_allclose(check["oracle_p"], stats.holm(check["oracle_p_raw"]))
+    assert (check["oracle_p"] >= check["oracle_p_raw"]).all()
+    independent = oracle_check(frame.assign(task="retrieval")).set_index("metric")
+    assert independent.loc["pointing_game", "test"] == "mcnemar-exact"
+    assert independent.loc["deletion_auc", "test"] == "wilcoxon"
     summary = summarise(frame)
     assert not cell(summary, "fam", "average_drop")["oracle_separates"]
     assert cell(summary, "fam", "insertion_auc")["oracle_separates"]
