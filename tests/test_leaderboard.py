@@ -377,3 +377,76 @@ def test_method_lists_and_options_never_enter_a_heading(tmp_path):
     headings = set(build_leaderboard(load_results([tmp_path]))["heading"])
     assert all("method" not in h for h in headings)
     assert {h.rsplit(", ", 1)[-1] for h in headings} == {"300 training steps", "20 training steps"}
+
+
+def test_entries_differing_only_by_float_reassociation_merge_on_every_metric():
+    """Issue 25: the same FAM map computed with the channel sum reassociated (reversed
+    order, einsum) differs by ~1e-7 and reorders a few near-tied pixels, which moves
+    single deletion AUCs by more than any flat 1e-6; every metric's identity tolerance
+    (a share of its range over the table) merges the two, and no paired test stars them.
+    A genuinely different method on the same network stays apart."""
+    import torch
+
+    from evaluation.registry import MetricInputs, compute_all
+    from experiments.models.conv4 import Conv4
+    from fam.maps import minmax_normalise, smooth_noise, upsample
+
+    torch.manual_seed(0)
+    model = Conv4(hidden=32, pools=(True, True, False, False)).eval()
+    n = 24
+    images = torch.randn(n, 3, 32, 32)
+    captured = {}
+    model.encoder[3].register_forward_hook(lambda m, i, o: captured.__setitem__("a", o))
+    with torch.no_grad():
+        reference = model(images[torch.randperm(n)])
+        emb = model(images)
+    acts = captured["a"]
+    share = torch.nn.functional.normalize(emb, dim=1) * torch.nn.functional.normalize(
+        reference, dim=1
+    )
+    summed = torch.relu((share[:, :, None, None] * acts).sum(1))
+    reassociated = torch.relu(torch.einsum("nk,nkhw->nhw", share.flip(1), acts.flip(1)))
+    other = acts.mean(1)  # activation energy: another method
+    assert not torch.equal(summed, reassociated)
+    maps = torch.cat(
+        [minmax_normalise(upsample(m, (32, 32))) for m in (summed, reassociated, other)]
+    )
+    masks = torch.zeros(n, 32, 32, dtype=torch.bool)
+    for i in range(n):
+        y, x = (i * 7) % 20, (i * 11) % 20
+        masks[i, y : y + 12, x : x + 12] = True
+    seeds = torch.arange(n)
+
+    def score_fn(x, index):
+        return (torch.nn.functional.cosine_similarity(model(x), reference[index], dim=1) + 1) / 2
+
+    settings = dict(
+        step=32, deletion_substrate="zeros", insertion_substrate="blur", blur_kernel=11,
+        blur_sigma=5.0, amp=False, ties="smooth", tolerance_at="input", tolerance_px=4.0,
+        energy_region="box", confidence_space="normalised",
+    )  # fmt: skip
+    inputs = MetricInputs(
+        images=images, maps=maps, score_fn=score_fn, confidence_fn=score_fn, masks=masks,
+        other_masks=None, settings=settings, model=model, batch_size=64, sample_seeds=seeds,
+        tie_field=smooth_noise(seeds, acts.shape[-2:], (32, 32)),
+    )  # fmt: skip
+    names = [
+        "deletion_auc", "insertion_auc", "pointing_game", "energy_pointing_game",
+        "average_drop", "increase_in_confidence",
+    ]  # fmt: skip
+    values, _ = compute_all(names, inputs)
+    rows = []
+    for k, method in enumerate(["fam", "fam_reassociated", "energy"]):
+        for i in range(n):
+            row = {"sample_id": i, "method": method, "task": "retrieval", "table_id": "t"}
+            row.update({c: float(v[k * n + i]) for c, v in values.items()})
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    fam, again = frame[frame["method"] == "fam"], frame[frame["method"] == "fam_reassociated"]
+    moved = (fam["deletion_auc"].to_numpy() - again["deletion_auc"].to_numpy()).__abs__()
+    assert moved.max() > 1e-6 * np.ptp(frame["deletion_auc"])  # a flat 1e-6 would not merge
+    board = build_leaderboard(frame)
+    mine = board[board["method"] == "fam_reassociated"]
+    assert set(mine["identical_to"]) == {"fam = fam_reassociated"}
+    assert (mine["p_value"] == 1.0).all() and len(mine) == len(names)
+    assert set(board.loc[board["method"] == "energy", "identical_to"]) == {""}
