@@ -51,6 +51,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -110,6 +111,7 @@ LEADERBOARD_COLUMNS: tuple[str, ...] = (
     "table_id",
     "seed",
     *DESCRIPTIVE_KEYS,
+    "score",
     "method",
     "method_name",
     "settings_id",
@@ -618,6 +620,17 @@ def _sanity_rows(
     return rows
 
 
+def _score_of(table: pd.DataFrame, configs: dict[str, dict]) -> str:
+    """The score the table's metrics read (``metric.score`` of its runs), or ``""``."""
+    if "score" in table.columns and table["score"].notna().any():
+        return str(table["score"].dropna().iloc[0])
+    for run in dict.fromkeys(table["run"]):
+        score = ((configs.get(run) or {}).get("metric") or {}).get("score")
+        if score is not None:
+            return str(score)
+    return ""
+
+
 def _warnings_of(table: pd.DataFrame, warnings: dict[str, list[dict]]) -> list[str]:
     found: dict[str, None] = {}
     for run in dict.fromkeys(table["run"]):
@@ -681,9 +694,11 @@ def build_leaderboard(
         if pool_seeds and len(seeds) > 1:
             notes.append(f"seeds {', '.join(seeds)} pooled as a seed level (--pool-seeds).")
         table_rows = _table_rows(table, reference, pool_seeds, sanity)
+        score = _score_of(table, configs)
         for row in table_rows:
             row.update(
                 table=number,
+                score=score,
                 heading=headings[key],
                 table_id=key[0],
                 seed=",".join(seeds) if pool_seeds else key[1],
@@ -842,7 +857,15 @@ def table_view(table: pd.DataFrame) -> dict[str, Any]:
                 "here; do not trust its ranking on this setup."
             )
     first = table.iloc[0]
+    per_sample = table[table["metric"] != "sanity"]
+    seeds = pd.to_numeric(per_sample["n_seeds"], errors="coerce").fillna(1).clip(lower=1)
+    samples = pd.to_numeric(per_sample["n_samples"], errors="coerce").fillna(0)
+    n = int((samples / seeds).max()) if len(per_sample) else 0
+    score = first["score"] if "score" in table.columns else ""
     return {
+        "label": table_label(
+            str(first["experiment"]), n, "" if score != score else str(score), int(seeds.max())
+        ),
         "heading": str(first["heading"]),
         "table_id": str(first["table_id"]),
         "seed": str(first["seed"]) if first["seed"] == first["seed"] else "",
@@ -853,6 +876,22 @@ def table_view(table: pd.DataFrame) -> dict[str, Any]:
         "notes": _json_list(first["notes"]),
         "warnings": _json_list(first["warnings"]),
     }
+
+
+#: the line above every results table, ``Table: experiment=NAME n=N score=SCORE`` (plus
+#: `` seeds=K`` when seeds are pooled; ``n`` is then per seed): README tests parse it
+TABLE_LABEL = re.compile(
+    r"^Table: experiment=(?P<experiment>\S+) n=(?P<n>\d+) score=(?P<score>\S*)"
+    r"(?: seeds=(?P<seeds>\d+))?$"
+)
+
+
+def table_label(experiment: str, n: int, score: str, seeds: int = 1) -> str:
+    """The parseable line that labels a results table (:data:`TABLE_LABEL`): the
+    experiment (``conf/experiment/<name>.yaml``), samples per seed, and the score the
+    metrics read (``metric.score``)."""
+    text = f"Table: experiment={experiment or '-'} n={n} score={score or '-'}"
+    return text + (f" seeds={seeds}" if seeds > 1 else "")
 
 
 def views(board: pd.DataFrame) -> list[dict[str, Any]]:
@@ -867,7 +906,7 @@ def to_markdown(board: pd.DataFrame) -> str:
     parts = ["# Leaderboard", ""]
     for view in views(board):
         ident = f"table `{view['table_id']}`" + (f", seed {view['seed']}" if view["seed"] else "")
-        parts += [f"## {view['heading']}", "", f"{ident}.", ""]
+        parts += [f"## {view['heading']}", "", f"{ident}.", "", view["label"], ""]
         parts += [markdown_table(view["header"], view["rows"]), "", view["legend"], ""]
         parts += [f"{line}" for line in view["oracle"]] + ([""] if view["oracle"] else [])
         parts += [f"- note: {n}" for n in view["notes"]] + ([""] if view["notes"] else [])

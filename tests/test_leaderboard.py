@@ -450,3 +450,22 @@ def test_entries_differing_only_by_float_reassociation_merge_on_every_metric():
     assert set(mine["identical_to"]) == {"fam = fam_reassociated"}
     assert (mine["p_value"] == 1.0).all() and len(mine) == len(names)
     assert set(board.loc[board["method"] == "energy", "identical_to"]) == {""}
+
+
+def test_markdown_labels_each_table_with_experiment_n_and_score():
+    """Issue 25: the line above each results table names the experiment, the samples per
+    seed and the score (from the runs' metric.score); README tests parse it back."""
+    from test_readme_tables import labels_and_tables
+
+    frame = results_frame(episodes=5, per_episode=10)
+    board = build_leaderboard(frame, configs={"": {"metric": {"score": "probability"}}})
+    text = to_markdown(board)
+    labels, tables = labels_and_tables(text)
+    assert [f for _, f in labels] == [
+        {"experiment": "synthetic_5way", "n": "50", "score": "probability", "seeds": None}
+    ]
+    assert tables and all(labelled for _, labelled in tables)
+    two_seeds = pd.concat([frame, frame.assign(seed=1)], ignore_index=True)
+    pooled = to_markdown(build_leaderboard(two_seeds, pool_seeds=True))
+    assert [f["n"] for _, f in labels_and_tables(pooled)[0]] == ["50"]
+    assert "seeds=2" in pooled
