@@ -95,6 +95,10 @@ class MetricSpec:
     ``needs_confidence``: needs a non-negative score. ``has_other``: also scored against
     the other object of a pairs image. ``curves``: the curve kinds it leaves in
     ``curves.npz``. ``per_sample``: ``False`` for run-level checks (``sanity``).
+    ``explain_class``: the class its source explains by default, ``"predicted"`` (the
+    model's decision: RISE's deletion/insertion, Grad-CAM++'s Average Drop, the sanity
+    check) or ``"true"`` (the ground truth: TorchRay's pointing game);
+    ``metric.explain_class`` overrides it for every metric.
     ``identical_tolerance``: per-sample difference (in the column's units) under which two
     entries count as identical on this metric; ``None``: a share of the metric's range
     over the table (:func:`evaluation.summary.identity_tolerance`).
@@ -111,6 +115,7 @@ class MetricSpec:
     has_other: bool = False
     per_sample: bool = True
     curves: tuple[str, ...] = ()
+    explain_class: Literal["predicted", "true"] = "predicted"
     identical_tolerance: float | None = None
 
 
@@ -169,6 +174,33 @@ def metric_columns(names: list[str], other: bool) -> list[str]:
 
 def available() -> list[str]:
     return list(METRICS)
+
+
+EXPLAIN_CLASSES = ("predicted", "true")
+
+
+def explained_classes(
+    names: list[str], forced: str | None, available: tuple[str, ...]
+) -> dict[str, str]:
+    """The class each metric of ``names`` explains: ``forced`` (``metric.explain_class``)
+    or the metric's own default (:attr:`MetricSpec.explain_class`).
+
+    ``available``: the classes the task can explain. Few-shot explains either; retrieval
+    and contrastive tasks explain their reference, which is the model's decision (the
+    retrieved neighbour, the kNN class), so every metric explains ``"predicted"`` there
+    and forcing ``"true"`` is an error.
+    """
+    if forced is not None and forced not in available:
+        raise FamBenchError(
+            f"metric.explain_class={forced} is not available for this task, which explains "
+            f"only {list(available)} (its reference is the model's decision); use "
+            f"metric.explain_class={available[0]} or null (each metric's default)."
+        )
+    out = {}
+    for name in names:
+        want = forced or METRICS[name].explain_class
+        out[name] = want if want in available else available[0]
+    return out
 
 
 # -- the suite's metrics ------------------------------------------------------------------
@@ -310,6 +342,7 @@ register(
         "TorchRay pointing game: the map's maximum lies within tolerance of the object",
         _pointing,
         binary=True,
+        explain_class="true",
         needs_masks=True,
         has_other=True,
     )
@@ -320,6 +353,7 @@ register(
         "higher",
         "Score-CAM energy pointing game: share of map mass on the object",
         _energy,
+        explain_class="true",
         needs_masks=True,
         has_other=True,
     )

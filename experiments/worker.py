@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -181,27 +182,44 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
         name in ("deletion_auc", "insertion_auc") for name in job.metrics
     ):
         tie_field = smooth_tie_field(job.model, job.target_layer, unit.images, sample_seeds)
-    mean, std = job.data_stats
-    inputs = MetricInputs(
-        images=unit.images,
-        maps=all_maps,
-        score_fn=unit.score_fn,
-        confidence_fn=unit.confidence_fn,
-        masks=unit.masks,
-        other_masks=unit.other_masks,
-        boxes=unit.boxes,
-        annotation_sizes=unit.annotation_sizes,
-        sample_seeds=sample_seeds,
-        tie_field=tie_field,
-        settings=job.settings,
-        model=job.model,
-        batch_size=job.metric_batch,
-        mean=mean,
-        std=std,
-    )
-    values, curves = compute_all(job.metrics, inputs)
+    kinds = {m: job.settings.get("explain_class", {}).get(m, unit.explains) for m in job.metrics}
+    other = [m for m in job.metrics if kinds[m] != unit.explains]
+    own = [m for m in job.metrics if kinds[m] == unit.explains]
+    m_count = len(names)
+    values, curves = score_samples(job, unit, all_maps, own, None, sample_seeds, tie_field)
+    if other:
+        if unit.predicted_unit is None or unit.explains != "true":
+            raise FamBenchError(
+                f"metrics {other} explain the {kinds[other[0]]} class, which this task's "
+                "units do not provide; set metric.explain_class to the class it explains."
+            )
+        # The model's prediction differs from the label only on misclassified samples:
+        # only they need a second map (of the predicted class) and its scores.
+        correct = torch.tensor([bool(c) for c in unit.columns["correct"]], device=device)
+        same = torch.nonzero(correct)[:, 0]
+        differ = torch.nonzero(~correct)[:, 0]
+        predicted = unit.predicted_unit
+        alt_maps = all_maps.view(m_count, n, *all_maps.shape[1:])
+        parts = [(same, alt_maps[:, same].reshape(-1, *all_maps.shape[1:]), unit)]
+        if len(differ):
+            sub = subset_unit(predicted, differ)
+            maps_of_prediction, _, _ = explain(job, sub, u, sample_seeds[differ])
+            parts.append((differ, maps_of_prediction, predicted))
+        for idx, maps, source in parts:
+            if not len(idx):
+                continue
+            got, got_curves = score_samples(job, source, maps, other, idx, sample_seeds, tie_field)
+            for target, found in ((values, got), (curves, got_curves)):
+                for key, value in found.items():
+                    full = target.get(key)
+                    if full is None:
+                        shape = (m_count * n, *value.shape[1:])
+                        full = target[key] = value.new_full(shape, float("nan"))
+                    view = full.view(m_count, n, *value.shape[1:])
+                    view[:, idx] = value.view(m_count, len(idx), *value.shape[1:])
     values = {k: v.double().cpu().view(len(names), n) for k, v in values.items()}
     degenerate_flags = degenerate.cpu().view(len(names), n)
+    explained = json.dumps(kinds, sort_keys=True)
 
     rows = []
     for k, name in enumerate(names):
@@ -213,6 +231,7 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
             row.update({metric: float(v[k, j]) for metric, v in values.items()})
             row["degenerate"] = bool(degenerate_flags[k, j])
             row["degenerate_reason"] = reasons[k * n + j]
+            row["explained_class"] = explained
             row.update({col: vals[j] for col, vals in unit.columns.items() if col not in row})
             rows.append(row)
     shard: dict[str, Any] = {
@@ -234,8 +253,77 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
             ),
         }
     if u == 0 and "sanity" in job.metrics:
-        shard["sanity"] = sanity_rows(job, unit)
+        as_asked = unit.predicted_unit if "sanity" in other else unit
+        shard["sanity"] = sanity_rows(job, as_asked)
     return shard
+
+
+def score_samples(
+    job: Job,
+    unit: Unit,
+    maps: torch.Tensor,
+    metrics: list[str],
+    idx: torch.Tensor | None,
+    sample_seeds: torch.Tensor,
+    tie_field: torch.Tensor | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``metrics`` of ``maps`` ``(M*K, H, W)`` on the unit's samples ``idx (K,)`` (all
+    when ``None``), scored as ``unit`` explains them: values ``{column: (M*K,)}`` and
+    curves ``{kind: (M*K, T)}``."""
+    if not metrics:
+        return {}, {}
+    if idx is not None:
+        unit = subset_unit(unit, idx)
+        sample_seeds = sample_seeds[idx]
+        tie_field = None if tie_field is None else tie_field[idx]
+    mean, std = job.data_stats
+    inputs = MetricInputs(
+        images=unit.images,
+        maps=maps,
+        score_fn=unit.score_fn,
+        confidence_fn=unit.confidence_fn,
+        masks=unit.masks,
+        other_masks=unit.other_masks,
+        boxes=unit.boxes,
+        annotation_sizes=unit.annotation_sizes,
+        sample_seeds=sample_seeds,
+        tie_field=tie_field,
+        settings=job.settings,
+        model=job.model,
+        batch_size=job.metric_batch,
+        mean=mean,
+        std=std,
+    )
+    return compute_all(metrics, inputs)
+
+
+def subset_unit(unit: Unit, idx: torch.Tensor) -> Unit:
+    """The unit's samples ``idx (K,)`` as a unit of their own (scores re-indexed)."""
+    host = idx.tolist()
+
+    def take(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[idx.to(t.device)]
+
+    def reindexed(fn):
+        return None if fn is None else (lambda x, index: fn(x, idx[index.to(idx.device)]))
+
+    return Unit(
+        unit=unit.unit,
+        images=unit.images[idx],
+        reference=unit.reference[idx],
+        score_fn=reindexed(unit.score_fn),
+        confidence_fn=reindexed(unit.confidence_fn),
+        reference_fn=lambda net: unit.reference_fn(net)[idx],
+        similarity=unit.similarity,
+        masks=take(unit.masks),
+        other_masks=take(unit.other_masks),
+        boxes=take(unit.boxes),
+        annotation_sizes=take(unit.annotation_sizes),
+        reference_images=take(unit.reference_images),
+        embedding_score=reindexed(unit.embedding_score),
+        columns={key: [values[j] for j in host] for key, values in unit.columns.items()},
+        explains=unit.explains,
+    )
 
 
 def sanity_rows(job: Job, unit: Unit) -> list[dict]:
