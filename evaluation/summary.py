@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from evaluation import registry, stats
+from fam.errors import FamBenchError
 
 ORACLE, FLOOR = "mask", "random"
 ORACLE_ALPHA = 0.05
@@ -354,16 +355,32 @@ def full_randomisation(sanity_summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarise(
-    results: pd.DataFrame, sanity: pd.DataFrame | None = None, cluster: str | None = "auto"
+    results: pd.DataFrame,
+    sanity: pd.DataFrame | None = None,
+    cluster: str | None = "auto",
+    split: str | None = None,
 ) -> pd.DataFrame:
     """One run's ``summary.csv`` (module docstring): one row per method entry and metric.
 
     ``results``: the run's ``results.csv`` frame. ``sanity``: its ``sanity.csv`` frame or
     ``None``. ``cluster``: column grouping dependent samples; ``"auto"`` takes ``episode``
     for few-shot (:data:`CLUSTER_BY_TASK`), ``None`` treats samples as independent.
+    ``split``: a results column (e.g. ``"correct"``): one summary per value of it, that
+    value in a column of the same name (the run-level sanity rows are not split).
     Columns :data:`SUMMARY_COLUMNS` plus the run's constant columns (experiment, dataset,
     model, task, table_id, model_id, seed) where present.
     """
+    if split is not None:
+        if split not in results.columns:
+            raise FamBenchError(
+                f"cannot split the summary by {split!r}: results have no such column "
+                f"(columns: {sorted(results.columns)})."
+            )
+        parts = [
+            summarise(group, None, cluster).assign(**{split: value})
+            for value, group in results.groupby(split, sort=True)
+        ]
+        return pd.concat(parts, ignore_index=True)
     frame = _prepared(results)
     cluster = cluster_column(frame) if cluster == "auto" else cluster
     columns = metric_columns(frame)

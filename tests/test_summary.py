@@ -19,6 +19,7 @@ from evaluation.summary import (
     summarise,
     summarise_sanity,
 )
+from fam.errors import FamBenchError
 
 
 def cell(summary: pd.DataFrame, method: str, metric: str) -> pd.Series:
@@ -152,3 +153,19 @@ def test_identical_methods_are_grouped_even_with_float_noise():
     )
     assert identical_groups(frame) == []
     assert math.isnan(summarise(frame)["oracle_p"].iloc[0])
+
+
+def test_summary_splits_by_correct():
+    """Issue 25: one summary per value of ``correct``, each over its own queries."""
+    frame = results_frame()
+    frame["correct"] = pd.factorize(frame["sample_id"])[0] % 4 != 0
+    split = summarise(frame, split="correct")
+    for value in (False, True):
+        part = split[split["correct"] == value]
+        own = frame[frame["correct"] == value]
+        row = part[(part["method"] == "fam") & (part["metric"] == "deletion_auc")].iloc[0]
+        expected = own.loc[own["method"] == "fam", "deletion_auc"].mean()
+        assert row["mean"] == pytest.approx(expected)
+        assert row["n"] == (own["method"] == "fam").sum()
+    with pytest.raises(FamBenchError, match="no such column"):
+        summarise(frame, split="nope")
