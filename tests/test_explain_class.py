@@ -24,7 +24,7 @@ from fam.errors import FamBenchError
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
-def run(tmp_path: Path, *overrides: str) -> tuple[pd.DataFrame, dict]:
+def run(tmp_path: Path, *overrides: str) -> tuple[pd.DataFrame, dict, Path]:
     cfg = compose_config(
         [
             f"model.checkpoint={FIXTURES / 'default_small_model.pt'}",
@@ -40,14 +40,15 @@ def run(tmp_path: Path, *overrides: str) -> tuple[pd.DataFrame, dict]:
     )
     out = pipeline.run(cfg, tmp_path / "run")["out"]
     curves = dict(np.load(out / "curves.npz"))
-    return pd.read_csv(out / "results.csv").set_index("sample_id").sort_index(), curves
+    results = pd.read_csv(out / "results.csv").set_index("sample_id").sort_index()
+    return results, curves, out
 
 
 @pytest.mark.slow
 def test_deletion_explains_the_prediction_and_the_pointing_game_the_label(tmp_path):
-    default, _ = run(tmp_path / "default")
-    predicted, predicted_curves = run(tmp_path / "p", "metric.explain_class=predicted")
-    true, true_curves = run(tmp_path / "t", "metric.explain_class=true")
+    default, _, out = run(tmp_path / "default")
+    predicted, predicted_curves, _ = run(tmp_path / "p", "metric.explain_class=predicted")
+    true, true_curves, _ = run(tmp_path / "t", "metric.explain_class=true")
     wrong = ~default["correct"].astype(bool)
     assert 0 < wrong.sum() < len(default)
     assert (default.loc[wrong, "predicted_label"] != default.loc[wrong, "label"]).all()
@@ -72,6 +73,11 @@ def test_deletion_explains_the_prediction_and_the_pointing_game_the_label(tmp_pa
     p_first = predicted_curves["fam/deletion"][rows, 0]
     t_first = true_curves["fam/deletion"][rows, 0]
     assert (p_first > t_first).all() and (p_first > 0.2).all()
+    # the run also summarises correct and misclassified queries apart
+    split = pd.read_csv(out / "summary_by_correct.csv")
+    row = split[(split["metric"] == "deletion_auc") & ~split["correct"].astype(bool)].iloc[0]
+    assert row["n"] == wrong.sum()
+    assert row["mean"] == pytest.approx(default.loc[wrong, "deletion_auc"].mean())
 
 
 def test_tasks_whose_reference_is_the_decision_explain_the_prediction_everywhere():
