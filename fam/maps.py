@@ -84,7 +84,8 @@ def hash_keys(seeds: Tensor, n_cells: int) -> Tensor:
 
 
 def seeded_noise(seeds: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Uniform ``[0, 1)`` noise ``(N, h, w)`` float32, one field per integer seed ``(N,)``."""
+    """Uniform ``[0, 1]`` noise ``(N, h, w)`` float32 (32-bit keys / 2**32, rounded), one
+    field per integer seed ``(N,)``."""
     h, w = int(grid[0]), int(grid[1])
     return (hash_keys(seeds, h * w).float() / 2.0**32).view(-1, h, w)
 
