@@ -6,6 +6,7 @@ Adding a method is one module here and one YAML file in ``conf/method/``.
 """
 
 from baselines.center_map import CenterMap
+from baselines.constant_map import ConstantMap
 from baselines.eigencam import EigenCAM
 from baselines.gradcam import GradCAM
 from baselines.gradcam_plusplus import GradCAMPlusPlus
@@ -18,6 +19,7 @@ from baselines.xgradcam import XGradCAM
 
 __all__ = [
     "CenterMap",
+    "ConstantMap",
     "EigenCAM",
     "GradCAM",
     "GradCAMPlusPlus",

@@ -27,18 +27,23 @@ Pooling rules (what a reader of the numbers should know):
   training steps``).
 
 Statistics (:mod:`evaluation.stats`): Wilson intervals for binary metrics, t intervals
-otherwise, both episode-aware for few-shot. Paired tests of every entry against the
-reference on the samples both scored (paired by seed and ``sample_id``): exact McNemar
-for binary metrics, Wilcoxon signed-rank for continuous ones, Holm-corrected over all
-comparisons of a table. Each cell gives the direction against the reference (better or
-worse) beside its stars. Ranks use the means rounded as displayed, so float noise never
-ranks; bold marks the best only when no other entry ties it at that rounding. ``n`` is
-given per metric. The sanity column is the mean rank correlation after full
-randomisation (lower is better). The ground-truth oracle (``mask`` vs ``random``,
-paired) flags metrics that do not separate the two. Entries with identical values on
-every sample are listed as one row (e.g. ``fam_ablation = fam (weights=abs_sum)`` under a
-dot product, where the drop is the share), not as rivals. Warnings the
-runs wrote (``warnings.json``) are shown beside their table.
+otherwise; for few-shot the clustered t interval over episodes (clipped to [0, 1] for
+binary metrics). Paired tests of every entry against the reference on the samples both
+scored (paired by seed and ``sample_id``), chosen by the table's design: for few-shot a
+paired t over episode-mean differences (``t-episodes``), otherwise exact McNemar for
+binary metrics and Wilcoxon signed-rank for continuous ones; Holm-corrected over all
+comparisons of a table; each table's legend names its tests. Per-sample differences
+within the metric's identity tolerance (float noise) count as none. Each cell gives the
+direction against the reference (better or worse) beside its stars. Ranks use the means
+rounded as displayed, so float noise never ranks; bold marks the best only when no other
+entry ties it at that rounding. ``n`` is given per metric. The sanity column is the mean
+rank correlation after full randomisation (lower is better). The ground-truth oracle
+(``mask`` vs ``random``, paired, Holm over the table's metrics) flags metrics that do not
+separate the two. The degenerate column counts the rows whose map is constant or
+non-finite. Entries with identical values on every sample are listed as one row (e.g.
+``fam_ablation = fam (weights=abs_sum)`` under a dot product, where the drop is the
+share), not as rivals. Warnings the runs wrote (``warnings.json``) are shown beside their
+table.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -61,10 +67,11 @@ from evaluation.summary import (
     cluster_column,
     full_randomisation,
     identical_groups,
+    identity_tolerance,
     method_labels,
     metric_columns,
     oracle_check,
-    paired,
+    paired_clusters,
     summarise_sanity,
 )
 from fam.errors import FamBenchError, exit_on_user_error
@@ -106,6 +113,7 @@ LEADERBOARD_COLUMNS: tuple[str, ...] = (
     "table_id",
     "seed",
     *DESCRIPTIVE_KEYS,
+    "score",
     "method",
     "method_name",
     "settings_id",
@@ -128,6 +136,7 @@ LEADERBOARD_COLUMNS: tuple[str, ...] = (
     "p_holm",
     "versus",
     "degenerate_rate",
+    "n_degenerate",
     "identical_to",
     "oracle_p",
     "oracle_separates",
@@ -541,23 +550,26 @@ def _table_rows(
     oracle = oracle_check(table, keys=SAMPLE_KEYS).set_index("metric")
     groups = identical_groups(table, keys=SAMPLE_KEYS)
     identical = {label: " = ".join(g) for g in groups for label in g}
+    tolerance = {column: identity_tolerance(table, column) for column in columns}
     rows: list[dict] = []
     for label in labels:
         group = table[table["label_"] == label]
         flags = group["degenerate"] if "degenerate" in group else pd.Series(dtype=object)
-        degenerate = (
-            float(flags.map(lambda v: str(v).lower() in ("true", "1", "1.0")).mean())
-            if len(flags)
-            else math.nan
-        )
+        flagged = flags.map(lambda v: str(v).lower() in ("true", "1", "1.0"))
+        degenerate = float(flagged.mean()) if len(flags) else math.nan
+        n_degenerate = int(flagged.sum()) if len(flags) else 0
         for column in columns:
             bounds = registry.value_bounds(column, score)
             found, n_seeds = _cell_stats(group, column, cluster, pool_seeds, bounds, clips)
             p_value, test, n_pairs, versus = math.nan, "", 0, ""
             if has_reference and label != reference:
-                x, y = paired(table, label, reference, column, SAMPLE_KEYS)
+                x, y, clusters = paired_clusters(
+                    table, label, reference, column, SAMPLE_KEYS, cluster
+                )
                 n_pairs = int(x.size)
-                p_value, test = stats.paired_test(x, y, registry.is_binary(column))
+                p_value, test = stats.paired_test(
+                    x, y, registry.is_binary(column), clusters, tolerance[column]
+                )
                 if n_pairs and x.mean() != y.mean():
                     lower_better = metric_direction(column) == "lower"
                     versus = "better" if (x.mean() < y.mean()) == lower_better else "worse"
@@ -582,6 +594,7 @@ def _table_rows(
                     p_value=p_value,
                     versus=versus,
                     degenerate_rate=degenerate,
+                    n_degenerate=n_degenerate,
                     identical_to=identical.get(label, ""),
                     oracle_p=oracle["oracle_p"].get(column, math.nan),
                     oracle_separates=oracle["oracle_separates"].get(column, None),
@@ -636,12 +649,24 @@ def _sanity_rows(
                 p_holm=math.nan,
                 versus="",
                 degenerate_rate=math.nan,
+                n_degenerate=0,
                 identical_to="",
                 oracle_p=math.nan,
                 oracle_separates=None,
             )
         )
     return rows
+
+
+def _score_of(table: pd.DataFrame, configs: dict[str, dict]) -> str:
+    """The score the table's metrics read (``metric.score`` of its runs), or ``""``."""
+    if "score" in table.columns and table["score"].notna().any():
+        return str(table["score"].dropna().iloc[0])
+    for run in dict.fromkeys(table["run"]):
+        score = ((configs.get(run) or {}).get("metric") or {}).get("score")
+        if score is not None:
+            return str(score)
+    return ""
 
 
 def _warnings_of(table: pd.DataFrame, warnings: dict[str, list[dict]]) -> list[str]:
@@ -713,6 +738,7 @@ def build_leaderboard(
         seeds = sorted(set(table["seed"]))
         if pool_seeds and len(seeds) > 1:
             notes.append(f"seeds {', '.join(seeds)} pooled as a seed level (--pool-seeds).")
+        score = _score_of(table, configs)
         clips: list[str] = []
         table_rows = _table_rows(
             table, reference, pool_seeds, sanity, _table_score(table, configs), clips
@@ -721,6 +747,7 @@ def build_leaderboard(
         for row in table_rows:
             row.update(
                 table=number,
+                score=score,
                 heading=headings[key],
                 table_id=key[0],
                 seed=",".join(seeds) if pool_seeds else key[1],
@@ -734,6 +761,15 @@ def build_leaderboard(
 
 
 # -- rendering ------------------------------------------------------------------------------
+#: how each paired test reads in a table's legend (:func:`evaluation.stats.paired_test`)
+TEST_WORDS: dict[str, str] = {
+    "t-episodes": "paired t over the episode means of the differences, G-1 df (queries of "
+    "one episode share prototypes)",
+    "wilcoxon": "Wilcoxon signed-rank over independent samples",
+    "mcnemar-exact": "exact McNemar over independent samples",
+}
+
+
 def _is_true(value: Any) -> bool:
     return str(value).lower() in ("true", "1", "1.0")
 
@@ -825,12 +861,13 @@ def table_view(table: pd.DataFrame) -> dict[str, Any]:
             for m in metrics
         ]
         degenerate = float(mine["degenerate_rate"].astype(float).max())
+        count = int(pd.to_numeric(mine["n_degenerate"], errors="coerce").fillna(0).max())
         body.append(
             [
                 label,
                 *values,
                 str(n_common) if n_common is not None else "–",
-                f"{degenerate:.1%}" if math.isfinite(degenerate) else "–",
+                f"{count} ({degenerate:.1%})" if math.isfinite(degenerate) else "–",
             ]
         )
     kinds = sorted(set(table.loc[table["metric"] != "sanity", "interval"]))
@@ -838,12 +875,14 @@ def table_view(table: pd.DataFrame) -> dict[str, Any]:
         f"Mean [95% interval: {', '.join(kinds)}]; bold: best, unless tied at the shown "
         "rounding; (n=k): the metric used k of the n samples."
     )
+    legend += " degenerate: rows whose map is constant or non-finite (share of n)."
     if reference:
         tests = sorted({t for t in table["test"] if isinstance(t, str) and t})
+        words = "; ".join(f"`{t}`: {TEST_WORDS.get(t, t)}" for t in tests)
         legend += (
-            f" better/worse than `{reference}` with Holm-corrected {' / '.join(tests)} p-values "
-            "on paired samples: * p<0.05, ** p<0.01, *** p<0.001 (none where the means are "
-            "equal at the shown rounding)."
+            f" better/worse than `{reference}` with Holm-corrected p-values on paired "
+            f"samples ({words}): * p<0.05, ** p<0.01, *** p<0.001 (none where the means "
+            "are equal at the shown rounding)."
         )
     else:
         legend += " No reference method in this table, so no paired tests."
@@ -867,7 +906,15 @@ def table_view(table: pd.DataFrame) -> dict[str, Any]:
                 "here; do not trust its ranking on this setup."
             )
     first = table.iloc[0]
+    per_sample = table[table["metric"] != "sanity"]
+    seeds = pd.to_numeric(per_sample["n_seeds"], errors="coerce").fillna(1).clip(lower=1)
+    samples = pd.to_numeric(per_sample["n_samples"], errors="coerce").fillna(0)
+    n = int((samples / seeds).max()) if len(per_sample) else 0
+    score = first["score"] if "score" in table.columns else ""
     return {
+        "label": table_label(
+            str(first["experiment"]), n, "" if score != score else str(score), int(seeds.max())
+        ),
         "heading": str(first["heading"]),
         "table_id": str(first["table_id"]),
         "seed": str(first["seed"]) if first["seed"] == first["seed"] else "",
@@ -878,6 +925,22 @@ def table_view(table: pd.DataFrame) -> dict[str, Any]:
         "notes": _json_list(first["notes"]),
         "warnings": _json_list(first["warnings"]),
     }
+
+
+#: the line above every results table, ``Table: experiment=NAME n=N score=SCORE`` (plus
+#: `` seeds=K`` when seeds are pooled; ``n`` is then per seed): README tests parse it
+TABLE_LABEL = re.compile(
+    r"^Table: experiment=(?P<experiment>\S+) n=(?P<n>\d+) score=(?P<score>\S*)"
+    r"(?: seeds=(?P<seeds>\d+))?$"
+)
+
+
+def table_label(experiment: str, n: int, score: str, seeds: int = 1) -> str:
+    """The parseable line that labels a results table (:data:`TABLE_LABEL`): the
+    experiment (``conf/experiment/<name>.yaml``), samples per seed, and the score the
+    metrics read (``metric.score``)."""
+    text = f"Table: experiment={experiment or '-'} n={n} score={score or '-'}"
+    return text + (f" seeds={seeds}" if seeds > 1 else "")
 
 
 def views(board: pd.DataFrame) -> list[dict[str, Any]]:
@@ -892,7 +955,7 @@ def to_markdown(board: pd.DataFrame) -> str:
     parts = ["# Leaderboard", ""]
     for view in views(board):
         ident = f"table `{view['table_id']}`" + (f", seed {view['seed']}" if view["seed"] else "")
-        parts += [f"## {view['heading']}", "", f"{ident}.", ""]
+        parts += [f"## {view['heading']}", "", f"{ident}.", "", view["label"], ""]
         parts += [markdown_table(view["header"], view["rows"]), "", view["legend"], ""]
         parts += [f"{line}" for line in view["oracle"]] + ([""] if view["oracle"] else [])
         parts += [f"- note: {n}" for n in view["notes"]] + ([""] if view["notes"] else [])

@@ -39,8 +39,10 @@ class MetricInputs:
     bool or ``None``; ``boxes (N, 4)`` or ``None``; ``annotation_sizes (N, 2)`` the
     resolution each mask was drawn at; ``sample_seeds (N,)`` int64, one per sample (the
     random tie order of deletion/insertion depends on a sample's seed alone, so shards and
-    resumed runs agree); ``mean``/``std`` the data's normalisation; ``settings`` the run's
-    resolved metric settings; ``model`` whose mode the metric restores.
+    resumed runs agree); ``tie_field (N, H, W)`` the ``random`` method's map of each
+    sample, the order of tied pixels under ``ties="smooth"``; ``mean``/``std`` the data's
+    normalisation; ``settings`` the run's resolved metric settings; ``model`` whose mode
+    the metric restores.
     """
 
     images: Tensor
@@ -55,6 +57,7 @@ class MetricInputs:
     boxes: Tensor | None = None
     annotation_sizes: Tensor | None = None
     sample_seeds: Tensor | None = None
+    tie_field: Tensor | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     _cache: dict[str, Any] = field(default_factory=dict)
@@ -95,6 +98,13 @@ class MetricSpec:
     ``bounds``: the range every value lies in, in displayed units (intervals are clipped
     to it, with a note); ``None`` when it depends on the score (the curve metrics: [0, 1]
     for ``metric.score=probability``, see :func:`value_bounds`).
+    ``explain_class``: the class its source explains by default, ``"predicted"`` (the
+    model's decision: RISE's deletion/insertion, Grad-CAM++'s Average Drop, the sanity
+    check) or ``"true"`` (the ground truth: TorchRay's pointing game);
+    ``metric.explain_class`` overrides it for every metric.
+    ``identical_tolerance``: per-sample difference (in the column's units) under which two
+    entries count as identical on this metric; ``None``: a share of the metric's range
+    over the table (:func:`evaluation.summary.identity_tolerance`).
     """
 
     name: str
@@ -109,6 +119,8 @@ class MetricSpec:
     per_sample: bool = True
     curves: tuple[str, ...] = ()
     bounds: tuple[float, float] | None = None
+    explain_class: Literal["predicted", "true"] = "predicted"
+    identical_tolerance: float | None = None
 
 
 METRICS: dict[str, MetricSpec] = {}
@@ -180,6 +192,33 @@ def available() -> list[str]:
     return list(METRICS)
 
 
+EXPLAIN_CLASSES = ("predicted", "true")
+
+
+def explained_classes(
+    names: list[str], forced: str | None, available: tuple[str, ...]
+) -> dict[str, str]:
+    """The class each metric of ``names`` explains: ``forced`` (``metric.explain_class``)
+    or the metric's own default (:attr:`MetricSpec.explain_class`).
+
+    ``available``: the classes the task can explain. Few-shot explains either; retrieval
+    and contrastive tasks explain their reference, which is the model's decision (the
+    retrieved neighbour, the kNN class), so every metric explains ``"predicted"`` there
+    and forcing ``"true"`` is an error.
+    """
+    if forced is not None and forced not in available:
+        raise FamBenchError(
+            f"metric.explain_class={forced} is not available for this task, which explains "
+            f"only {list(available)} (its reference is the model's decision); use "
+            f"metric.explain_class={available[0]} or null (each metric's default)."
+        )
+    out = {}
+    for name in names:
+        want = forced or METRICS[name].explain_class
+        out[name] = want if want in available else available[0]
+    return out
+
+
 # -- the suite's metrics ------------------------------------------------------------------
 def _causal(inputs: MetricInputs) -> Any:
     from evaluation.causal import deletion_insertion
@@ -201,6 +240,7 @@ def _causal(inputs: MetricInputs) -> Any:
             amp=s["amp"],
             ties=s["ties"],
             seed=inputs.repeated(inputs.sample_seeds) if inputs.sample_seeds is not None else 0,
+            tie_field=inputs.tie_field,
             # every method's maps share the unit's images: the map-independent points
             # (unperturbed, fully deleted, substrate) are scored once per image
             image_index=inputs.image_index,
@@ -318,6 +358,7 @@ register(
         "TorchRay pointing game: the map's maximum lies within tolerance of the object",
         _pointing,
         binary=True,
+        explain_class="true",
         needs_masks=True,
         has_other=True,
         bounds=(0.0, 1.0),
@@ -329,6 +370,7 @@ register(
         "higher",
         "Score-CAM energy pointing game: share of map mass on the object",
         _energy,
+        explain_class="true",
         needs_masks=True,
         has_other=True,
         bounds=(0.0, 1.0),

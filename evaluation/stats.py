@@ -11,18 +11,32 @@ Which interval a column gets (:func:`interval`):
   ``t-episodes`` is the cluster-robust (CR1) t interval of the sample mean with
   ``G - 1`` degrees of freedom for ``G`` episodes (statsmodels OLS on a constant with
   ``cov_type="cluster"``; with equal episode sizes it is the t interval over episode
-  means); ``wilson-episodes`` is the Wilson interval at the effective sample size
-  ``n / deff``, where the design effect ``deff = max(1, var_cluster / var_iid)`` comes from
-  the same cluster-robust variance (Korn and Graubard's effective-n Wilson interval).
-  Chosen over a cluster bootstrap because runs have few episodes (5 by default): a
-  bootstrap over 5 clusters underestimates the variance by ``(G - 1) / G`` and has no
-  small-sample correction, while the t interval with ``G - 1`` degrees of freedom is
-  exact for normal episode means and deterministic (no seed to report).
+  means). Binary metrics get the same interval clipped to [0, 1]
+  (``t-episodes-clipped``); when every sample is a hit (or none is) that interval has no
+  width, so they get the Wilson interval with the ``G`` episodes as the sample size
+  (``wilson-G``: as if each episode were one observation, the most an episode can count
+  for). Chosen over the Wilson interval at an effective ``n`` (the design effect is
+  undefined at p = 0 or 1, where it silently applied no correction) and over a cluster
+  bootstrap (runs have few episodes, 5 by default: a bootstrap over 5 clusters
+  underestimates the variance by ``(G - 1) / G``), because the t interval with ``G - 1``
+  degrees of freedom is exact for normal episode means and deterministic.
 
-Paired tests (:func:`paired_test`): exact McNemar (statsmodels) for binary metrics,
-Wilcoxon signed-rank (scipy defaults: two-sided, zero differences dropped) for
-continuous ones; identical values are no evidence of a difference (p = 1). Holm's
-correction (:func:`holm`) is statsmodels' ``multipletests(method="holm")``.
+Paired tests (:func:`paired_test`), so that a table's stars respect its design:
+
+- independent samples (retrieval, contrastive queries): exact McNemar (statsmodels) for
+  binary metrics, Wilcoxon signed-rank (scipy defaults: two-sided, zero differences
+  dropped) for continuous ones;
+- clustered samples (few-shot queries of one episode share prototypes): a paired t test
+  on the ``G`` episode means of the differences, ``G - 1`` degrees of freedom
+  (``t-episodes``), for binary and continuous metrics alike. Not an exact sign-flip
+  permutation over episodes: with the default 5 episodes its smallest possible p-value
+  is 2/32 = 0.0625, so it could never reject at 0.05; the t test is exact for normal
+  episode means, and a simulation (``tests/test_stats.py``) holds its false-positive
+  rate at 5% where per-query tests treat correlated queries as independent.
+
+Per-sample differences within ``tolerance`` (:func:`evaluation.summary.identity_tolerance`:
+float noise) count as zero; identical values are no evidence of a difference (p = 1).
+Holm's correction (:func:`holm`) is statsmodels' ``multipletests(method="holm")``.
 """
 
 from __future__ import annotations
@@ -123,28 +137,39 @@ def clustered_t_interval(values, clusters, confidence: float = CONFIDENCE) -> In
     return Interval(mean, mean - half, mean + half, n, "t-episodes")
 
 
-def wilson_interval(values, clusters=None, confidence: float = CONFIDENCE) -> Interval:
-    """Wilson interval of the hit rate of 0/1 ``values``; at the effective n with ``clusters``."""
-    x, c = _finite(values, clusters)
+def wilson_interval(values, confidence: float = CONFIDENCE) -> Interval:
+    """Wilson interval of the hit rate of independent 0/1 ``values``."""
+    x, _ = _finite(values)
     n = int(x.size)
-    kind = "wilson" if clusters is None else "wilson-episodes"
     if n == 0:
-        return Interval(math.nan, math.nan, math.nan, 0, kind)
+        return Interval(math.nan, math.nan, math.nan, 0, "wilson")
     p = float(x.mean())
-    n_eff = float(n)
-    if c is not None and 0.0 < p < 1.0 and n > 1:
-        se, _ = cluster_se(x, c)
-        iid_var = p * (1 - p) / n
-        if math.isfinite(se):
-            n_eff = n / max(1.0, se**2 / iid_var)
-    low, high = wilson(p * n_eff, n_eff, confidence)
-    return Interval(p, low, high, n, kind)
+    low, high = wilson(p * n, n, confidence)
+    return Interval(p, low, high, n, "wilson")
+
+
+def clustered_binary_interval(values, clusters, confidence: float = CONFIDENCE) -> Interval:
+    """Hit rate of 0/1 ``values`` in episodes: the clustered t interval clipped to [0, 1],
+    or at p = 0 or 1 the Wilson interval with the ``G`` episodes as the sample size
+    (module docstring)."""
+    x, c = _finite(values, clusters)
+    found = clustered_t_interval(x, c, confidence)
+    if found.n == 0 or not math.isfinite(found.low):
+        return Interval(found.mean, found.low, found.high, found.n, "t-episodes-clipped")
+    if found.mean <= 0.0 or found.mean >= 1.0:
+        g = int(_codes(c)[0].max()) + 1
+        low, high = wilson(found.mean * g, g, confidence)
+        return Interval(found.mean, low, high, found.n, "wilson-G")
+    low, high = max(found.low, 0.0), min(found.high, 1.0)
+    return Interval(found.mean, low, high, found.n, "t-episodes-clipped")
 
 
 def interval(values, binary: bool, clusters=None, confidence: float = CONFIDENCE) -> Interval:
     """The interval a metric column gets (module docstring); ``binary`` values are 0/1."""
     if binary:
-        return wilson_interval(values, clusters, confidence)
+        if clusters is not None:
+            return clustered_binary_interval(values, clusters, confidence)
+        return wilson_interval(values, confidence)
     if clusters is not None:
         return clustered_t_interval(values, clusters, confidence)
     return t_interval(values, confidence)
@@ -173,10 +198,35 @@ def wilcoxon(x, y) -> float:
     return float(stats.wilcoxon(x, y).pvalue)
 
 
-def paired_test(x, y, binary: bool) -> tuple[float, str]:
-    """p-value and test name of paired samples: exact McNemar if ``binary``, else Wilcoxon."""
-    if np.asarray(x).size == 0:
+def episode_t_test(x, y, clusters) -> float:
+    """Two-sided paired t test on the episode means of ``x - y``, ``G - 1`` df (scipy's
+    one-sample t); 1 when every episode mean difference is 0, NaN with fewer than 2."""
+    d = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    codes, _ = _codes(np.asarray(clusters, dtype=object))
+    if d.size == 0:
+        return math.nan
+    g = int(codes.max()) + 1
+    means = np.bincount(codes, weights=d, minlength=g) / np.bincount(codes, minlength=g)
+    if np.all(means == 0):
+        return 1.0
+    if g < 2:
+        return math.nan
+    if np.all(means == means[0]):
+        return 0.0  # every episode moved by the same amount: no spread, no doubt
+    return float(stats.ttest_1samp(means, 0.0).pvalue)
+
+
+def paired_test(x, y, binary: bool, clusters=None, tolerance: float = 0.0) -> tuple[float, str]:
+    """p-value and test name of paired samples (module docstring): with ``clusters`` the
+    paired t over episode means (``t-episodes``), else exact McNemar if ``binary``, else
+    Wilcoxon. Differences of at most ``tolerance`` count as zero (float noise)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.size == 0:
         return math.nan, ""
+    if tolerance > 0:
+        y = np.where(np.abs(x - y) <= tolerance, x, y)
+    if clusters is not None:
+        return episode_t_test(x, y, clusters), "t-episodes"
     if binary:
         return mcnemar_exact(x, y), "mcnemar-exact"
     return wilcoxon(x, y), "wilcoxon"

@@ -5,8 +5,8 @@ interval chosen by :func:`evaluation.stats.interval` (Wilson for binary metrics,
 continuous ones; episode-aware for few-shot, whose queries share prototypes), the count
 ``n`` it used and ``n_excluded`` (NaN values: an empty mask, a zero map for the energy
 game, a non-finite map). Rows flagged ``degenerate_reason == "non-finite"`` are always
-excluded; constant maps stay in (under ``metric.ties=random`` they score as a random map,
-which is what an uninformative map deserves). Extra rows per method:
+excluded; constant maps stay in (under ``metric.ties=smooth`` they score exactly as the
+``random`` map of the sample, which is what an uninformative map deserves). Extra rows per method:
 ``pointing_game_class_mean`` (TorchRay's second number: the mean over classes of each
 class's hit rate, t interval over classes) and ``degenerate`` (share of degenerate maps,
 Wilson). With a ``sanity`` frame, ``metric == "sanity@<layer>"`` rows give the mean
@@ -14,10 +14,18 @@ Spearman correlation at each randomised layer (``step`` 1 = output layer only, t
 step = every layer randomised), and ``metric == "sanity"`` the value after the last step.
 
 The ground-truth oracle (:func:`oracle_check`): with methods ``mask`` (the ground truth)
-and ``random`` present, every metric is tested paired, ``mask`` against ``random``; a
-metric under which the true object does not beat a random map (better mean and p < 0.05)
+and ``random`` present, every metric is tested paired, ``mask`` against ``random``, with
+the table's test (:func:`evaluation.stats.paired_test`: over episodes for few-shot), and
+the p-values are Holm-corrected across the metrics of the table (``oracle_p``); a metric
+under which the true object does not beat a random map (better mean and Holm p < 0.05)
 is flagged ``oracle_separates == False``: it does not separate the ground truth from
 random on this setup, so its ranking is not to be trusted here.
+
+Identity by scale (:func:`identity_tolerance`): two entries are identical on a metric
+when every per-sample difference is at most the metric's tolerance: the spec's explicit
+``identical_tolerance``, else :data:`IDENTICAL_RTOL` of the metric's range over the table
+(binary metrics: exact). Paired tests count such differences as zero, so float noise
+between mathematically equal methods never yields a star.
 
 Method entries: two rows of one method name with different ``method_options`` are two
 entries, labelled by the options that differ (``fam (contribution=product)``).
@@ -33,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from evaluation import registry, stats
+from fam.errors import FamBenchError
 
 ORACLE, FLOOR = "mask", "random"
 ORACLE_ALPHA = 0.05
@@ -43,9 +52,10 @@ NOT_EXPLAINING = frozenset({CENTRE, FLOOR, ORACLE})
 CENTRE_MARGIN = 0.05
 #: tasks whose samples share a reference set: few-shot queries of one episode share prototypes
 CLUSTER_BY_TASK: dict[str, str] = {"fewshot": "episode"}
-#: per-sample tolerance under which two methods' continuous values count as identical (the
-#: float noise of identical maps: 0.2155873 vs 0.2156057 in the default run's deletion)
-IDENTICAL_ATOL = 1e-3
+#: share of a metric's range over the table under which two per-sample values count as
+#: identical (float noise): reassociating FAM's channel sum moves maps by 6e-7 and, through
+#: the pixels it reorders, single deletion AUCs by up to 0.4% of their range on a Conv-4
+IDENTICAL_RTOL = 1e-2
 IDENTICAL_MIN_SAMPLES = 5
 CONSTANT_COLUMNS: tuple[str, ...] = (
     "experiment",
@@ -166,6 +176,50 @@ def paired(
     return pairs[f"{column}_a"].to_numpy(float), pairs[f"{column}_b"].to_numpy(float)
 
 
+def paired_clusters(
+    frame: pd.DataFrame,
+    a: str,
+    b: str,
+    column: str,
+    keys: Sequence[str],
+    cluster: str | None,
+    label: str = "label_",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`paired` plus each pair's cluster (``None`` without ``cluster``); with a
+    ``seed`` key the cluster is ``seed/episode`` (episodes of two seeds are two)."""
+    if cluster is None:
+        return (*paired(frame, a, b, column, keys, label), None)
+    keys = list(keys)
+    columns = [*dict.fromkeys([*keys, cluster]), column]
+    ours = frame.loc[frame[label] == a, columns]
+    theirs = frame.loc[frame[label] == b, [*keys, column]]
+    pairs = ours.merge(theirs, on=keys, suffixes=("_a", "_b")).dropna(
+        subset=[f"{column}_a", f"{column}_b"]
+    )
+    groups = pairs[cluster].astype(str)
+    if "seed" in pairs.columns and "seed" != cluster:
+        groups = pairs["seed"].astype(str) + "/" + groups
+    return (
+        pairs[f"{column}_a"].to_numpy(float),
+        pairs[f"{column}_b"].to_numpy(float),
+        groups.to_numpy(),
+    )
+
+
+def identity_tolerance(frame: pd.DataFrame, column: str) -> float:
+    """Per-sample difference of ``column`` that counts as none (module docstring)."""
+    spec = registry.spec_of(column)
+    if spec.identical_tolerance is not None:
+        return float(spec.identical_tolerance)
+    if spec.binary:
+        return 0.0
+    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0
+    return IDENTICAL_RTOL * float(values.max() - values.min())
+
+
 def _prepared(results: pd.DataFrame) -> pd.DataFrame:
     frame = results.copy()
     frame.attrs = {}  # pandas compares attrs on merge; DataFrames there break it
@@ -176,20 +230,26 @@ def _prepared(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def oracle_check(
-    results: pd.DataFrame, keys: Sequence[str] = ("sample_id",), label: str = "label_"
+    results: pd.DataFrame,
+    keys: Sequence[str] = ("sample_id",),
+    label: str = "label_",
+    cluster: str | None = "auto",
 ) -> pd.DataFrame:
     """Per metric column: does ``mask`` beat ``random``, paired? (module docstring).
 
-    Columns ``metric, oracle_mean, floor_mean, n_pairs, test, oracle_p, oracle_separates``;
-    empty when either method is missing.
+    Columns ``metric, oracle_mean, floor_mean, n_pairs, test, oracle_p_raw, oracle_p``
+    (Holm over the table's metrics), ``oracle_separates``; empty when either method is
+    missing. ``cluster``: as :func:`summarise`.
     """
     frame = results if label in results.columns else _prepared(results)
+    cluster = cluster_column(frame) if cluster == "auto" else cluster
     columns = [
         "metric",
         "oracle_mean",
         "floor_mean",
         "n_pairs",
         "test",
+        "oracle_p_raw",
         "oracle_p",
         "oracle_separates",
     ]
@@ -198,10 +258,12 @@ def oracle_check(
         return pd.DataFrame(columns=columns)
     rows = []
     for column in metric_columns(frame):
-        x, y = paired(frame, ORACLE, FLOOR, column, keys, label)
+        x, y, clusters = paired_clusters(frame, ORACLE, FLOOR, column, keys, cluster, label)
         if x.size == 0:
             continue
-        p, test = stats.paired_test(x, y, registry.is_binary(column))
+        p, test = stats.paired_test(
+            x, y, registry.is_binary(column), clusters, identity_tolerance(frame, column)
+        )
         better = (
             x.mean() < y.mean() if registry.direction(column) == "lower" else (x.mean() > y.mean())
         )
@@ -212,11 +274,16 @@ def oracle_check(
                 "floor_mean": float(y.mean()),
                 "n_pairs": int(x.size),
                 "test": test,
-                "oracle_p": p,
-                "oracle_separates": bool(better and p < ORACLE_ALPHA),
+                "oracle_p_raw": p,
+                "better_": bool(better),
             }
         )
-    return pd.DataFrame(rows, columns=columns)
+    out = pd.DataFrame(rows, columns=[*columns, "better_"])
+    out["oracle_p"] = stats.holm(out["oracle_p_raw"].to_numpy(float)) if rows else []
+    out["oracle_separates"] = [
+        bool(b and p < ORACLE_ALPHA) for b, p in zip(out["better_"], out["oracle_p"], strict=True)
+    ]
+    return out[columns]
 
 
 def centre_prior_warning(results: pd.DataFrame) -> dict | None:
@@ -260,8 +327,9 @@ def identical_groups(
 ) -> list[list[str]]:
     """Groups of entries with the same values of every metric on every sample.
 
-    Binary columns must be equal, continuous ones within :data:`IDENTICAL_ATOL`; NaN must
-    match NaN. Such methods produced the same maps (e.g. FAM and Relevance-CAM under the
+    Every per-sample difference within the metric's :func:`identity_tolerance` (binary
+    columns equal, continuous ones within a share of the metric's range); NaN must match
+    NaN. Such methods produced the same maps (e.g. FAM and Relevance-CAM under the
     ProtoNet distance with a GAP embedding) and are not rivals. Only groups of two or
     more, each in first-appearance order.
     """
@@ -275,6 +343,7 @@ def identical_groups(
     labels = list(dict.fromkeys(frame[label]))
     if len(wide) < IDENTICAL_MIN_SAMPLES:
         return []
+    tolerance = {column: identity_tolerance(frame, column) for column in columns}
 
     def same(a: str, b: str) -> bool:
         for column in columns:
@@ -283,8 +352,7 @@ def identical_groups(
             x, y = wide[(column, a)].to_numpy(float), wide[(column, b)].to_numpy(float)
             if not np.array_equal(np.isnan(x), np.isnan(y)):
                 return False
-            atol = 0.0 if registry.is_binary(column) else IDENTICAL_ATOL
-            if not np.allclose(x[~np.isnan(x)], y[~np.isnan(y)], rtol=0.0, atol=atol):
+            if np.any(np.abs(x[~np.isnan(x)] - y[~np.isnan(y)]) > tolerance[column]):
                 return False
         return True
 
@@ -328,16 +396,32 @@ def full_randomisation(sanity_summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarise(
-    results: pd.DataFrame, sanity: pd.DataFrame | None = None, cluster: str | None = "auto"
+    results: pd.DataFrame,
+    sanity: pd.DataFrame | None = None,
+    cluster: str | None = "auto",
+    split: str | None = None,
 ) -> pd.DataFrame:
     """One run's ``summary.csv`` (module docstring): one row per method entry and metric.
 
     ``results``: the run's ``results.csv`` frame. ``sanity``: its ``sanity.csv`` frame or
     ``None``. ``cluster``: column grouping dependent samples; ``"auto"`` takes ``episode``
     for few-shot (:data:`CLUSTER_BY_TASK`), ``None`` treats samples as independent.
+    ``split``: a results column (e.g. ``"correct"``): one summary per value of it, that
+    value in a column of the same name (the run-level sanity rows are not split).
     Columns :data:`SUMMARY_COLUMNS` plus the run's constant columns (experiment, dataset,
     model, task, table_id, model_id, seed) where present.
     """
+    if split is not None:
+        if split not in results.columns:
+            raise FamBenchError(
+                f"cannot split the summary by {split!r}: results have no such column "
+                f"(columns: {sorted(results.columns)})."
+            )
+        parts = [
+            summarise(group, None, cluster).assign(**{split: value})
+            for value, group in results.groupby(split, sort=True)
+        ]
+        return pd.concat(parts, ignore_index=True)
     frame = _prepared(results)
     cluster = cluster_column(frame) if cluster == "auto" else cluster
     columns = metric_columns(frame)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from evaluation.registry import explained_classes
 from experiments.config import (
     CONF_DIR,
     RunConfig,
@@ -483,6 +484,12 @@ def metric_settings(run: RunConfig, family: Any, evaluation: Any) -> dict[str, A
         "blur_kernel": m.blur_kernel,
         "blur_sigma": float(m.blur_sigma),
         "ties": m.ties,
+        # the class each metric explains (its source's, or metric.explain_class for all)
+        "explain_class": explained_classes(
+            list(run.metrics),
+            m.explain_class,
+            tuple(getattr(evaluation, "explains", ("predicted",))),
+        ),
         "tolerance": float(m.tolerance),
         "tolerance_at": m.tolerance_at,
         "tolerance_px": round(tolerance, 4),

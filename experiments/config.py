@@ -121,7 +121,9 @@ class MetricConfig:
     tolerance_image_size: int = 224
     energy_region: str = "box"
     confidence_space: str = "image"
-    ties: str = "random"
+    ties: str = "smooth"
+    #: null: each metric's source (MetricSpec.explain_class); "predicted" | "true": all
+    explain_class: str | None = None
     score: str = "probability"
     distractors: int = 10
     distractor_classes: str = "other"
@@ -145,7 +147,11 @@ class MetricConfig:
         _choice("metric.tolerance_at", self.tolerance_at, ("annotation", "input"))
         _choice("metric.energy_region", self.energy_region, ("box", "mask"))
         _choice("metric.confidence_space", self.confidence_space, ("image", "normalised"))
-        _choice("metric.ties", self.ties, ("random", "stable"))
+        _choice("metric.ties", self.ties, ("smooth", "pixel", "stable"))
+        if self.explain_class is not None:
+            # YAML/CLI read `true` as a boolean: the class name is its text
+            self.explain_class = str(self.explain_class).lower()
+            _choice("metric.explain_class", self.explain_class, ("predicted", "true"))
         _choice("metric.score", self.score, ("probability", "similarity"))
         _at_least("metric.distractors", self.distractors, 1)
         _choice("metric.distractor_classes", self.distractor_classes, ("other", "any"))

@@ -355,6 +355,9 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
     )
     summary = summarise(merged["results"], merged["sanity"])
     store.write_frame("summary.csv", summary)
+    if "correct" in merged["results"].columns:
+        # the same summary over correctly and wrongly decided samples (issue 25)
+        store.write_frame("summary_by_correct.csv", summarise(merged["results"], split="correct"))
     warnings = run_warnings(
         merged["results"],
         pd.read_csv(task_path),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from baselines.random_map import smooth_tie_field
 from evaluation.registry import MetricInputs, compute_all
 from experiments.data.seeding import Stream, derive_seed
 from experiments.store import OutputStore
@@ -90,11 +92,17 @@ def make_explainer(job: Job, method: Any, model: nn.Module, seed: int) -> Any:
     return explainer
 
 
-def unit_inputs(explainer: Any, unit: Unit, start: int, size: int) -> dict[str, Any]:
+def unit_inputs(
+    explainer: Any, unit: Unit, start: int, size: int, sample_seeds: torch.Tensor | None = None
+) -> dict[str, Any]:
     """Keyword inputs an explainer declares it needs, for unit samples ``start:start+size``:
-    ``masks`` (``needs_masks``; ``None`` without ground truth) and ``task_score``
-    (``needs_task_score``: the unit's ``embedding_score`` with indices of the call)."""
+    ``masks`` (``needs_masks``; ``None`` without ground truth), ``task_score``
+    (``needs_task_score``: the unit's ``embedding_score`` with indices of the call) and
+    ``sample_seeds`` (``needs_sample_seeds``: the samples' tie seeds, so the ``random``
+    floor draws the field that orders tied pixels under ``metric.ties=smooth``)."""
     extra: dict[str, Any] = {}
+    if getattr(explainer, "needs_sample_seeds", False) and sample_seeds is not None:
+        extra["sample_seeds"] = sample_seeds[start : start + size]
     if getattr(explainer, "needs_masks", False):
         extra["masks"] = None if unit.masks is None else unit.masks[start : start + size]
     if getattr(explainer, "needs_task_score", False):
@@ -109,9 +117,14 @@ def unit_inputs(explainer: Any, unit: Unit, start: int, size: int) -> dict[str, 
 
 
 def explain(
-    job: Job, unit: Unit, u: int, conservation: list[dict[str, Any]] | None = None
+    job: Job,
+    unit: Unit,
+    u: int,
+    sample_seeds: torch.Tensor | None = None,
+    conservation: list[dict[str, Any]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Maps ``(M*N, H, W)``, degenerate flags ``(M*N,)`` and reasons of every method.
+    """Maps ``(M*N, H, W)``, degenerate flags ``(M*N,)`` and reasons of every method
+    (``sample_seeds (N,)``: each sample's tie seed, for methods that draw from it).
 
     Nothing in the batch loop reads a value back to the host; the flags become reason
     strings once, after every method ran. ``conservation`` (when given) receives one entry
@@ -129,7 +142,7 @@ def explain(
                 unit.images[i : i + job.explain_batch],
                 unit.reference[i : i + job.explain_batch],
                 unit.similarity,
-                **unit_inputs(explainer, unit, i, job.explain_batch),
+                **unit_inputs(explainer, unit, i, job.explain_batch, sample_seeds),
             ).detach()
             maps.append(batch)
             flag = getattr(explainer, "degenerate", None)
@@ -179,31 +192,55 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
         unit.annotation_sizes = torch.tensor([list(job.annotation_size)] * n, dtype=torch.float64)
     names = list(job.methods)
     conservation: list[dict[str, Any]] = []
-    all_maps, degenerate, reasons = explain(job, unit, u, conservation)
-    mean, std = job.data_stats
-    inputs = MetricInputs(
-        images=unit.images,
-        maps=all_maps,
-        score_fn=unit.score_fn,
-        confidence_fn=unit.confidence_fn,
-        masks=unit.masks,
-        other_masks=unit.other_masks,
-        boxes=unit.boxes,
-        annotation_sizes=unit.annotation_sizes,
-        sample_seeds=torch.tensor(
-            [derive_seed(job.seed, Stream.TIES, int(i)) for i in unit.columns["sample_id"]],
-            dtype=torch.int64,
-            device=device,
-        ),
-        settings=job.settings,
-        model=job.model,
-        batch_size=job.metric_batch,
-        mean=mean,
-        std=std,
+    sample_seeds = torch.tensor(
+        [derive_seed(job.seed, Stream.TIES, int(i)) for i in unit.columns["sample_id"]],
+        dtype=torch.int64,
+        device=device,
     )
-    values, curves = compute_all(job.metrics, inputs)
+    all_maps, degenerate, reasons = explain(job, unit, u, sample_seeds, conservation)
+    tie_field = None
+    if job.settings.get("ties") == "smooth" and any(
+        name in ("deletion_auc", "insertion_auc") for name in job.metrics
+    ):
+        tie_field = smooth_tie_field(job.model, job.target_layer, unit.images, sample_seeds)
+    kinds = {m: job.settings.get("explain_class", {}).get(m, unit.explains) for m in job.metrics}
+    other = [m for m in job.metrics if kinds[m] != unit.explains]
+    own = [m for m in job.metrics if kinds[m] == unit.explains]
+    m_count = len(names)
+    values, curves = score_samples(job, unit, all_maps, own, None, sample_seeds, tie_field)
+    if other:
+        if unit.predicted_unit is None or unit.explains != "true":
+            raise FamBenchError(
+                f"metrics {other} explain the {kinds[other[0]]} class, which this task's "
+                "units do not provide; set metric.explain_class to the class it explains."
+            )
+        # The model's prediction differs from the label only on misclassified samples:
+        # only they need a second map (of the predicted class) and its scores.
+        correct = torch.tensor([bool(c) for c in unit.columns["correct"]], device=device)
+        same = torch.nonzero(correct)[:, 0]
+        differ = torch.nonzero(~correct)[:, 0]
+        predicted = unit.predicted_unit
+        alt_maps = all_maps.view(m_count, n, *all_maps.shape[1:])
+        parts = [(same, alt_maps[:, same].reshape(-1, *all_maps.shape[1:]), unit)]
+        if len(differ):
+            sub = subset_unit(predicted, differ)
+            maps_of_prediction, _, _ = explain(job, sub, u, sample_seeds[differ])
+            parts.append((differ, maps_of_prediction, predicted))
+        for idx, maps, source in parts:
+            if not len(idx):
+                continue
+            got, got_curves = score_samples(job, source, maps, other, idx, sample_seeds, tie_field)
+            for target, found in ((values, got), (curves, got_curves)):
+                for key, value in found.items():
+                    full = target.get(key)
+                    if full is None:
+                        shape = (m_count * n, *value.shape[1:])
+                        full = target[key] = value.new_full(shape, float("nan"))
+                    view = full.view(m_count, n, *value.shape[1:])
+                    view[:, idx] = value.view(m_count, len(idx), *value.shape[1:])
     values = {k: v.double().cpu().view(len(names), n) for k, v in values.items()}
     degenerate_flags = degenerate.cpu().view(len(names), n)
+    explained = json.dumps(kinds, sort_keys=True)
 
     rows = []
     for k, name in enumerate(names):
@@ -215,6 +252,7 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
             row.update({metric: float(v[k, j]) for metric, v in values.items()})
             row["degenerate"] = bool(degenerate_flags[k, j])
             row["degenerate_reason"] = reasons[k * n + j]
+            row["explained_class"] = explained
             row.update({col: vals[j] for col, vals in unit.columns.items() if col not in row})
             rows.append(row)
     shard: dict[str, Any] = {
@@ -237,7 +275,8 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
             ),
         }
     if u == 0 and "sanity" in job.metrics:
-        shard["sanity"] = sanity_rows(job, unit)
+        as_asked = unit.predicted_unit if "sanity" in other else unit
+        shard["sanity"] = sanity_rows(job, as_asked)
     return shard
 
 
@@ -260,6 +299,74 @@ def not_conserved(job: Job, unit: Unit, conservation: list[dict[str, Any]]) -> l
             if flag
         )
     return out
+
+
+def score_samples(
+    job: Job,
+    unit: Unit,
+    maps: torch.Tensor,
+    metrics: list[str],
+    idx: torch.Tensor | None,
+    sample_seeds: torch.Tensor,
+    tie_field: torch.Tensor | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``metrics`` of ``maps`` ``(M*K, H, W)`` on the unit's samples ``idx (K,)`` (all
+    when ``None``), scored as ``unit`` explains them: values ``{column: (M*K,)}`` and
+    curves ``{kind: (M*K, T)}``."""
+    if not metrics:
+        return {}, {}
+    if idx is not None:
+        unit = subset_unit(unit, idx)
+        sample_seeds = sample_seeds[idx]
+        tie_field = None if tie_field is None else tie_field[idx]
+    mean, std = job.data_stats
+    inputs = MetricInputs(
+        images=unit.images,
+        maps=maps,
+        score_fn=unit.score_fn,
+        confidence_fn=unit.confidence_fn,
+        masks=unit.masks,
+        other_masks=unit.other_masks,
+        boxes=unit.boxes,
+        annotation_sizes=unit.annotation_sizes,
+        sample_seeds=sample_seeds,
+        tie_field=tie_field,
+        settings=job.settings,
+        model=job.model,
+        batch_size=job.metric_batch,
+        mean=mean,
+        std=std,
+    )
+    return compute_all(metrics, inputs)
+
+
+def subset_unit(unit: Unit, idx: torch.Tensor) -> Unit:
+    """The unit's samples ``idx (K,)`` as a unit of their own (scores re-indexed)."""
+    host = idx.tolist()
+
+    def take(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[idx.to(t.device)]
+
+    def reindexed(fn):
+        return None if fn is None else (lambda x, index: fn(x, idx[index.to(idx.device)]))
+
+    return Unit(
+        unit=unit.unit,
+        images=unit.images[idx],
+        reference=unit.reference[idx],
+        score_fn=reindexed(unit.score_fn),
+        confidence_fn=reindexed(unit.confidence_fn),
+        reference_fn=lambda net: unit.reference_fn(net)[idx],
+        similarity=unit.similarity,
+        masks=take(unit.masks),
+        other_masks=take(unit.other_masks),
+        boxes=take(unit.boxes),
+        annotation_sizes=take(unit.annotation_sizes),
+        reference_images=take(unit.reference_images),
+        embedding_score=reindexed(unit.embedding_score),
+        columns={key: [values[j] for j in host] for key, values in unit.columns.items()},
+        explains=unit.explains,
+    )
 
 
 def sanity_rows(job: Job, unit: Unit) -> list[dict]:

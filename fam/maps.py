@@ -60,3 +60,42 @@ def degenerate(raw: Tensor) -> Tensor:
     """
     flat = raw.flatten(1)
     return flat.amax(dim=1) <= flat.amin(dim=1)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hash_keys(seeds: Tensor, n_cells: int) -> Tensor:
+    """``(N, n_cells)`` int64 pseudo-random keys in ``[0, 2**32)``, a function of
+    ``(seed_i, cell)`` only (counter-based, on the seeds' device): a sample's draw does not
+    depend on which samples share its call."""
+    seeds = _mix32(seeds.long()[:, None] & _MASK32)
+    cells = torch.arange(n_cells, device=seeds.device, dtype=torch.long)[None]
+    return _mix32(_mix32((seeds + cells * 0x9E3779B9) & _MASK32) ^ seeds)
+
+
+def seeded_noise(seeds: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Uniform ``[0, 1]`` noise ``(N, h, w)`` float32 (32-bit keys / 2**32, rounded), one
+    field per integer seed ``(N,)``."""
+    h, w = int(grid[0]), int(grid[1])
+    return (hash_keys(seeds, h * w).float() / 2.0**32).view(-1, h, w)
+
+
+def smooth_noise(seeds: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """The smooth random field ``(N, H, W)`` in ``[0, 1]``: :func:`seeded_noise` at the
+    target layer's ``grid``, upsampled and min-max scaled like every method's map.
+
+    It is the ``random`` method's map of a sample with that seed, and the order
+    deletion/insertion give tied pixels under ``metric.ties=smooth``: a constant map then
+    scores exactly as ``random`` does on that sample.
+    """
+    return minmax_normalise(upsample(seeded_noise(seeds, grid), (int(size[0]), int(size[1]))))

@@ -252,7 +252,7 @@ def _row_weighted_score(h: int, w: int):
 
 
 def test_random_ties_make_a_constant_map_score_as_a_random_map():
-    """Under ties="random" a constant map's pixel order is a uniform permutation: the
+    """Under ties="pixel" a constant map's pixel order is a uniform permutation: the
     expected deletion curve of a linear score is then the straight line from s(image)
     to s(substrate), AUC 0.5, which random maps also give; the stable raster order
     deletes the heavily weighted top rows first and scores far lower."""
@@ -263,8 +263,8 @@ def test_random_ties_make_a_constant_map_score_as_a_random_map():
     constant = torch.zeros(n, h, w)
     random_maps = torch.rand(n, h, w, generator=torch.Generator().manual_seed(3))
     kwargs = {"step": 4, "insertion_substrate": "zeros"}
-    tied = deletion_insertion(score_fn, images, constant, ties="random", seed=1, **kwargs)
-    rand = deletion_insertion(score_fn, images, random_maps, ties="random", seed=2, **kwargs)
+    tied = deletion_insertion(score_fn, images, constant, ties="pixel", seed=1, **kwargs)
+    rand = deletion_insertion(score_fn, images, random_maps, ties="pixel", seed=2, **kwargs)
     stable = deletion_insertion(score_fn, images, constant, ties="stable", **kwargs)
 
     def mean_and_se(x):
@@ -305,7 +305,7 @@ def test_random_ties_are_seeded_and_only_break_ties():
     assert not torch.equal(first.deletion_curve, second.deletion_curve)
     # Without ties the order is the map's, whatever the tie rule.
     distinct = torch.rand(4, h, w, generator=torch.Generator().manual_seed(2))
-    r = deletion_insertion(score_fn, images, distinct, step=5, ties="random", seed=3)
+    r = deletion_insertion(score_fn, images, distinct, step=5, ties="pixel", seed=3)
     s = deletion_insertion(score_fn, images, distinct, step=5, ties="stable")
     torch.testing.assert_close(r.deletion_curve, s.deletion_curve)
     torch.testing.assert_close(r.insertion_curve, s.insertion_curve)
@@ -340,7 +340,7 @@ def test_random_tie_order_keeps_the_maps_order_between_values():
     from evaluation.causal import pixel_ranks
 
     maps = torch.tensor([[[2.0, 1.0, 2.0], [0.0, 1.0, 2.0]]])
-    ranks = pixel_ranks(maps, "random", torch.Generator().manual_seed(0))[0]
+    ranks = pixel_ranks(maps, "pixel", torch.Generator().manual_seed(0))[0]
     # The three 2s take ranks 0-2, the two 1s ranks 3-4, the 0 rank 5.
     assert sorted(ranks[[0, 2, 5]].tolist()) == [0, 1, 2]
     assert sorted(ranks[[1, 4]].tolist()) == [3, 4]
@@ -432,3 +432,50 @@ def test_shared_images_change_no_number_with_a_real_network():
     )  # fmt: skip
     assert torch.equal(shared.deletion_curve, repeated.deletion_curve)
     assert torch.equal(shared.insertion_curve, repeated.insertion_curve)
+
+
+def test_smooth_ties_make_a_constant_map_score_exactly_as_the_random_floor():
+    """Issue 25: under ties="smooth" a constant map's tied pixels follow the field the
+    ``random`` method draws for the sample, so on a real network the two give the same
+    deletion and insertion AUC on every sample (they are the same pixel order); under
+    ties="pixel" the constant map's salt-and-pepper order deletes faster than the floor."""
+    from baselines.random_map import RandomMap, smooth_tie_field
+    from experiments.models.conv4 import Conv4
+
+    torch.manual_seed(0)
+    model = Conv4(hidden=16, pools=(True, True, False, False)).eval()
+    n = 6
+    images = torch.randn(n, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(images) + 0.1 * torch.randn(n, 16)
+    seeds = torch.tensor([11, 5, 2**40 + 3, 7, 123456789, 42])
+
+    def score_fn(x, index):
+        return torch.nn.functional.cosine_similarity(model(x), reference[index], dim=1)
+
+    random_maps = RandomMap(model)(images, reference, sample_seeds=seeds)
+    constant = torch.zeros(n, 32, 32)
+    field = smooth_tie_field(model, None, images, seeds)
+    # the field is the random method's map itself, at the target layer's resolution (8 x 8)
+    assert torch.equal(field, random_maps)
+    assert not torch.equal(field[0], field[1])
+    kwargs = dict(step=32, ties="smooth", tie_field=field, batch_size=40)
+    floor = deletion_insertion(score_fn, images, random_maps, **kwargs)
+    tied = deletion_insertion(score_fn, images, constant, **kwargs)
+    torch.testing.assert_close(tied.deletion_auc, floor.deletion_auc, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tied.insertion_auc, floor.insertion_auc, rtol=0, atol=1e-6)
+    pixel = deletion_insertion(score_fn, images, constant, step=32, ties="pixel", seed=seeds)
+    assert not torch.allclose(pixel.deletion_auc, floor.deletion_auc, atol=1e-3)
+
+
+def test_smooth_ties_rank_a_partly_tied_map_by_its_values_first():
+    """Outside its ties a map's order is its own; inside, the field's (descending)."""
+    from evaluation.causal import pixel_ranks
+
+    maps = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.0, 0.0]]])
+    field = torch.tensor([[[0.0, 0.2, 0.9], [0.1, 0.5, 0.3]]])
+    ranks = pixel_ranks(maps, "smooth", tie_field=field)[0].tolist()
+    # 1.0 first, 0.5 second; the four zeros by field 0.9, 0.5, 0.3, 0.2
+    assert ranks == [0, 5, 2, 1, 3, 4]
+    with pytest.raises(FamBenchError, match="tie_field"):
+        pixel_ranks(maps, "smooth")

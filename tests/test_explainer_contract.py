@@ -14,6 +14,7 @@ from torch import nn
 
 from baselines import (
     CenterMap,
+    ConstantMap,
     EigenCAM,
     GradCAM,
     GradCAMPlusPlus,
@@ -42,10 +43,11 @@ METHODS = {
     "eigencam_signed": lambda m, layer: EigenCAM(m, layer, sign_correction=True),
     "random": lambda m, layer: RandomMap(m, layer, seed=0),
     "center": CenterMap,
+    "constant": ConstantMap,
     "mask": MaskOracle,
 }
 #: maps that are a function of the model's activations (zero activations -> zero map)
-ACTIVATION_MAPS = sorted(set(METHODS) - {"random", "center", "mask"})
+ACTIVATION_MAPS = sorted(set(METHODS) - {"random", "center", "constant", "mask"})
 LAYER = "encoder.3"
 SIZE = 24
 
@@ -247,6 +249,7 @@ def test_every_method_config_builds_its_explainer():
         "needs_task_score": {
             "task_score": lambda emb, index: torch.cosine_similarity(emb, reference[index])
         },
+        "needs_sample_seeds": {"sample_seeds": torch.tensor([3, 1, 2])},
     }
     for f in files:
         cfg = OmegaConf.load(f)

@@ -136,10 +136,11 @@ def test_cli_pool_seeds_flag(tmp_path):
 
 
 def test_binary_metrics_get_wilson_intervals_and_exact_mcnemar_tests():
-    board = build_leaderboard(results_frame())
+    """Independent samples (retrieval): Wilson intervals, exact McNemar, Wilcoxon."""
+    frame = results_frame().assign(task="retrieval")
+    board = build_leaderboard(frame)
     r = row(board, "gradcam", "pointing_game")
-    assert r["interval"] == "wilson-episodes" and r["test"] == "mcnemar-exact"
-    frame = results_frame()
+    assert r["interval"] == "wilson" and r["test"] == "mcnemar-exact"
     x = frame.loc[frame["method"] == "gradcam", "pointing_game"].to_numpy() > 0.5
     y = frame.loc[frame["method"] == "fam", "pointing_game"].to_numpy() > 0.5
     table = [[np.sum(x & y), np.sum(x & ~y)], [np.sum(~x & y), np.sum(~x & ~y)]]
@@ -149,7 +150,32 @@ def test_binary_metrics_get_wilson_intervals_and_exact_mcnemar_tests():
     assert d["test"] == "wilcoxon"
     xs = frame.loc[frame["method"] == "gradcam", "deletion_auc"].to_numpy()
     ys = frame.loc[frame["method"] == "fam", "deletion_auc"].to_numpy()
+    # differences within 1% of the metric's range over the table are float noise: none
+    tol = 0.01 * np.ptp(frame["deletion_auc"].to_numpy())
+    ys = np.where(np.abs(xs - ys) <= tol, xs, ys)
     assert d["p_value"] == pytest.approx(scipy_stats.wilcoxon(xs, ys).pvalue, rel=1e-12)
+    assert "Wilcoxon signed-rank over independent samples" in to_markdown(board)
+
+
+@pytest.mark.parametrize("column", ["pointing_game", "deletion_auc"])
+def test_few_shot_tables_test_episode_mean_differences_with_g_minus_1_df(column):
+    """Issue 25: queries of one episode share prototypes, so a few-shot table compares
+    methods on the episode means of the paired differences (t, G - 1 df), binary metrics
+    included, and its legend says so."""
+    frame = results_frame()
+    board = build_leaderboard(frame)
+    r = row(board, "gradcam", column)
+    assert r["test"] == "t-episodes"
+    mine = frame[frame["method"] == "gradcam"].set_index("sample_id")
+    ref = frame[frame["method"] == "fam"].set_index("sample_id")
+    diff = mine[column] - ref.loc[mine.index, column]
+    # differences within 1% of the metric's range over the table are float noise: none
+    diff = diff.where(diff.abs() > 0.01 * np.ptp(frame[column].to_numpy()), 0.0)
+    diff = diff.groupby(mine["episode"]).mean()
+    assert len(diff) == 5
+    expected = scipy_stats.ttest_1samp(diff.to_numpy(), 0.0).pvalue
+    assert r["p_value"] == pytest.approx(expected, rel=1e-12)
+    assert "paired t over the episode means of the differences, G-1 df" in to_markdown(board)
 
 
 def test_pairing_uses_sample_ids_not_row_order():
@@ -193,9 +219,10 @@ def test_bold_only_when_not_tied_at_the_shown_rounding():
     assert row(board, "relevancecam", "insertion_auc")["best"]
     text = to_markdown(board)
     assert not md_row(text, "fam")[1].startswith("**")
-    # Float noise is neither bold nor "better", even though Wilcoxon finds it significant.
+    # Float noise is neither bold nor "better": within the identity tolerance (issue 25)
+    # its differences count as none, although a Wilcoxon test on them finds p < 0.001.
     assert md_row(text, "relevancecam")[1] == md_row(text, "fam")[1]
-    assert rel_d["p_holm"] < 0.001 and rel_d["versus"] == "tied"
+    assert rel_d["p_holm"] == 1.0 and rel_d["versus"] == "tied"
     assert md_row(text, "relevancecam")[2].startswith("**")
 
 
@@ -363,3 +390,95 @@ def test_the_centre_prior_is_checked_on_each_table_in_place_of_the_runs_own(tmp_
     assert "300 training steps" in section and "metric.tolerance" in section
     assert "the center floor's pointing game (1.000)" in section
     assert "replaced by the table's" not in text
+
+
+def test_entries_differing_only_by_float_reassociation_merge_on_every_metric():
+    """Issue 25: the same FAM map computed with the channel sum reassociated (reversed
+    order, einsum) differs by ~1e-7 and reorders a few near-tied pixels, which moves
+    single deletion AUCs by more than any flat 1e-6; every metric's identity tolerance
+    (a share of its range over the table) merges the two, and no paired test stars them.
+    A genuinely different method on the same network stays apart."""
+    import torch
+
+    from evaluation.registry import MetricInputs, compute_all
+    from experiments.models.conv4 import Conv4
+    from fam.maps import minmax_normalise, smooth_noise, upsample
+
+    torch.manual_seed(0)
+    model = Conv4(hidden=32, pools=(True, True, False, False)).eval()
+    n = 24
+    images = torch.randn(n, 3, 32, 32)
+    captured = {}
+    model.encoder[3].register_forward_hook(lambda m, i, o: captured.__setitem__("a", o))
+    with torch.no_grad():
+        reference = model(images[torch.randperm(n)])
+        emb = model(images)
+    acts = captured["a"]
+    share = torch.nn.functional.normalize(emb, dim=1) * torch.nn.functional.normalize(
+        reference, dim=1
+    )
+    summed = torch.relu((share[:, :, None, None] * acts).sum(1))
+    reassociated = torch.relu(torch.einsum("nk,nkhw->nhw", share.flip(1), acts.flip(1)))
+    other = acts.mean(1)  # activation energy: another method
+    assert not torch.equal(summed, reassociated)
+    maps = torch.cat(
+        [minmax_normalise(upsample(m, (32, 32))) for m in (summed, reassociated, other)]
+    )
+    masks = torch.zeros(n, 32, 32, dtype=torch.bool)
+    for i in range(n):
+        y, x = (i * 7) % 20, (i * 11) % 20
+        masks[i, y : y + 12, x : x + 12] = True
+    seeds = torch.arange(n)
+
+    def score_fn(x, index):
+        return (torch.nn.functional.cosine_similarity(model(x), reference[index], dim=1) + 1) / 2
+
+    settings = dict(
+        step=32, deletion_substrate="zeros", insertion_substrate="blur", blur_kernel=11,
+        blur_sigma=5.0, amp=False, ties="smooth", tolerance_at="input", tolerance_px=4.0,
+        energy_region="box", confidence_space="normalised",
+    )  # fmt: skip
+    inputs = MetricInputs(
+        images=images, maps=maps, score_fn=score_fn, confidence_fn=score_fn, masks=masks,
+        other_masks=None, settings=settings, model=model, batch_size=64, sample_seeds=seeds,
+        tie_field=smooth_noise(seeds, acts.shape[-2:], (32, 32)),
+    )  # fmt: skip
+    names = [
+        "deletion_auc", "insertion_auc", "pointing_game", "energy_pointing_game",
+        "average_drop", "increase_in_confidence",
+    ]  # fmt: skip
+    values, _ = compute_all(names, inputs)
+    rows = []
+    for k, method in enumerate(["fam", "fam_reassociated", "energy"]):
+        for i in range(n):
+            row = {"sample_id": i, "method": method, "task": "retrieval", "table_id": "t"}
+            row.update({c: float(v[k * n + i]) for c, v in values.items()})
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    fam, again = frame[frame["method"] == "fam"], frame[frame["method"] == "fam_reassociated"]
+    moved = (fam["deletion_auc"].to_numpy() - again["deletion_auc"].to_numpy()).__abs__()
+    assert moved.max() > 1e-6 * np.ptp(frame["deletion_auc"])  # a flat 1e-6 would not merge
+    board = build_leaderboard(frame)
+    mine = board[board["method"] == "fam_reassociated"]
+    assert set(mine["identical_to"]) == {"fam = fam_reassociated"}
+    assert (mine["p_value"] == 1.0).all() and len(mine) == len(names)
+    assert set(board.loc[board["method"] == "energy", "identical_to"]) == {""}
+
+
+def test_markdown_labels_each_table_with_experiment_n_and_score():
+    """Issue 25: the line above each results table names the experiment, the samples per
+    seed and the score (from the runs' metric.score); README tests parse it back."""
+    from test_readme_tables import labels_and_tables
+
+    frame = results_frame(episodes=5, per_episode=10)
+    board = build_leaderboard(frame, configs={"": {"metric": {"score": "probability"}}})
+    text = to_markdown(board)
+    labels, tables = labels_and_tables(text)
+    assert [f for _, f in labels] == [
+        {"experiment": "synthetic_5way", "n": "50", "score": "probability", "seeds": None}
+    ]
+    assert tables and all(labelled for _, labelled in tables)
+    two_seeds = pd.concat([frame, frame.assign(seed=1)], ignore_index=True)
+    pooled = to_markdown(build_leaderboard(two_seeds, pool_seeds=True))
+    assert [f["n"] for _, f in labels_and_tables(pooled)[0]] == ["50"]
+    assert "seeds=2" in pooled

@@ -19,6 +19,7 @@ from evaluation.summary import (
     summarise,
     summarise_sanity,
 )
+from fam.errors import FamBenchError
 
 
 def cell(summary: pd.DataFrame, method: str, metric: str) -> pd.Series:
@@ -31,10 +32,16 @@ def test_each_metric_gets_its_interval_kind_and_few_shot_respects_episodes():
     frame = results_frame(episode_effect=0.1)
     summary = summarise(frame)
     assert list(summary.columns[: len(SUMMARY_COLUMNS)]) == list(SUMMARY_COLUMNS)
-    assert cell(summary, "fam", "pointing_game")["interval"] == "wilson-episodes"
+    assert cell(summary, "fam", "pointing_game")["interval"] == "t-episodes-clipped"
     assert cell(summary, "fam", "deletion_auc")["interval"] == "t-episodes"
-    assert cell(summary, "fam", "increase_in_confidence")["interval"] == "wilson-episodes"
+    assert cell(summary, "fam", "increase_in_confidence")["interval"] == "t-episodes-clipped"
     fam = frame[frame["method"] == "fam"]
+    # binary hits over episodes: the same clustered t interval, clipped to [0, 1]
+    hits = stats.clustered_t_interval(fam["pointing_game"], fam["episode"])
+    row = cell(summary, "fam", "pointing_game")
+    assert (row["ci95_low"], row["ci95_high"]) == pytest.approx(
+        (max(hits.low, 0.0), min(hits.high, 1.0))
+    )
     expected = stats.clustered_t_interval(fam["deletion_auc"], fam["episode"])
     row = cell(summary, "fam", "deletion_auc")
     assert (row["ci95_low"], row["ci95_high"]) == pytest.approx((expected.low, expected.high))
@@ -104,8 +111,13 @@ def test_oracle_flags_a_metric_that_does_not_separate_mask_from_random():
     check = oracle_check(frame).set_index("metric")
     assert not check.loc["average_drop", "oracle_separates"]
     assert check.loc["deletion_auc", "oracle_separates"]
-    assert check.loc["pointing_game", "test"] == "mcnemar-exact"
-    assert check.loc["deletion_auc", "test"] == "wilcoxon"
+    # few-shot: over episodes; Holm across the table's metrics (issue 25)
+    assert set(check["test"]) == {"t-episodes"}
+    np.testing.assert_allclose(check["oracle_p"], stats.holm(check["oracle_p_raw"]))
+    assert (check["oracle_p"] >= check["oracle_p_raw"]).all()
+    independent = oracle_check(frame.assign(task="retrieval")).set_index("metric")
+    assert independent.loc["pointing_game", "test"] == "mcnemar-exact"
+    assert independent.loc["deletion_auc", "test"] == "wilcoxon"
     summary = summarise(frame)
     assert not cell(summary, "fam", "average_drop")["oracle_separates"]
     assert cell(summary, "fam", "insertion_auc")["oracle_separates"]
@@ -141,3 +153,19 @@ def test_identical_methods_are_grouped_even_with_float_noise():
     )
     assert identical_groups(frame) == []
     assert math.isnan(summarise(frame)["oracle_p"].iloc[0])
+
+
+def test_summary_splits_by_correct():
+    """Issue 25: one summary per value of ``correct``, each over its own queries."""
+    frame = results_frame()
+    frame["correct"] = pd.factorize(frame["sample_id"])[0] % 4 != 0
+    split = summarise(frame, split="correct")
+    for value in (False, True):
+        part = split[split["correct"] == value]
+        own = frame[frame["correct"] == value]
+        row = part[(part["method"] == "fam") & (part["metric"] == "deletion_auc")].iloc[0]
+        expected = own.loc[own["method"] == "fam", "deletion_auc"].mean()
+        assert row["mean"] == pytest.approx(expected)
+        assert row["n"] == (own["method"] == "fam").sum()
+    with pytest.raises(FamBenchError, match="no such column"):
+        summarise(frame, split="nope")

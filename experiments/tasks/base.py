@@ -50,6 +50,10 @@ class Unit:
     ``metric.score`` says) of embeddings of (perturbed) samples ``index``, for
     explainers that declare ``needs_task_score`` (Score-CAM's post-softmax score);
     ``None`` when the task has none.
+    ``explains``: the class the unit's reference stands for, ``"true"`` (the sample's
+    label) or ``"predicted"`` (the model's decision); ``predicted_unit``: for a unit that
+    explains ``"true"``, the same samples explained as the model predicts (its
+    reference, scores and ``reference_fn`` for the predicted class), or ``None``.
     """
 
     unit: int
@@ -66,6 +70,8 @@ class Unit:
     reference_images: Tensor | None = None
     embedding_score: ScoreFn | None = None
     columns: dict[str, list] = field(default_factory=dict)
+    explains: str = "predicted"
+    predicted_unit: Unit | None = None
 
 
 class Evaluation:
@@ -75,6 +81,8 @@ class Evaluation:
     score_label: str = "score"
     #: the similarity explained (a name for the summary and settings)
     similarity: str = "cosine"
+    #: the classes a unit can explain (``Unit.explains``, then its ``predicted_unit``)
+    explains: tuple[str, ...] = ("predicted",)
     #: whether ``task_metrics`` of a re-initialised copy is a cheap, meaningful floor
     #: (``eval.untrained_baseline``); few-shot's untrained accuracy is near chance anyway
     untrained_baseline: bool = False

@@ -260,6 +260,9 @@ class FewShotEvaluation(Evaluation):
             else f"{similarity} similarity to the prototype"
         )
 
+    #: a query's label or the model's prediction (a second map where they differ)
+    explains = ("true", "predicted")
+
     @property
     def num_units(self) -> int:
         return int(self.sampler.num_episodes)
@@ -310,26 +313,37 @@ class FewShotEvaluation(Evaluation):
             return pairwise(similarity, model(x).float(), prototypes)
 
         tau = self.temperature  # the model's own logit scale
+        score = self.score
 
-        def embedding_probability(emb: Tensor, index: Tensor) -> Tensor:
-            probs = torch.softmax(tau * pairwise(similarity, emb, prototypes), dim=1)
-            return probs.gather(1, position[index][:, None])[:, 0]
+        def explaining(explained: Tensor) -> dict[str, Any]:
+            """Reference and scores of the class ``explained (N,)`` (episode positions)."""
 
-        def probability(x: Tensor, index: Tensor) -> Tensor:
-            return embedding_probability(model(x).float(), index)
+            def embedding_probability(emb: Tensor, index: Tensor) -> Tensor:
+                probs = torch.softmax(tau * pairwise(similarity, emb, prototypes), dim=1)
+                return probs.gather(1, explained[index][:, None])[:, 0]
 
-        def raw_similarity(x: Tensor, index: Tensor) -> Tensor:
-            return logits(x).gather(1, position[index][:, None])[:, 0]
+            def probability(x: Tensor, index: Tensor) -> Tensor:
+                return embedding_probability(model(x).float(), index)
 
-        def shifted_cosine(x: Tensor, index: Tensor) -> Tensor:
-            return raw_similarity(x, index).clamp_min(0)
+            def raw_similarity(x: Tensor, index: Tensor) -> Tensor:
+                return logits(x).gather(1, explained[index][:, None])[:, 0]
 
-        score_fn = probability if self.score == "probability" else raw_similarity
-        confidence_fn = None
-        if self.score == "probability":
-            confidence_fn = probability
-        elif similarity == "cosine":
-            confidence_fn = shifted_cosine
+            def shifted_cosine(x: Tensor, index: Tensor) -> Tensor:
+                return raw_similarity(x, index).clamp_min(0)
+
+            confidence_fn = None
+            if score == "probability":
+                confidence_fn = probability
+            elif similarity == "cosine":
+                confidence_fn = shifted_cosine
+            return {
+                "reference": prototypes[explained],
+                "score_fn": probability if score == "probability" else raw_similarity,
+                "confidence_fn": confidence_fn,
+                "reference_fn": lambda net: prototypes_of(net)[explained],
+                "embedding_score": embedding_probability,
+            }
+
         with torch.no_grad(), eval_mode(model):
             predicted = torch.cat(
                 [logits(images[i : i + 256]) for i in range(0, len(images), 256)]
@@ -340,25 +354,23 @@ class FewShotEvaluation(Evaluation):
             "episode": [e] * n,
             "index": query_idx,
             "label": labels,
+            "predicted_label": classes[predicted.cpu()].tolist(),
             "correct": (predicted == position).tolist(),
         }
         if other_labels is not None:
             columns["other_label"] = other_labels
-        return Unit(
+        common = dict(
             unit=e,
             images=images,
-            reference=prototypes[position],
-            score_fn=score_fn,
-            confidence_fn=confidence_fn,
-            reference_fn=lambda net: prototypes_of(net)[position],
             similarity=similarity,
             masks=masks,
             other_masks=other_masks,
             boxes=extras.get("boxes"),
             annotation_sizes=extras.get("annotation_sizes"),
-            embedding_score=embedding_probability,
             columns=columns,
         )
+        as_predicted = Unit(**common, **explaining(predicted), explains="predicted")
+        return Unit(**common, **explaining(position), explains="true", predicted_unit=as_predicted)
 
     def task_metrics(self, model: nn.Module) -> dict[str, float]:
         from experiments.training.metrics import fewshot_accuracy

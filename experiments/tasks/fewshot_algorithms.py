@@ -516,7 +516,7 @@ class EpisodeEvaluation(FewShotEvaluation):
         episode = self.sampler.episode(e)
         classes = torch.as_tensor(episode.classes).long()
         position = torch.arange(self.n_way).repeat_interleave(self.n_query)
-        out: dict[str, Any] = {"other_masks": None, "other_labels": None}
+        out: dict[str, Any] = {"other_masks": None, "other_labels": None, "classes": classes}
         if self.pairs:
             offset = torch.tensor(
                 [derive_seed(self.seed, e, j) % (self.n_way - 1) for j in range(len(position))]
@@ -554,26 +554,46 @@ class EpisodeEvaluation(FewShotEvaluation):
             return self.algorithm.classifier(embed(net, support_images), n_way, n_shot)
 
         clf = classifier_of(model)
-        reference = clf.references[position]
         similarity = clf.similarity
         simfn = similarity if callable(similarity) else (lambda a, b: pairwise(similarity, a, b))
+        score, nonnegative = self.score, self.algorithm.nonnegative_similarity
 
-        def embedding_probability(emb: Tensor, index: Tensor) -> Tensor:
-            probs = clf.probabilities(emb)
-            return probs.gather(1, position[index][:, None])[:, 0]
+        def explaining(explained: Tensor) -> dict[str, Any]:
+            """Reference and scores of the class ``explained (N,)`` (episode positions)."""
+            reference = clf.references[explained]
 
-        def probability(x: Tensor, index: Tensor) -> Tensor:
-            return embedding_probability(model(x).float(), index)
+            def embedding_probability(emb: Tensor, index: Tensor) -> Tensor:
+                probs = clf.probabilities(emb)
+                return probs.gather(1, explained[index][:, None])[:, 0]
 
-        def raw_similarity(x: Tensor, index: Tensor) -> Tensor:
-            return simfn(model(x).float(), reference[index])
+            def probability(x: Tensor, index: Tensor) -> Tensor:
+                return embedding_probability(model(x).float(), index)
 
-        score_fn = probability if self.score == "probability" else raw_similarity
-        confidence_fn = None
-        if self.score == "probability":
-            confidence_fn = probability
-        elif self.algorithm.nonnegative_similarity:
-            confidence_fn = raw_similarity
+            def raw_similarity(x: Tensor, index: Tensor) -> Tensor:
+                return simfn(model(x).float(), reference[index])
+
+            confidence_fn = None
+            if score == "probability":
+                confidence_fn = probability
+            elif nonnegative:
+                confidence_fn = raw_similarity
+            if clf.reference_follows_model:
+
+                def reference_fn(net: nn.Module) -> Tensor:
+                    return classifier_of(net).references[explained]
+            else:
+
+                def reference_fn(net: nn.Module) -> Tensor:
+                    return reference
+
+            return {
+                "reference": reference,
+                "score_fn": probability if score == "probability" else raw_similarity,
+                "confidence_fn": confidence_fn,
+                "reference_fn": reference_fn,
+                "embedding_score": embedding_probability,
+            }
+
         images = q["images"]
         with torch.no_grad(), eval_mode(model):
             predicted = torch.cat(
@@ -582,40 +602,30 @@ class EpisodeEvaluation(FewShotEvaluation):
                     for i in range(0, len(images), 256)
                 ]
             ).argmax(1)
-        if clf.reference_follows_model:
-
-            def reference_fn(net: nn.Module) -> Tensor:
-                return classifier_of(net).references[position]
-        else:
-
-            def reference_fn(net: nn.Module) -> Tensor:
-                return reference
-
         n = len(position)
+        classes = q["classes"]
         columns = {
             "sample_id": [e * n + j for j in range(n)],
             "episode": [e] * n,
             "index": q["index"],
             "label": q["labels"],
+            "predicted_label": classes[predicted.cpu()].tolist(),
             "correct": (predicted == position).tolist(),
         }
         if q["other_labels"] is not None:
             columns["other_label"] = q["other_labels"]
-        return Unit(
+        common = dict(
             unit=e,
             images=images,
-            reference=reference,
-            score_fn=score_fn,
-            confidence_fn=confidence_fn,
-            reference_fn=reference_fn,
             similarity=similarity,
             masks=q["masks"],
             other_masks=q["other_masks"],
             boxes=q["extras"].get("boxes"),
             annotation_sizes=q["extras"].get("annotation_sizes"),
-            embedding_score=embedding_probability,
             columns=columns,
         )
+        as_predicted = Unit(**common, **explaining(predicted), explains="predicted")
+        return Unit(**common, **explaining(position), explains="true", predicted_unit=as_predicted)
 
     def task_metrics(self, model: nn.Module) -> dict[str, float]:
         self.algorithm.to(next(iter(model.parameters())).device)
