@@ -242,18 +242,19 @@ def test_reshape_callable_explains_another_layout_and_must_rearrange():
     images = torch.randn(2, 3, SIZE, SIZE)
     reference = torch.randn(2, 8)
     model.reshape_transform = swin_like_reshape
-    fam = FAM(model, "mix", path="forward_ablation")
+    # the ablation form has both paths (the product share has no forward-ablation twin)
+    fam = FAM(model, "mix", contribution="ablation", path="forward_ablation")
     raw = fam(images, reference, "cosine", upsample=False)
     assert raw.shape == (2, GRID, GRID)
     # timm's Swin declares its layout instead: the same maps without a callable
     del model.reshape_transform
     model.output_fmt = "NHWC"
-    declared = FAM(model, "mix", path="forward_ablation")
+    declared = FAM(model, "mix", contribution="ablation", path="forward_ablation")
     torch.testing.assert_close(declared(images, reference, "cosine", upsample=False), raw)
     del model.output_fmt
     model.reshape_transform = swin_like_reshape
     # the closed form of the same GAP embedding: the reshape maps the ablation back exactly
-    closed = FAM(model, "mix")
+    closed = FAM(model, "mix", contribution="ablation")
     torch.testing.assert_close(closed(images, reference, "cosine", upsample=False), raw)
     assert closed.last_path == "gap"
     model.reshape_transform = lambda out: out.permute(0, 3, 1, 2) * 2.0
