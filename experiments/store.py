@@ -46,6 +46,7 @@ RUN_FILES = frozenset(
         "curves.npz",
         "sanity.csv",
         "summary.csv",
+        "summary_by_correct.csv",
         "warnings.json",
         "settings.json",
         "environment.json",

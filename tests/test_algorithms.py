@@ -348,7 +348,7 @@ def relation_case():
 
 def test_relationnet_fam_equals_zeroing_each_channel_and_rescoring(relation_case):
     model, relation, images, reference = relation_case
-    explainer = FAM(model)
+    explainer = FAM(model, contribution="ablation")  # the drop: fam_ablation's contribution
     with torch.no_grad():
         contributions = explainer.contributions(
             images, *explainer.forward(images), _target(reference, relation)

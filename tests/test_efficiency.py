@@ -135,7 +135,14 @@ def _recorded_run(tmp_path, episodes: int, monkeypatch) -> tuple[list[dict], int
     for module in ("evaluation.causal", "evaluation.confidence"):
         monkeypatch.setattr(f"{module}.stream_scores", recorded_stream)
     cfg = compose_config(
-        [*TINY, f"cache_dir={tmp_path / 'cache'}", f"eval.num_episodes={episodes}"]
+        [
+            *TINY,
+            f"cache_dir={tmp_path / 'cache'}",
+            f"eval.num_episodes={episodes}",
+            # one map per query: a misclassified query's second map (of its prediction)
+            # would make units differ by their number of errors
+            "metric.explain_class=true",
+        ]
     )
     pipeline.run(cfg, tmp_path / f"run{episodes}", after_unit=after_unit)
     return per_unit, load(cfg).metric.batch_size

