@@ -34,6 +34,24 @@ TRAINING_KEYS = (
     "trainer.log_every_n_steps",
     "trainer.num_workers",
 )
+#: task keys of each built-in family read only while its model is trained (the episode
+#: temperature, the similarity and the kNN settings are read by the evaluation too)
+TASK_TRAINING_KEYS = {
+    "fewshot": ("task.train_way", "task.train_shot", "task.train_query"),
+    "retrieval": ("task.loss", "task.miner", "task.margin", "task.samples_per_class"),
+    "contrastive": (
+        "task.temperature",
+        "task.projection_dim",
+        "task.momentum",
+        "task.queue_size",
+        "task.min_scale",
+        "task.cj_prob",
+        "task.cj_strength",
+        "task.random_gray_scale",
+        "task.gaussian_blur",
+        "task.hf_prob",
+    ),
+}
 #: the built-in tasks that explain test queries (a plugin task reads what it reads)
 NEIGHBOUR_TASKS = ("retrieval", "contrastive")
 #: datasets generated in memory (no data.root)
@@ -80,7 +98,9 @@ def check_unread_keys(run: Any, overrides: list[str]) -> None:
                 f"is where a dataset read from disk lies (data=imagefolder, data=manifest, "
                 f"...); data={run.data.name} is generated in memory"
             )
-        elif _within(key, TRAINING_KEYS) and run.model.checkpoint:
+        elif (
+            _within(key, TRAINING_KEYS) or _within(key, TASK_TRAINING_KEYS.get(task, ()))
+        ) and run.model.checkpoint:
             reason = (
                 f"is read only while a model is trained; model.checkpoint="
                 f"{run.model.checkpoint} is loaded as it is (drop model.checkpoint to train)"

@@ -264,6 +264,15 @@ def test_cli_sigterm_during_training_exits_143_with_a_note(tmp_path):
         (["experiment=synthetic_simclr", "eval.num_episodes=3"], "task=contrastive explains"),
         (["model.checkpoint=model.pt", "trainer.max_steps=5"], "only while a model is trained"),
         (["model.checkpoint=model.pt", "trainer.lr=0.1"], "only while a model is trained"),
+        (["model.checkpoint=model.pt", "task.train_way=5"], "only while a model is trained"),
+        (
+            ["experiment=synthetic_retrieval", "model.checkpoint=m.pt", "task.loss=triplet"],
+            "only while a model is trained",
+        ),
+        (
+            ["experiment=synthetic_simclr", "model.checkpoint=m.pt", "task.queue_size=64"],
+            "only while a model is trained",
+        ),
     ],
 )
 def test_a_key_the_run_never_reads_is_refused_naming_what_reads_it(overrides, named):
@@ -280,6 +289,9 @@ def test_a_key_the_run_never_reads_is_refused_naming_what_reads_it(overrides, na
         ["data=imagefolder", "data.root=/tmp"],
         ["model.checkpoint=model.pt", "trainer.accelerator=cpu", "trainer.devices=2"],
         ["trainer.max_steps=5"],
+        # read by the evaluation too: allowed next to a checkpoint
+        ["model.checkpoint=model.pt", "task.temperature=2.0"],
+        ["experiment=synthetic_simclr", "model.checkpoint=m.pt", "task.knn_k=10"],
     ],
 )
 def test_the_keys_a_run_reads_are_accepted(overrides):
