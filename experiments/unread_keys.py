@@ -34,16 +34,14 @@ TRAINING_KEYS = (
     "trainer.log_every_n_steps",
     "trainer.num_workers",
 )
-#: task keys of each built-in family read only while its model is trained (the episode
-#: temperature, the similarity and the kNN settings are read by the evaluation too)
+#: task keys of each built-in family read only while its model is trained: the episode
+#: shape of training, the miner and sampler, the augmentations. (The loss, the algorithm and
+#: its temperature, projector and queue also name the checkpoint's kind and must match it,
+#: so they stay allowed beside a checkpoint.)
 TASK_TRAINING_KEYS = {
     "fewshot": ("task.train_way", "task.train_shot", "task.train_query"),
-    "retrieval": ("task.loss", "task.miner", "task.margin", "task.samples_per_class"),
+    "retrieval": ("task.miner", "task.margin", "task.samples_per_class"),
     "contrastive": (
-        "task.temperature",
-        "task.projection_dim",
-        "task.momentum",
-        "task.queue_size",
         "task.min_scale",
         "task.cj_prob",
         "task.cj_strength",

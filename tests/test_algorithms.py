@@ -39,6 +39,7 @@ from experiments.training import cached_checkpoint, fewshot_accuracy, recall_at_
 from experiments.training.fewshot_algorithms import RelationModule
 from experiments.training.metrics import knn_accuracy
 from experiments.training.train import task_state_path
+from experiments.unread_keys import TASK_TRAINING_KEYS
 from fam import FAM
 from fam.errors import FamBenchError
 
@@ -240,7 +241,10 @@ ALL_METHODS = [
 
 
 def run_overrides(t: Trained, cache: Path) -> list[str]:
-    task = t.spec["task"]
+    """The run that loads ``t.checkpoint``: its task keys less those read only in training
+    (refused next to a checkpoint)."""
+    training_only = {k.removeprefix("task.") for k in TASK_TRAINING_KEYS[t.spec["task"]["name"]]}
+    task = {k: v for k, v in t.spec["task"].items() if k not in training_only}
     common = [
         f"model.checkpoint={t.checkpoint}",
         f"cache_dir={cache}",

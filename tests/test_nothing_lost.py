@@ -266,11 +266,11 @@ def test_cli_sigterm_during_training_exits_143_with_a_note(tmp_path):
         (["model.checkpoint=model.pt", "trainer.lr=0.1"], "only while a model is trained"),
         (["model.checkpoint=model.pt", "task.train_way=5"], "only while a model is trained"),
         (
-            ["experiment=synthetic_retrieval", "model.checkpoint=m.pt", "task.loss=triplet"],
+            ["experiment=synthetic_retrieval", "model.checkpoint=m.pt", "task.margin=0.2"],
             "only while a model is trained",
         ),
         (
-            ["experiment=synthetic_simclr", "model.checkpoint=m.pt", "task.queue_size=64"],
+            ["experiment=synthetic_simclr", "model.checkpoint=m.pt", "task.cj_prob=0.5"],
             "only while a model is trained",
         ),
     ],

@@ -314,11 +314,12 @@ def test_each_experiment_runs_end_to_end_on_its_format(experiment, cache, tmp_pa
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(cache, tmp_path):
     from experiments.models import build_model
-    from experiments.unread_keys import TRAINING_KEYS
+    from experiments.unread_keys import TASK_TRAINING_KEYS, TRAINING_KEYS
 
     path = tmp_path / "other.pt"
     torch.save(build_model("conv4", hidden=8).state_dict(), path)
-    loaded = [o for o in TINY if o.split("=")[0] not in TRAINING_KEYS]  # nothing is trained
+    trained_only = (*TRAINING_KEYS, *TASK_TRAINING_KEYS["fewshot"])
+    loaded = [o for o in TINY if o.split("=")[0] not in trained_only]  # nothing is trained
     with pytest.raises(FamBenchError, match="does not fit the model"):
         pipeline.run(config(cache, *loaded, *SUBSET, f"model.checkpoint={path}"), tmp_path / "o")
 
