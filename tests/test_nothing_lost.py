@@ -22,30 +22,13 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from test_user_errors import TINY  # the same tiny few-shot run
 
 from experiments import builders, config, pipeline
 from experiments.data import content
 from fam.errors import FamBenchError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "data.image_size=16",
-    "model.options.hidden=8",
-    "data.options.images_per_class=6",
-    "trainer.max_steps=2",
-    "trainer.batch_size=8",
-    "task.train_way=3",
-    "task.train_shot=2",
-    "task.train_query=2",
-    "eval.num_episodes=1",
-    "eval.n_way=3",
-    "eval.n_shot=2",
-    "eval.n_query=1",
-    "methods=[fam,center]",
-    "metrics=[pointing_game]",
-    "trainer.accelerator=cpu",
-    "eval.progress=false",
-]
 
 
 def _env(cwd: Path) -> dict[str, str]:
