@@ -18,8 +18,12 @@ sample, as the smooth tie order is), so it is not compared.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -80,3 +84,89 @@ def test_the_default_run_equals_the_pre_redesign_results(tmp_path):
     means_old = old[~exact].groupby("method")[metrics].mean()
     pd.testing.assert_frame_equal(means_new, means_old, check_exact=False, atol=5e-3)
     assert set(new["model"]) == {"conv4_32"}
+
+
+# --- the behaviour fixture of issue 24: byte-identical outputs across a restructure -------
+#
+# ``fixtures/behaviour/<run>/`` holds what each run below wrote at the commit before the
+# family-package restructure: ``results.csv``, ``summary.csv`` and ``task_metrics.csv``
+# byte for byte, ``curves.npz``'s arrays (names, dtypes, shapes and bytes; the zip itself
+# carries a time stamp) and ``run.json``'s fingerprint. Every run trains its own tiny model
+# (the cache is the test's), so training, evaluation, metrics and the summary are all
+# covered, for every few-shot algorithm, retrieval and every contrastive algorithm.
+# Regenerate (only when a change of numbers is intended, and say so in the commit) with
+#   FAM_BENCH_WRITE_BEHAVIOUR=1 pytest tests/test_behaviour_fixture.py -k byte
+
+BEHAVIOUR = FIXTURES / "behaviour"
+ALL_METHODS = (
+    "methods=[fam,fam_ablation,gradcam,gradcampp,xgradcam,layercam,scorecam,relevancecam,"
+    "eigencam,random,center,mask,constant]"
+)
+SOME_METHODS = "methods=[fam,gradcam,relevancecam,mask]"
+COMMON = [
+    "data.image_size=16",
+    "model.options.hidden=8",
+    "data.options.images_per_class=8",
+    "trainer.max_steps=3",
+    "trainer.batch_size=8",
+    "trainer.accelerator=cpu",
+    "eval.progress=false",
+    "eval.figure_samples=0",
+]
+FEWSHOT = [
+    "task.train_way=3",
+    "task.train_shot=2",
+    "task.train_query=2",
+    "eval.num_episodes=2",
+    "eval.n_way=3",
+    "eval.n_shot=2",
+    "eval.n_query=2",
+]
+RETRIEVAL = ["experiment=synthetic_retrieval", "eval.num_queries=6", "eval.unit_size=3"]
+CONTRASTIVE = [
+    "experiment=synthetic_simclr",
+    "eval.num_queries=6",
+    "eval.unit_size=3",
+    "task.holdout_per_class=2",
+    "task.knn_k=3",
+    "task.queue_size=16",
+    "data.options.max_classes=4",
+]
+BEHAVIOUR_RUNS: dict[str, list[str]] = {
+    "fewshot_protonet": [*FEWSHOT, ALL_METHODS],
+    "fewshot_matchingnet": [*FEWSHOT, "task.algorithm=matchingnet", SOME_METHODS],
+    "fewshot_relationnet": [*FEWSHOT, "task.algorithm=relationnet", SOME_METHODS],
+    "fewshot_simpleshot": [*FEWSHOT, "task.algorithm=simpleshot", SOME_METHODS],
+    "retrieval": [*RETRIEVAL, ALL_METHODS],
+    "contrastive_simclr": [*CONTRASTIVE, ALL_METHODS],
+    "contrastive_moco": [*CONTRASTIVE, "task.algorithm=moco", SOME_METHODS],
+    "contrastive_byol": [*CONTRASTIVE, "task.algorithm=byol", SOME_METHODS],
+    "contrastive_simsiam": [*CONTRASTIVE, "task.algorithm=simsiam", SOME_METHODS],
+}
+TEXT_FILES = ("results.csv", "summary.csv", "task_metrics.csv")
+
+
+def _curves(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: (str(npz[k].dtype), npz[k].shape, npz[k].tobytes()) for k in npz.files}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BEHAVIOUR_RUNS))
+def test_fixture_run_is_byte_identical(name, tmp_path):
+    overrides = BEHAVIOUR_RUNS[name]
+    head = [o for o in overrides if o.startswith("experiment=")]
+    rest = [o for o in overrides if not o.startswith("experiment=")]
+    cfg = compose_config([*head, *COMMON, *rest, f"cache_dir={tmp_path / 'cache'}"])
+    out = pipeline.run(cfg, tmp_path / "run")["out"]
+    fingerprint = json.loads((out / "run.json").read_text())["fingerprint"]
+    expected = BEHAVIOUR / name
+    if os.environ.get("FAM_BENCH_WRITE_BEHAVIOUR"):
+        expected.mkdir(parents=True, exist_ok=True)
+        for f in (*TEXT_FILES, "curves.npz"):
+            shutil.copyfile(out / f, expected / f)
+        (expected / "fingerprint.txt").write_text(fingerprint + "\n")
+    for f in TEXT_FILES:
+        assert (out / f).read_bytes() == (expected / f).read_bytes(), f"{name}: {f} changed"
+    assert _curves(out / "curves.npz") == _curves(expected / "curves.npz"), name
+    assert fingerprint == (expected / "fingerprint.txt").read_text().strip(), name
