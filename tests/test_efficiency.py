@@ -230,7 +230,7 @@ def _cuda_unit(amp: str):
                 "model.options.hidden=32",
                 f"metric.amp={amp}",
                 "eval.num_episodes=1",
-                "methods=[fam,gradcam,gradcampp,xgradcam,layercam,scorecam,eigencam,random]",
+                "methods=[fam,gradcam,gradcampp,xgradcam,layercam,scorecam,eigencam,eigencam_signed,random]",
             ]
         )
     )
@@ -264,7 +264,7 @@ def _cuda_unit(amp: str):
 @cuda
 def test_cuda_amp_auto_runs_bf16_and_channels_last_without_host_syncs_in_batch_loops():
     from evaluation.causal import deletion_insertion as di
-    from experiments.worker import make_explainer
+    from experiments.worker import make_explainer, unit_inputs
 
     job, unit = _cuda_unit("auto")
     assert job.settings["amp"] is True
@@ -292,22 +292,28 @@ def test_cuda_amp_auto_runs_bf16_and_channels_last_without_host_syncs_in_batch_l
             model=job.model,
             amp=True,
         )
-        for name in ("gradcam", "scorecam", "eigencam"):
-            make_explainer(job, job.methods[name], job.model, 0)(
-                unit.images, unit.reference, unit.similarity
-            )
+        # eigencam (the SVD's own sign) runs numpy's SVD on the host by design (its
+        # docstring); the sign-corrected variant stays on the device
+        for name in ("gradcam", "scorecam", "eigencam_signed"):
+            explainer = make_explainer(job, job.methods[name], job.model, 0)
+            extra = unit_inputs(explainer, unit, 0, len(unit.images))  # scorecam: task_score
+            explainer(unit.images, unit.reference, unit.similarity, **extra)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
 
 @cuda
 def test_cuda_bf16_aucs_are_within_001_of_fp32_and_pointing_is_equal_on_the_same_maps():
+    from baselines.random_map import smooth_tie_field
     from evaluation.registry import MetricInputs, compute_all
     from experiments.worker import explain
 
     results = {}
     job32, unit = _cuda_unit("false")
-    maps, _, _ = explain(job32, unit, 0)  # the same maps for both precisions
+    assert job32.settings["ties"] == "smooth"  # the default: tied pixels need the field
+    seeds = torch.arange(len(unit.images), device="cuda")
+    maps, _, _ = explain(job32, unit, 0, seeds)  # the same maps for both precisions
+    tie_field = smooth_tie_field(job32.model, None, unit.images, seeds)
     for amp in (False, True):
         job32.settings["amp"] = amp
         inputs = MetricInputs(
@@ -317,6 +323,7 @@ def test_cuda_bf16_aucs_are_within_001_of_fp32_and_pointing_is_equal_on_the_same
             confidence_fn=unit.confidence_fn,
             masks=unit.masks,
             other_masks=unit.other_masks,
+            tie_field=tie_field,
             settings=job32.settings,
             model=job32.model,
             batch_size=32,
