@@ -207,7 +207,7 @@ else
     step cuda-tests 60 340 bash -c cuda_tests
     step benchmarks 90 250 "${PY[@]}" -m benchmarks --device cuda --out "$OUT" \
         --only bench_explainers --only bench_metrics
-    step benchmarks-e2e 60 190 "${PY[@]}" -m benchmarks --device cuda --out "$OUT" \
+    step benchmarks-e2e 100 190 "${PY[@]}" -m benchmarks --device cuda --out "$OUT" \
         --only bench_e2e --e2e-episodes 2 --e2e-queries 15
     # The protocol gets all the time left but 100 s for torchcam's run; its budget is the
     # step's limit less the start-up (imports, CUDA) that the budget does not see.
