@@ -18,8 +18,8 @@ from experiments import builders, config, pipeline
 from experiments.config import compose_config
 from experiments.models import build_model
 from experiments.tasks import family_for
-from experiments.tasks.neighbour import Subset, holdout_split
-from experiments.training.metrics import linear_probe_accuracy
+from experiments.tasks.neighbour.holdout import Subset, holdout_split
+from experiments.tasks.neighbour.task_metrics import linear_probe_accuracy
 
 pytestmark = pytest.mark.slow
 
