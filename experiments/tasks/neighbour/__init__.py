@@ -38,8 +38,8 @@ The score the faithfulness metrics read (``metric.score``, DESIGN.md section 4):
   probability then stays near ``1/(K+1)`` whatever is deleted (measured: mask vs random
   deletion AUC 0.085 vs 0.123 with them, 0.096 vs 0.186 without, at T=0.02).
   ``metric.temperature=null`` is the training loss's temperature where it has one
-  (SimCLR's NT-Xent ``task.temperature``) and :data:`.family.RETRIEVAL_TEMPERATURE` for the pml
-  losses, which have none. The raw cosine of non-negative pooled embeddings can barely
+  (SimCLR's NT-Xent ``task.temperature``) and :data:`.family.RETRIEVAL_TEMPERATURE` for
+  the pml losses, which have none. The raw cosine of non-negative pooled embeddings can barely
   move when pixels are deleted (DESIGN.md section 4); the probability asks whether the
   query still picks its reference over the nearest items of other classes.
 - ``similarity``: the raw similarity to the reference.
@@ -57,7 +57,8 @@ Modules:
 - :mod:`.task_metrics`: ``task_metrics.csv`` and the training monitors: kNN accuracy,
   Recall@K, the linear probe;
 - :mod:`.contrastive_algorithms`: the contrastive algorithms (simclr, moco, byol,
-  simsiam), each a training module with its own option checks;
+  simsiam), each a training module that checks its own options where some do not apply
+  to it;
 - :mod:`.metric_learning`: retrieval's training (pml losses and miners);
 - :mod:`.holdout`: contrastive's held-out images (``task.holdout_per_class``).
 
