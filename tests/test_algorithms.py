@@ -34,10 +34,10 @@ from experiments.data import build_dataset
 from experiments.models import build_model
 from experiments.tasks import family_for
 from experiments.tasks.fewshot import episode_sampler
-from experiments.tasks.neighbour import Subset, holdout_split
-from experiments.training import cached_checkpoint, fewshot_accuracy, recall_at_k, train_or_load
+from experiments.tasks.neighbour.holdout import Subset, holdout_split
+from experiments.tasks.neighbour.task_metrics import knn_accuracy, recall_at_k
+from experiments.training import cached_checkpoint, fewshot_accuracy, train_or_load
 from experiments.training.fewshot_algorithms import RelationModule
-from experiments.training.metrics import knn_accuracy
 from experiments.training.train import task_state_path
 from experiments.unread_keys import TASK_TRAINING_KEYS
 from fam import FAM
@@ -455,7 +455,7 @@ def test_an_unknown_algorithm_names_the_choices():
     with pytest.raises(FamBenchError, match="byol"):
         family_for({"name": "contrastive", "algorithm": "swav"})
     with pytest.raises(FamBenchError, match="proxy_anchor"):
-        from experiments.training.retrieval import build_loss_and_miner
+        from experiments.tasks.neighbour.metric_learning import build_loss_and_miner
 
         build_loss_and_miner("arcface")
 

@@ -12,8 +12,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from experiments.tasks.knn import knn_class_reference, knn_probability, knn_vote
+from experiments.models import build_model
+from experiments.tasks.neighbour.knn import knn_class_reference, knn_probability, knn_vote
+from experiments.tasks.neighbour.queries import NeighbourEvaluation
 
 
 def _unit(deg: float) -> list[float]:
@@ -129,11 +132,6 @@ def test_a_knn_unit_scores_and_re_embeds_its_reference_as_defined():
     """The unit's reference is the predicted class's neighbour mean, its score the kNN
     probability of the prediction, and ``reference_fn`` (the sanity check's re-embedding)
     gives the same reference for the same network."""
-    import torch.nn.functional as F
-
-    from experiments.models import build_model
-    from experiments.tasks.neighbour_evaluation import NeighbourEvaluation
-
     torch.manual_seed(0)
     model = build_model("conv4", hidden=8, pools=[True, True, False, False]).eval()
     bank, queries = _Images(30, 3, seed=1), _Images(6, 3, seed=2)

@@ -1,5 +1,6 @@
 """The embedded retrieval and contrastive experiments: they train and run end to end, the
-probability score separates the ground truth from random, maps depend on the reference."""
+probability score separates the ground truth from random, maps depend on the reference; a
+contrastive algorithm registered from test code (``register_algorithm``) runs end to end."""
 
 from __future__ import annotations
 
@@ -18,8 +19,16 @@ from experiments import builders, config, pipeline
 from experiments.config import compose_config
 from experiments.models import build_model
 from experiments.tasks import family_for
-from experiments.tasks.neighbour import Subset, holdout_split
-from experiments.training.metrics import linear_probe_accuracy
+from experiments.tasks.neighbour import (
+    ALGORITHMS,
+    Contrastive,
+    ContrastiveConfig,
+    ContrastiveModule,
+    register_algorithm,
+)
+from experiments.tasks.neighbour.holdout import Subset, holdout_split
+from experiments.tasks.neighbour.task_metrics import linear_probe_accuracy
+from fam.errors import FamBenchError
 
 pytestmark = pytest.mark.slow
 
@@ -268,3 +277,67 @@ def test_mask_oracle_returns_the_blurred_mask_and_flags_missing_ground_truth():
     assert oracle.degenerate.tolist() == [False, True]
     none = oracle(images, torch.randn(2, 8), "cosine")
     assert (none == 0).all() and oracle.degenerate.all()
+
+
+# --------------------------------------------- a contrastive algorithm added from user code
+
+
+class ToyInvariance(ContrastiveModule):
+    """A toy algorithm: pulls the two views' normalised embeddings together (no negatives,
+    no projector; it would collapse if trained long). It takes no queue."""
+
+    algorithm = "toy_invariance"
+    steps = 0
+
+    @classmethod
+    def check_config(cls, config):
+        if config.queue_size != ContrastiveConfig.queue_size:
+            raise FamBenchError("task.queue_size does not apply to toy_invariance.")
+
+    @classmethod
+    def from_config(cls, model, embedding_dim, config, optim):
+        return cls(model, **optim)
+
+    def loss(self, batch):
+        view_a, view_b, _ = batch
+        type(self).steps += 1
+        a = F.normalize(self.model(self.images(view_a)).float(), dim=1)
+        b = F.normalize(self.model(self.images(view_b)).float(), dim=1)
+        return (1 - (a * b).sum(1)).mean()
+
+
+@pytest.fixture
+def toy_algorithm():
+    register_algorithm(ToyInvariance)
+    yield ToyInvariance
+    del ALGORITHMS[ToyInvariance.algorithm]
+
+
+def test_a_contrastive_algorithm_registered_from_test_code_runs_end_to_end(toy_algorithm, tmp_path):
+    assert isinstance(
+        family_for({"name": "contrastive", "algorithm": "toy_invariance"}), Contrastive
+    )
+    # its own option check runs when the config is built
+    with pytest.raises(FamBenchError, match="queue_size does not apply"):
+        family_for({"name": "contrastive", "algorithm": "toy_invariance", "queue_size": 16})
+    cfg = compose(
+        tmp_path / "cache",
+        "experiment=synthetic_simclr",
+        "task.algorithm=toy_invariance",
+        "data.image_size=16",
+        "model.options.hidden=8",
+        "data.options.images_per_class=8",
+        "data.options.max_classes=4",
+        "task.holdout_per_class=2",
+        "task.knn_k=3",
+        "trainer.max_steps=3",
+        "trainer.batch_size=8",
+        "eval.num_queries=6",
+        "eval.unit_size=3",
+        "eval.figure_samples=0",
+        "methods=[fam,mask]",
+    )
+    result = pipeline.run(cfg, tmp_path / "run")
+    assert toy_algorithm.steps == 3
+    assert len(result["results"]) == 6 * 2
+    assert {"knn3_accuracy", "linear_probe_accuracy"} <= set(task_metrics(result["out"]))

@@ -13,14 +13,13 @@ from torch import nn
 
 import experiments.training.train as train_module
 from experiments.models import build_model
+from experiments.tasks.neighbour.task_metrics import knn_accuracy, recall_at_k
 from experiments.training import (
     cached_checkpoint,
     fewshot_accuracy,
     fit,
     key_hash,
-    knn_accuracy,
     load_weights,
-    recall_at_k,
     save_weights,
     train_or_load,
 )

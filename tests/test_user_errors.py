@@ -263,7 +263,7 @@ def test_a_neighbour_task_explains_only_the_cosine_it_ranks_by(task):
 
 
 def test_a_retrieval_margin_applies_or_is_refused():
-    from experiments.training.retrieval import build_loss_and_miner
+    from experiments.tasks.neighbour.metric_learning import build_loss_and_miner
 
     with pytest.raises(FamBenchError, match="task.margin does not apply"):
         build_loss_and_miner("multi_similarity", margin=0.1)

@@ -6,7 +6,7 @@ pytorch-metric-learning). The metric helpers score a trained network on its task
 """
 
 from experiments.training.checkpoints import key_hash, load_weights, save_weights
-from experiments.training.metrics import embed, fewshot_accuracy, knn_accuracy, recall_at_k
+from experiments.training.metrics import embed, fewshot_accuracy
 from experiments.training.train import cached_checkpoint, fit, train_or_load
 
 __all__ = [
@@ -15,9 +15,7 @@ __all__ = [
     "fewshot_accuracy",
     "fit",
     "key_hash",
-    "knn_accuracy",
     "load_weights",
-    "recall_at_k",
     "save_weights",
     "train_or_load",
 ]

@@ -1,10 +1,15 @@
-"""Self-supervised algorithms of the ``contrastive`` family, selected by ``task.algorithm``.
+"""The self-supervised algorithms of the ``contrastive`` family, selected by
+``task.algorithm``, and :func:`register_algorithm`, the entry point that adds one.
 
-All train on two augmented views (``TwoViews``) with lightly's heads and losses. Heads,
-predictors and momentum copies belong to the task module, not to ``model``: the
-explained (and saved) encoder is always the online backbone.
+An algorithm is a :class:`ContrastiveModule`: the training module (a
+:class:`~experiments.training.base.TaskModule`) that trains the explained encoder on two
+augmented views (``TwoViews``), built from the task config by :meth:`from_config`, with
+its own option checks in :meth:`check_config` (run when the config is built). All use
+lightly's heads and losses. Heads, predictors and momentum copies belong to the task
+module, not to ``model``: the explained (and saved) encoder is always the online
+backbone.
 
-- ``simclr`` (Chen et al., ICML 2020): :class:`~experiments.training.contrastive.SimCLRModule`.
+- ``simclr`` (Chen et al., ICML 2020): :class:`SimCLRModule`.
 - ``moco`` (v2; Chen et al., arXiv 2003.04297): query encoder + 2-layer MLP projector;
   keys from a momentum copy (``task.momentum``); InfoNCE at ``task.temperature`` against
   a queue of ``task.queue_size`` past keys (lightly's ``NTXentLoss`` memory bank).
@@ -18,14 +23,53 @@ explained (and saved) encoder is always the online backbone.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from experiments.training.base import TaskModule
-from experiments.training.contrastive import SimCLRModule
+
+
+class ContrastiveModule(TaskModule):
+    """One algorithm of the contrastive family: its training module.
+
+    Subclasses set ``algorithm`` (the ``task.algorithm`` that selects them), implement
+    ``loss(batch)`` on a ``(view_a, view_b, labels)`` batch and :meth:`from_config`, and
+    override :meth:`check_config` when some task options do not apply to them; register
+    them with :func:`register_algorithm`.
+    """
+
+    #: the ``task.algorithm`` that selects this module
+    algorithm: ClassVar[str]
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Raise a ``FamBenchError`` for options of ``config`` (the family's
+        ``ContrastiveConfig``) this algorithm cannot take; none by default."""
+
+    @classmethod
+    def from_config(
+        cls, model: nn.Module, embedding_dim: int, config: Any, optim: dict[str, Any]
+    ) -> ContrastiveModule:
+        """The module training ``model`` (whose embeddings have ``embedding_dim``) with
+        ``config``'s options and the optimiser keywords ``optim``."""
+        raise NotImplementedError
+
+
+#: ``task.algorithm`` -> its module class (filled by :func:`register_algorithm`)
+ALGORITHMS: dict[str, type[ContrastiveModule]] = {}
+
+
+def register_algorithm(cls: type[ContrastiveModule]) -> type[ContrastiveModule]:
+    """Class decorator / call: make ``cls`` available as ``task.algorithm == cls.algorithm``
+    (the single entry point to add a contrastive algorithm)."""
+    if not (isinstance(cls, type) and issubclass(cls, ContrastiveModule)):
+        raise TypeError("a contrastive algorithm is a ContrastiveModule subclass")
+    if not getattr(cls, "algorithm", None):
+        raise TypeError("a contrastive algorithm needs the class attribute `algorithm`")
+    ALGORITHMS[cls.algorithm] = cls
+    return cls
 
 
 def _momentum_copy(module: nn.Module) -> nn.Module:
@@ -36,8 +80,51 @@ def _momentum_copy(module: nn.Module) -> nn.Module:
     return twin
 
 
-class MoCoModule(TaskModule):
+@register_algorithm
+class SimCLRModule(ContrastiveModule):
+    """NT-Xent between the projections of two augmented views (see ``TwoViews``).
+
+    The projection head (lightly's ``SimCLRProjectionHead``: Linear-BN-ReLU-Linear,
+    hidden = embedding dim, output ``projection_dim``) is training-only: it belongs to
+    this module, not to ``model``, so it is neither saved with the embedding network nor
+    part of what is explained. ``temperature`` is NT-Xent's (lightly's default 0.5).
+    Under DDP the loss gathers negatives from all processes (lightly does so only when
+    the world size is above 1).
+    """
+
+    algorithm = "simclr"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        embedding_dim: int,
+        projection_dim: int = 128,
+        temperature: float = 0.5,
+        **optim,
+    ) -> None:
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules import SimCLRProjectionHead
+
+        super().__init__(model, **optim)
+        self.head = SimCLRProjectionHead(embedding_dim, embedding_dim, projection_dim)
+        self.criterion = NTXentLoss(temperature=temperature, gather_distributed=True)
+
+    @classmethod
+    def from_config(cls, model, embedding_dim, config, optim):
+        return cls(model, embedding_dim, config.projection_dim, config.temperature, **optim)
+
+    def loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        view_a, view_b, _ = batch
+        z_a = self.head(self.model(self.images(view_a)))
+        z_b = self.head(self.model(self.images(view_b)))
+        return self.criterion(z_a.float(), z_b.float())
+
+
+@register_algorithm
+class MoCoModule(ContrastiveModule):
     """MoCo v2 (module docstring); ``projection_dim`` outputs, hidden = embedding dim."""
+
+    algorithm = "moco"
 
     def __init__(
         self,
@@ -61,6 +148,13 @@ class MoCoModule(TaskModule):
             temperature=temperature, memory_bank_size=(queue_size, projection_dim)
         )
 
+    @classmethod
+    def from_config(cls, model, embedding_dim, config, optim):
+        c = config
+        return cls(
+            model, embedding_dim, c.projection_dim, c.temperature, c.momentum, c.queue_size, **optim
+        )
+
     def loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         from lightly.models.utils import update_momentum
 
@@ -73,9 +167,12 @@ class MoCoModule(TaskModule):
         return self.criterion(query.float(), key.float())
 
 
-class BYOLModule(TaskModule):
+@register_algorithm
+class BYOLModule(ContrastiveModule):
     """BYOL (module docstring): projector and predictor to ``projection_dim``, hidden
     ``2 x`` the embedding dim."""
+
+    algorithm = "byol"
 
     def __init__(
         self,
@@ -97,6 +194,10 @@ class BYOLModule(TaskModule):
         self.momentum = momentum
         self.criterion = NegativeCosineSimilarity()
 
+    @classmethod
+    def from_config(cls, model, embedding_dim, config, optim):
+        return cls(model, embedding_dim, config.projection_dim, config.momentum, **optim)
+
     def loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         from lightly.models.utils import update_momentum
         from lightly.utils.scheduler import cosine_schedule
@@ -113,9 +214,12 @@ class BYOLModule(TaskModule):
         return 0.5 * (self.criterion(p[0], z[1]) + self.criterion(p[1], z[0]))
 
 
-class SimSiamModule(TaskModule):
+@register_algorithm
+class SimSiamModule(ContrastiveModule):
     """SimSiam (module docstring): projector to ``projection_dim`` (hidden = embedding
     dim), predictor bottleneck ``projection_dim // 4``."""
+
+    algorithm = "simsiam"
 
     def __init__(
         self, model: nn.Module, embedding_dim: int, projection_dim: int = 128, **optim
@@ -130,24 +234,13 @@ class SimSiamModule(TaskModule):
         )
         self.criterion = NegativeCosineSimilarity()
 
+    @classmethod
+    def from_config(cls, model, embedding_dim, config, optim):
+        return cls(model, embedding_dim, config.projection_dim, **optim)
+
     def loss(self, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         view_a, view_b, _ = batch
         z = [self.head(self.model(self.images(v))) for v in (view_a, view_b)]
         p = [self.predictor(zi).float() for zi in z]
         z = [zi.detach().float() for zi in z]
         return 0.5 * (self.criterion(p[0], z[1]) + self.criterion(p[1], z[0]))
-
-
-#: ``task.algorithm`` -> ``(model, embedding_dim, task config, optimiser kwargs) -> module``
-ALGORITHMS: dict[str, Callable[[nn.Module, int, Any, dict[str, Any]], TaskModule]] = {
-    "simclr": lambda model, dim, c, optim: SimCLRModule(
-        model, dim, c.projection_dim, c.temperature, **optim
-    ),
-    "moco": lambda model, dim, c, optim: MoCoModule(
-        model, dim, c.projection_dim, c.temperature, c.momentum, c.queue_size, **optim
-    ),
-    "byol": lambda model, dim, c, optim: BYOLModule(
-        model, dim, c.projection_dim, c.momentum, **optim
-    ),
-    "simsiam": lambda model, dim, c, optim: SimSiamModule(model, dim, c.projection_dim, **optim),
-}

@@ -1,4 +1,7 @@
-"""Deep metric learning for retrieval with pytorch-metric-learning's losses and miners."""
+"""The training of the ``retrieval`` family: deep metric learning with
+pytorch-metric-learning's losses and miners (``task.loss``, ``task.miner``,
+``task.margin``) in :class:`MetricLearningModule`. Another pml loss is added as a row
+of :data:`LOSSES`."""
 
 from __future__ import annotations
 
@@ -7,7 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from experiments.embedding import embed
 from experiments.training.base import TaskModule
+from experiments.training.batches import labels_of
 from fam.errors import FamBenchError
 
 # loss name -> (pml loss class, its margin keyword, the miner used when none is named)
@@ -95,9 +100,6 @@ class MetricLearningModule(TaskModule):
         super().__init__(model, **optim)
         sizes = {}
         if loss in PROXY_LOSSES:
-            from experiments.embedding import embed
-            from experiments.training.batches import labels_of
-
             if train_set is None:
                 raise FamBenchError(f"Loss {loss!r} needs the training set (its classes).")
             sizes = {

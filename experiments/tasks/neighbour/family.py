@@ -1,65 +1,29 @@
-"""Contrastive (SimCLR) and retrieval: explain a test query against a nearest neighbour.
-
-- ``contrastive``: a query image is classified as the field classifies a self-supervised
-  embedding and the FAM authors' code does (:mod:`experiments.tasks.knn`): a weighted kNN
-  vote over the bank of training-split images (``task.bank_size`` of them, or all;
-  cosine, ``task.knn_k`` = 20 neighbours, weights ``exp(s / task.knn_temperature)``,
-  T = 0.07). With ``task.reference=knn_class`` (default) it is explained against the mean
-  normalised bank embedding of the predicted class among those neighbours;
-  ``task.reference=nearest`` explains it against its nearest bank item. Both are fixed,
-  deterministic references (an augmented view would make the explained score depend on
-  augmentation randomness). With ``task.holdout_per_class > 0`` the last
-  ``holdout_per_class`` images of every training class (in index order) are held out:
-  the encoder never trains on them, they are not in the bank, and they are the queries,
-  the kNN test set and the linear probe's test set. That is how an evaluation split with
-  other classes than the training split (the synthetic shapes: 64 train / 20 test
-  classes) still gets a kNN accuracy and a probe on the classes the bank holds.
-- ``retrieval``: a test query is explained against the embedding of its top-1 gallery
-  image (cosine, the query itself excluded; gallery = the test split, leave-one-out). In
-  ``pairs`` mode (``SyntheticShapes(mode="pairs")``) the query is re-rendered to hold an
-  object of the retrieved image's class (the ground truth) and one of another test class
-  (``other_masks``, ``other_label``).
-
-The score the faithfulness metrics read (``metric.score``, DESIGN.md section 4):
-
-- ``probability`` (default) under ``task.reference=knn_class`` (contrastive's default):
-  the kNN classifier's probability of the predicted class, the normalised vote
-  ``sum_{i in top-k, y_i = c} w_i / sum_{i in top-k} w_i``, with the bank held fixed and
-  the neighbours re-found for every perturbed image (few-shot's episode probability is its
-  counterpart).
-- ``probability`` under ``task.reference=nearest`` (contrastive) and for retrieval: the
-  softmax, at temperature ``metric.temperature``, of the
-  perturbed query's similarities to the reference and to a fixed set of distractors, the
-  ``metric.distractors`` (K) nearest other bank items of the *unperturbed* query (the
-  reference and, for retrieval, the query itself excluded), by default only items of
-  other classes than the reference's (``metric.distractor_classes=other``; ``any`` admits
-  the reference's class). Same-class distractors are near copies of the reference: the
-  probability then stays near ``1/(K+1)`` whatever is deleted (measured: mask vs random
-  deletion AUC 0.085 vs 0.123 with them, 0.096 vs 0.186 without, at T=0.02).
-  ``metric.temperature=null`` is the training loss's temperature where it has one
-  (SimCLR's NT-Xent ``task.temperature``) and :data:`RETRIEVAL_TEMPERATURE` for the pml
-  losses, which have none. The raw cosine of non-negative pooled embeddings can barely
-  move when pixels are deleted (DESIGN.md section 4); the probability asks whether the
-  query still picks its reference over the nearest items of other classes.
-- ``similarity``: the raw similarity to the reference.
-
-Average Drop / Increase in Confidence read the probability, or ``max(cosine, 0)`` under
-``metric.score=similarity`` (a reference that has become dissimilar counts as a full drop).
-"""
+"""The ``contrastive`` and ``retrieval`` task families and their configs
+(``conf/task/contrastive.yaml``, ``conf/task/retrieval.yaml``): training data, training
+module, monitor, data checks and the evaluation of each (what they explain and score:
+:mod:`experiments.tasks.neighbour`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+from torch.utils.data import DataLoader
 
 from experiments.embedding import embed
 from experiments.tasks.base import TaskFamily, query_order
-from experiments.tasks.neighbour_evaluation import NeighbourEvaluation
-from experiments.training.batches import labels_of
+from experiments.tasks.neighbour.contrastive_algorithms import ALGORITHMS
+from experiments.tasks.neighbour.holdout import Subset, holdout_split
+from experiments.tasks.neighbour.metric_learning import MetricLearningModule
+from experiments.tasks.neighbour.queries import NeighbourEvaluation
+from experiments.tasks.neighbour.task_metrics import (
+    knn_accuracy,
+    linear_probe_accuracy,
+    recall_at_k,
+)
+from experiments.training.batches import IndexedBatches, TwoViews, image_size_of, pass_through
 from fam.errors import FamBenchError
 
 #: softmax temperature of the retrieval probability when ``metric.temperature`` is null:
@@ -71,7 +35,7 @@ RETRIEVAL_TEMPERATURE = 0.01
 @dataclass
 class ContrastiveConfig:
     """``conf/task/contrastive.yaml`` (SimCLR, Chen et al. 2020; MoCo v2, BYOL, SimSiam:
-    ``experiments/training/contrastive_algorithms.py``)."""
+    :mod:`experiments.tasks.neighbour.contrastive_algorithms`)."""
 
     name: str = "contrastive"
     algorithm: str = "simclr"
@@ -100,8 +64,6 @@ class ContrastiveConfig:
     queue_size: int = 4096
 
     def __post_init__(self) -> None:
-        from experiments.training.contrastive_algorithms import ALGORITHMS
-
         if self.algorithm not in ALGORITHMS:
             raise FamBenchError(
                 f"task.algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}."
@@ -121,6 +83,8 @@ class ContrastiveConfig:
                 f"task.knn_k must be >= 1 and task.knn_temperature > 0 (got {self.knn_k} and "
                 f"{self.knn_temperature})."
             )
+        # the algorithm's own option checks
+        ALGORITHMS[self.algorithm].check_config(self)
 
 
 @dataclass
@@ -155,76 +119,6 @@ def _batch_size_error(trainer_key: str, message: str) -> FamBenchError:
     return FamBenchError(f"{message} Change {trainer_key}.")
 
 
-class Subset(torch.utils.data.Dataset):
-    """Items ``indices`` of ``dataset``, with its ``labels`` and attributes (masks,
-    classes, normalisation) passed through."""
-
-    def __init__(self, dataset: Any, indices: Tensor) -> None:
-        self.dataset, self.indices = dataset, indices.long()
-        self.labels = labels_of(dataset)[self.indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.dataset[int(self.indices[i])]
-
-    def base_indices(self, indices: Tensor | Sequence[int]) -> Tensor:
-        """The dataset's own indices of items ``indices`` of this subset."""
-        return self.indices[torch.as_tensor(indices, dtype=torch.long)]
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-        base = self.base_indices(indices).tolist()
-        if hasattr(self.dataset, "__getitems__"):
-            return list(self.dataset.__getitems__(base))
-        return [self.dataset[i] for i in base]
-
-    def images_at(self, indices: Tensor) -> Tensor:
-        from experiments.training.batches import gather
-
-        return gather(self.dataset, self.base_indices(indices))
-
-    def images_on_other_backgrounds(self, indices: Tensor, keys: Tensor) -> Tensor:
-        return self.dataset.images_on_other_backgrounds(self.base_indices(indices), keys)
-
-    def pairs(self, class_a: Tensor, class_b: Tensor, keys: Tensor) -> dict:
-        """Pair images (by classes and keys, no item indices): the dataset's own."""
-        return self.dataset.pairs(class_a, class_b, keys)
-
-    def __getattr__(self, name: str) -> Any:
-        # Data attributes (masks, classes, normalisation) pass through; anything indexed
-        # by item is defined above with the index mapped, and unknown methods that take
-        # item indices must never reach the dataset unmapped.
-        if name in ("dataset", "indices", "labels") or name.startswith("__"):
-            raise AttributeError(name)
-        value = getattr(self.dataset, name)
-        if callable(value):
-            raise AttributeError(
-                f"{name!r}: a method of {type(self.dataset).__name__} is not passed through a "
-                "Subset (its item indices would not be mapped)."
-            )
-        return value
-
-
-def holdout_split(dataset: Any, per_class: int) -> tuple[Tensor, Tensor]:
-    """``(kept, held_out)`` indices: the last ``per_class`` items of every class (in index
-    order) are held out. Needs more than ``per_class`` items in every class."""
-    labels = labels_of(dataset)
-    held = []
-    for c in torch.unique(labels).tolist():
-        items = torch.nonzero(labels == c).flatten()
-        if len(items) <= per_class:
-            raise FamBenchError(
-                f"task.holdout_per_class={per_class} leaves no training image of class {c} "
-                f"({len(items)} images); lower it or render more images per class."
-            )
-        held.append(items[-per_class:])
-    held_out = torch.cat(held).sort().values
-    keep = torch.ones(len(labels), dtype=torch.bool)
-    keep[held_out] = False
-    return torch.nonzero(keep).flatten(), held_out
-
-
 class Contrastive(TaskFamily):
     name = "contrastive"
     Config = ContrastiveConfig
@@ -237,10 +131,8 @@ class Contrastive(TaskFamily):
         return train_set if h == 0 else Subset(train_set, holdout_split(train_set, h)[0])
 
     def training_module(self, model, train_set, optim):
-        from experiments.training.contrastive_algorithms import ALGORITHMS
-
         dim = embed(model, train_set, torch.arange(2)).shape[1]
-        return ALGORITHMS[self.config.algorithm](model, dim, self.config, optim)
+        return ALGORITHMS[self.config.algorithm].from_config(model, dim, self.config, optim)
 
     def protocol(self, eval_cfg):
         # one leaderboard table per algorithm: the same network trained otherwise; the
@@ -255,10 +147,6 @@ class Contrastive(TaskFamily):
         }
 
     def train_loader(self, train_set, trainer, seed):
-        from torch.utils.data import DataLoader
-
-        from experiments.training.batches import TwoViews, image_size_of
-
         train_set = self.training_part(train_set)
         if len(train_set) < trainer.batch_size:
             raise _batch_size_error(
@@ -289,8 +177,6 @@ class Contrastive(TaskFamily):
         )
 
     def monitor(self, train_set, val_set, seed):
-        from experiments.training.metrics import knn_accuracy
-
         c = self.config
         return "val_knn_accuracy", lambda m: knn_accuracy(
             m, self.training_part(train_set), val_set, c.knn_k, c.knn_temperature
@@ -340,8 +226,6 @@ class Contrastive(TaskFamily):
         knn_k, knn_t, max_iter = c.knn_k, c.knn_temperature, c.probe_max_iter
 
         def task_metrics(net: nn.Module) -> dict[str, float]:
-            from experiments.training.metrics import knn_accuracy, linear_probe_accuracy
-
             return {
                 f"knn{knn_k}_accuracy": float(knn_accuracy(net, bank_set, query_set, knn_k, knn_t)),
                 "linear_probe_accuracy": float(
@@ -383,8 +267,6 @@ class Retrieval(TaskFamily):
     Config = RetrievalConfig
 
     def training_module(self, model, train_set, optim):
-        from experiments.training.retrieval import MetricLearningModule
-
         c = self.config
         return MetricLearningModule(model, c.loss, c.miner, c.margin, train_set=train_set, **optim)
 
@@ -394,9 +276,6 @@ class Retrieval(TaskFamily):
 
     def train_loader(self, train_set, trainer, seed):
         from pytorch_metric_learning.samplers import MPerClassSampler
-        from torch.utils.data import DataLoader
-
-        from experiments.training.batches import IndexedBatches, pass_through
 
         view = IndexedBatches(train_set)
         per_class = self.config.samples_per_class
@@ -427,8 +306,6 @@ class Retrieval(TaskFamily):
         )
 
     def monitor(self, train_set, val_set, seed):
-        from experiments.training.metrics import recall_at_k
-
         return "val_recall@1", lambda m: recall_at_k(m, val_set, ks=(1,))["recall@1"]
 
     def evaluation(self, run, train_set, eval_set, model, device):
@@ -455,8 +332,6 @@ class Retrieval(TaskFamily):
         ks = tuple(self.config.recall_ks)
 
         def task_metrics(net: nn.Module) -> dict[str, float]:
-            from experiments.training.metrics import recall_at_k
-
             return {k: float(v) for k, v in recall_at_k(net, eval_set, None, ks).items()}
 
         ev.metrics_fn = task_metrics

@@ -1,9 +1,9 @@
-"""The evaluation of the neighbour tasks (contrastive, retrieval): one query against its
-nearest bank item, scored by the probability over the reference and its distractors or by
-the raw similarity, or (contrastive's default, ``reference="knn_class"``) against the
-class its weighted kNN vote predicts, scored by that vote's probability (see
-:mod:`experiments.tasks.neighbour` and :mod:`experiments.tasks.knn` for the
-definitions)."""
+"""The evaluation of the neighbour tasks (contrastive, retrieval),
+:class:`NeighbourEvaluation`: one query against its nearest bank item, scored by the
+probability over the reference and its distractors or by the raw similarity, or
+(contrastive's default, ``reference="knn_class"``) against the class its weighted kNN
+vote predicts, scored by that vote's probability (see :mod:`experiments.tasks.neighbour`
+and :mod:`experiments.tasks.neighbour.knn` for the definitions)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from experiments.data.seeding import derive_seed
 from experiments.embedding import embed
 from experiments.tasks.base import Evaluation, Unit, stack_items
-from experiments.tasks.knn import knn_class_reference, knn_probability
+from experiments.tasks.neighbour.knn import knn_class_reference, knn_probability
 from experiments.training.batches import labels_of
 from fam.errors import FamBenchError
 from fam.similarity import resolve_similarity
