@@ -25,7 +25,16 @@ import signal
 import sys
 from pathlib import Path
 
-from experiments.config import CONF_DIR, compose_config, print_notes, with_method_defaults
+from experiments.config import (
+    CONF_DIR,
+    compose_config,
+    method_dirs,
+    print_notes,
+    with_method_defaults,
+)
+from experiments.own_data import with_own_data
+from experiments.pipeline import run
+from experiments.store import SHARD_DIR, check_output_folder
 from fam.errors import PREFIX, FamBenchError, out_of_memory_message
 
 EXIT_USER_ERROR = 2
@@ -73,8 +82,6 @@ def _unwritable_message(err: OSError, out: str) -> str:
 
 
 def _kept_note(out: str) -> str:
-    from experiments.store import SHARD_DIR
-
     units = len(list(Path(out, SHARD_DIR).glob("unit_*.pt")))
     return (
         f"fam-bench: terminated (SIGTERM); kept in {out}: {units} finished evaluation "
@@ -85,8 +92,6 @@ def _kept_note(out: str) -> str:
 
 def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
-
-    from experiments.pipeline import run
 
     out = HydraConfig.get().runtime.output_dir
     try:
@@ -156,8 +161,6 @@ def sweep_jobs(args: list[str]) -> list[list[str]]:
 def _check_before_hydra(args: list[str]) -> None:
     """Compose each job as Hydra will and check its output folder, so that a config
     mistake or an unwritable folder is one paragraph, never Hydra's own traceback."""
-    from experiments.store import check_output_folder
-
     empty = _empty_path_override(args)
     if empty:
         raise FamBenchError(f"{empty} is empty; give a folder, e.g. {empty}=outputs/run1.")
@@ -184,8 +187,6 @@ def main(argv: list[str] | None = None) -> None:
     paragraph, then hand the (method-complete) overrides to Hydra."""
     import hydra
 
-    from experiments.own_data import with_own_data
-
     signal.signal(signal.SIGTERM, _raise_terminated)
     # A log file on a disk that fills would print a traceback per log line ("--- Logging
     # error ---"); the run's own next write reports the full disk as one paragraph.
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         args = with_method_defaults(list(sys.argv[1:] if argv is None else argv))
         try:
             if not any(a.startswith("-") for a in args):  # -m, --cfg, --help: Hydra's
-                args, notes = with_own_data(args)  # another data= under an experiment: E@X
+                args, notes = with_own_data(args, method_dirs(args))  # data= not E's: E@X
                 print_notes(notes)
             _check_before_hydra(args)
         except FamBenchError as err:

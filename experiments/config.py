@@ -27,6 +27,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from experiments.config_errors import explain_error, type_error, unknown_key_message
+from experiments.own_data import with_own_data
+from experiments.unread_keys import check_unread_keys
 from fam.errors import FamBenchError
 
 
@@ -307,23 +310,21 @@ def compose_config(
     return_hydra_config: bool = False,
 ):
     """Compose ``conf/config.yaml`` with ``overrides`` as ``run.py`` does (tests, notebooks).
-    Errors are :class:`FamBenchError` with the nearest valid key (:func:`explain_error`)."""
+    Errors are :class:`FamBenchError` with the nearest valid key
+    (:func:`experiments.config_errors.explain_error`)."""
     from hydra import compose, initialize_config_dir
 
-    from experiments.own_data import with_own_data
-
-    overrides, notes = with_own_data(with_method_defaults(list(overrides or [])))
+    overrides = with_method_defaults(list(overrides or []))
+    overrides, notes = with_own_data(overrides, method_dirs(overrides))
     print_notes(notes)
     try:
         with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=overrides, return_hydra_config=return_hydra_config)
     except Exception as err:  # noqa: BLE001 - rewritten as a user error or re-raised
-        message = explain_error(err, overrides, config_dir)
+        message = explain_error(err, overrides, config_dir or CONF_DIR, RunConfig)
         if message is None:
             raise
         raise FamBenchError(message) from None
-    from experiments.unread_keys import check_unread_keys
-
     # `+key=value` bypasses Hydra's key check: the schema catches it; a key that exists but
     # that this experiment, data, task and model never read is refused too
     check_unread_keys(load(cfg, overrides), overrides)
@@ -336,40 +337,6 @@ def print_notes(notes: list[str]) -> None:
 
     for note in notes:
         print(f"fam-bench: note: {note}", file=sys.stderr)
-
-
-def explain_error(err: BaseException, overrides: list[str], config_dir: Path | None = None):
-    """See :func:`experiments.config_errors.explain_error`."""
-    from experiments.config_errors import explain_error as explain
-
-    return explain(err, overrides, config_dir)
-
-
-def unknown_key_message(key: str, overrides: list[str], config_dir: Path | None = None) -> str:
-    """See :func:`experiments.config_errors.unknown_key_message`."""
-    from experiments.config_errors import unknown_key_message as message
-
-    return message(key, overrides, config_dir)
-
-
-def _type_error(text: str) -> str:
-    from experiments.config_errors import type_error
-
-    return type_error(text)
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict) or not d:
-        return {prefix: d} if prefix else {}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def flatten(d: Any) -> dict[str, Any]:
-    """``{"a": {"b": 1}} -> {"a.b": 1}``."""
-    return _flatten(d)
 
 
 # -- typed conversion ---------------------------------------------------------------------
@@ -391,7 +358,7 @@ def load(cfg: DictConfig | dict, overrides: list[str] | None = None) -> RunConfi
             text = " ".join(str(err).split())
             if "${.target}" in text and OmegaConf.select(cfg, "model.target") is None:
                 raise FamBenchError(MISSING_TARGET) from None  # model=custom's name is its target
-            raise FamBenchError(_type_error(text)) from None
+            raise FamBenchError(type_error(text, RunConfig)) from None
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), container)
         typed = OmegaConf.to_object(merged)
@@ -402,8 +369,8 @@ def load(cfg: DictConfig | dict, overrides: list[str] | None = None) -> RunConfi
             given = list(overrides or [])
             if key == "model._target_" and isinstance(container.get("model"), dict):
                 given.append(f"model._target_={container['model'].get('_target_')}")
-            raise FamBenchError(unknown_key_message(key, given)) from None
-        raise FamBenchError(_type_error(text)) from None
+            raise FamBenchError(unknown_key_message(key, given, CONF_DIR)) from None
+        raise FamBenchError(type_error(text, RunConfig)) from None
     return typed
 
 
@@ -427,7 +394,7 @@ def typed_node(path: str, schema: type, node: dict[str, Any]) -> Any:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except OmegaConfBaseException as err:
         text = " ".join(str(err).split()).replace("full_key: ", f"key: {path}.")
-        raise FamBenchError(_type_error(text)) from None
+        raise FamBenchError(type_error(text, RunConfig)) from None
 
 
 def signature_options(target: Any, skip: tuple[str, ...]) -> list[str] | None:

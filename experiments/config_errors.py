@@ -7,13 +7,20 @@ key, the nearest valid key and its siblings instead, and never suggest a ``+key`
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from experiments.plain import flatten
 
 _KEY_PATTERNS = (
     r"[Cc]ould not override '([^']+)'",
@@ -23,12 +30,12 @@ _KEY_PATTERNS = (
 
 
 def explain_error(
-    err: BaseException, overrides: list[str], config_dir: Path | None = None
+    err: BaseException, overrides: list[str], config_dir: Path, schema: type
 ) -> str | None:
     """A one-paragraph message for a Hydra/OmegaConf compose error, or ``None`` if it is
-    not a config mistake. An unknown key gets the nearest valid key (never a ``+key``)."""
-    from hydra.errors import HydraException
-
+    not a config mistake. An unknown key gets the nearest valid key (never a ``+key``).
+    ``config_dir``: the folder ``overrides`` were composed in; ``schema``: the run's config
+    dataclass (what each key takes)."""
     if not isinstance(err, HydraException | OmegaConfBaseException):
         return None
     cause = err.__cause__
@@ -45,10 +52,10 @@ def explain_error(
     key = next((m.group(1) for p in _KEY_PATTERNS if (m := re.search(p, text))), None)
     if key is None or not any(k in text for k in ("not in", "not found", "Could not")):
         if "Value '" in text or "could not be converted" in text or "Invalid value" in text:
-            return type_error(text)
+            return type_error(text, schema)
         return f"{text} (python run.py --help lists the config groups and their options.)"
     if "could not be converted" in text or "Invalid value" in text:
-        return type_error(text)
+        return type_error(text, schema)
     return unknown_key_message(key, overrides, config_dir)
 
 
@@ -61,16 +68,11 @@ _TYPE_NAMES = {
 }
 
 
-def expected_type(key: str) -> tuple[str, str] | None:
-    """``(what key takes, an example value)`` from the :class:`RunConfig` schema, or
-    ``None`` for keys outside it (task, method, options)."""
-    import dataclasses
-    import types
-    import typing
-
-    from experiments.config import RunConfig
-
-    node: Any = RunConfig
+def expected_type(key: str, schema: type) -> tuple[str, str] | None:
+    """``(what key takes, an example value)`` from the dataclass ``schema`` (the run's
+    :class:`~experiments.config.RunConfig`), or ``None`` for keys outside it (task,
+    method, options)."""
+    node: Any = schema
     for part in key.split("."):
         if not dataclasses.is_dataclass(node):
             return None
@@ -89,11 +91,12 @@ def expected_type(key: str) -> tuple[str, str] | None:
     return (f"{name} or null" if optional else name), example
 
 
-def type_error(text: str) -> str:
-    """A wrong value as one sentence: the key, what it takes, the value given."""
+def type_error(text: str, schema: type) -> str:
+    """A wrong value as one sentence: the key, what it takes (in the dataclass ``schema``),
+    the value given."""
     key = re.search(r"full_key: ([\w.\[\]-]+)", text)
     value = re.search(r"Value '([^']*)'", text)
-    expected = expected_type(key.group(1)) if key else None
+    expected = expected_type(key.group(1), schema) if key else None
     if key and expected:
         what, example = expected
         given = f", got {value.group(1)!r}" if value else ""
@@ -104,8 +107,9 @@ def type_error(text: str) -> str:
     return f"Wrong value type: {text.replace('full_key:', 'key:')}"
 
 
-def unknown_key_message(key: str, overrides: list[str], config_dir: Path | None = None) -> str:
-    """``key`` is not in the config: name it, its nearest valid key and its siblings."""
+def unknown_key_message(key: str, overrides: list[str], config_dir: Path) -> str:
+    """``key`` is not in the config composed from ``overrides`` in ``config_dir``: name it,
+    its nearest valid key and its siblings."""
     if key == "model._target_":
         value = next((o.split("=", 1)[1] for o in overrides if "model._target_=" in o), "...")
         return (
@@ -127,8 +131,6 @@ def unknown_key_message(key: str, overrides: list[str], config_dir: Path | None 
         cfg = compose_config_plain(base, config_dir)
     except Exception:  # noqa: BLE001 - the suggestion is best effort
         cfg = {}
-    from experiments.config import flatten
-
     model = cfg.get("model") or {}
     if key.startswith("model.options.") and model.get("target"):
         name = key.removeprefix("model.options.")
@@ -153,11 +155,8 @@ def unknown_key_message(key: str, overrides: list[str], config_dir: Path | None 
     )
 
 
-def compose_config_plain(overrides: list[str], config_dir: Path | None = None) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    from experiments.config import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base="1.3"):
+def compose_config_plain(overrides: list[str], config_dir: Path) -> dict:
+    """``config.yaml`` of ``config_dir`` composed with ``overrides``, unresolved, as dicts."""
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=False)

@@ -22,6 +22,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from experiments.data.factory import LOADERS, accepted_options
+
 
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
@@ -52,17 +54,16 @@ def _default(defaults: list[Any], group: str) -> str | None:
     return None
 
 
-def with_own_data(overrides: list[str]) -> tuple[list[str], list[str]]:
+def with_own_data(overrides: list[str], dirs: list[Path]) -> tuple[list[str], list[str]]:
     """``(overrides completed for another dataset, notes to print)`` (module docstring).
+    ``dirs``: the config folders the run searches, ``conf/`` first
+    (:func:`experiments.config.method_dirs`).
 
     Idempotent: the completed overrides complete to themselves with no notes."""
-    from experiments.config import CONF_DIR, method_dirs
-
     data = _value(overrides, "data")
     if data is None or any(o.startswith("-") for o in overrides):
         return overrides, []
-    dirs = method_dirs(overrides)
-    root = _yaml([CONF_DIR], "", "config") or {}
+    root = _yaml(dirs[:1], "", "config") or {}
     experiment = _value(overrides, "experiment") or _default(root.get("defaults"), "experiment")
     if not experiment or "," in experiment or "," in data or experiment == "null":
         return overrides, []
@@ -92,6 +93,4 @@ def with_own_data(overrides: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _accepted(name: str) -> list[str]:
-    from experiments.data.factory import LOADERS, accepted_options
-
     return accepted_options(name) if name.lower() in LOADERS else []

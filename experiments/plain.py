@@ -1,4 +1,4 @@
-"""OmegaConf containers (Hydra configs) to plain Python data."""
+"""OmegaConf containers (Hydra configs) to plain Python data, and nested dicts to dotted keys."""
 
 from __future__ import annotations
 
@@ -15,3 +15,17 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, DictConfig | ListConfig):
         return OmegaConf.to_container(value, resolve=True)
     return value
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict) or not d:
+        return {prefix: d} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def flatten(d: Any) -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``."""
+    return _flatten(d)

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from experiments.atomic import atomic_write, atomic_write_bytes
-from experiments.config import flatten
+from experiments.plain import flatten
 from fam.errors import FamBenchError
 
 SHARD_DIR = "shards"

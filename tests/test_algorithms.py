@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny
 from pytorch_grad_cam import GradCAM as RefGradCAM
 from torch import nn
 
@@ -467,26 +468,16 @@ def test_a_cosine_protonet_keeps_its_learned_temperature_for_the_score(tmp_path,
     from experiments import pipeline
     from experiments.tasks import family_for
 
-    overrides = [
-        "data.image_size=16",
-        "model.options.hidden=8",
-        "data.options.images_per_class=6",
+    overrides = tiny(
         "trainer.max_steps=8",
         "trainer.lr=0.01",
         "task.similarity=cosine",
-        "task.train_way=3",
-        "task.train_shot=2",
-        "task.train_query=2",
-        "eval.num_episodes=1",
-        "eval.n_way=3",
-        "eval.n_shot=2",
         "eval.n_query=2",
         "methods=[fam]",
         "metrics=[deletion_auc]",
         f"cache_dir={tmp_path / 'cache'}",
-        "eval.progress=false",
-        "trainer.accelerator=cpu",
-    ]
+        drop=["trainer.batch_size"],
+    )
     cfg = config_module.compose_config(overrides)
     pipeline.run(cfg, tmp_path / "run")
     sidecars = list((tmp_path / "cache").glob("*.task.pt"))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from experiments.data import SyntheticShapes, denormalise
+from experiments.data import SyntheticShapes, denormalise, shapes
 from experiments.data import synthetic as S
 from fam.errors import FamBenchError
 
@@ -81,10 +81,15 @@ def test_mask_is_exactly_the_pixels_the_object_changed():
     assert masks.flatten(1).any(1).all()
 
 
+def shape_inside(u, v):
+    """Inside tests of every shape in local coordinates: ``(...) -> (10, ...)`` bool."""
+    return torch.stack([test(u, v) for test in shapes.SHAPE_TESTS])
+
+
 def test_every_shape_fits_the_unit_disc_and_the_shapes_differ():
     c = torch.linspace(-1.2, 1.2, 121)
     v, u = torch.meshgrid(c, c, indexing="ij")
-    inside = S.shape_inside(u, v)
+    inside = shape_inside(u, v)
     assert not (inside & (u * u + v * v > 1)).any()  # pairs rely on this to not overlap
     area = inside.flatten(1).float().sum(1)
     assert (area > 0.1 * area.max()).all()
@@ -93,7 +98,7 @@ def test_every_shape_fits_the_unit_disc_and_the_shapes_differ():
     for k in range(18):
         t = 2 * math.pi * k / 18
         cos, sin = math.cos(t), math.sin(t)
-        rotated = S.shape_inside(cos * u + sin * v, -sin * u + cos * v)
+        rotated = shape_inside(cos * u + sin * v, -sin * u + cos * v)
         inter = (inside[:, None] & rotated[None]).flatten(2).sum(-1).float()
         union = (inside[:, None] | rotated[None]).flatten(2).sum(-1).float()
         best = torch.maximum(best, inter / union)
@@ -169,10 +174,10 @@ def test_pairs_are_deterministic_disjoint_and_exact():
 
 def test_pair_objects_are_the_pixels_they_changed_and_smaller_than_singles():
     a, b = torch.tensor([0, 10, 20, 35]), torch.tensor([55, 66, 77, 99])
-    draws = torch.rand(4, S._PAIR_DRAWS, generator=torch.Generator().manual_seed(0))
-    images, mask_a, mask_b = S.render_pairs(a, b, draws, 32)
-    start = 2 * S._OBJECT_DRAWS
-    background = S.render_background(draws[:, start : start + S._BACKGROUND_DRAWS], 32)
+    draws = torch.rand(4, shapes.PAIR_DRAWS, generator=torch.Generator().manual_seed(0))
+    images, mask_a, mask_b = shapes.render_pairs(a, b, draws, 32)
+    start = 2 * shapes.OBJECT_DRAWS
+    background = shapes.render_background(draws[:, start : start + shapes.BACKGROUND_DRAWS], 32)
     changed = (images != background).any(1)
     assert not (changed & ~(mask_a | mask_b)).any()
     assert (changed == (mask_a | mask_b)).float().mean() > 0.998

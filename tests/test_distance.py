@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_warnings import TINY as WARNINGS_TINY
+from conftest import tiny
 
 from baselines import RelevanceCAM
 from experiments import builders, pipeline
@@ -24,11 +24,9 @@ from fam.errors import FamBenchError
 from fam.similarity import euclidean_distance, pairwise
 
 #: test_warnings' tiny few-shot run with one method and one metric
-TINY = [
-    *(o for o in WARNINGS_TINY if not o.startswith(("methods=", "metrics="))),
-    "methods=[fam]",
-    "metrics=[deletion_auc]",
-]
+TINY = tiny(
+    "eval.n_query=2", "methods=[fam]", "metrics=[deletion_auc]", drop=["trainer.batch_size"]
+)
 
 
 def _easyfsl_logits(query: torch.Tensor, support: torch.Tensor, labels: torch.Tensor):

@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+from conftest import tiny
 
 from evaluation import deletion_insertion
 from experiments import pipeline
@@ -27,25 +28,16 @@ def cuda(test):
     return pytest.mark.cuda(skip(test))
 
 
-TINY = [
-    "trainer.accelerator=cpu",
-    "eval.progress=false",
-    "data.image_size=16",
-    "model.options.hidden=8",
+TINY = tiny(
     "data.options.images_per_class=8",
     "trainer.max_steps=1",
-    "trainer.batch_size=8",
-    "task.train_way=3",
-    "task.train_shot=2",
-    "task.train_query=2",
-    "eval.n_way=3",
-    "eval.n_shot=2",
     "eval.n_query=2",
     "eval.batch_size=4",
     "eval.figure_samples=0",
     "metric.batch_size=48",
     "methods=[fam,gradcam,scorecam,relevancecam,random]",
-]
+    drop=["eval.num_episodes", "metrics"],
+)
 
 
 # -- synthetic data: only the needed items, the same pixels -------------------------------

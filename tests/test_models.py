@@ -229,13 +229,14 @@ def test_a_checkpoint_naming_its_classes_strips_the_head_that_maps_to_them():
 
 
 def test_custom_head_inside_a_pooling_head_is_stripped_one_level_down():
-    from experiments.models.custom import strip_classifier_head
+    from experiments.models.custom import strip_heads
 
     net = nn.Sequential()
     net.features = nn.Conv2d(3, 4, 3)
     net.head = nn.Sequential()
     net.head.pool, net.head.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, 2)
-    assert strip_classifier_head(net) == ["head.fc"] and isinstance(net.head.pool, nn.Module)
+    strips, _ = strip_heads(net, "net", "true", {})  # model.strip_head=true
+    assert [s.layer for s in strips] == ["head.fc"] and isinstance(net.head.pool, nn.Module)
 
 
 @pytest.mark.parametrize(

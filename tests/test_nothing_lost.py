@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from test_user_errors import TINY  # the same tiny few-shot run
+from conftest import TINY
 
 from experiments import builders, config, pipeline
 from experiments.data import content

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,22 +91,12 @@ def test_a_wheel_in_a_fresh_venv_runs_fam_bench_from_another_directory(tmp_path)
     run = subprocess.run(
         [
             str(venv / "bin" / "fam-bench"),
-            "data.image_size=16",
-            "model.options.hidden=8",
-            "data.options.images_per_class=6",
-            "trainer.max_steps=2",
-            "task.train_way=3",
-            "task.train_shot=2",
-            "task.train_query=2",
-            "eval.num_episodes=1",
-            "eval.n_way=3",
-            "eval.n_shot=2",
-            "eval.n_query=1",
-            "methods=[fam,random]",
-            "metrics=[pointing_game]",
-            "eval.progress=false",
-            f"cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
+            *tiny(
+                "methods=[fam,random]",
+                f"cache_dir={tmp_path / 'cache'}",
+                f"hydra.run.dir={tmp_path / 'run'}",
+                drop=["trainer.batch_size", "trainer.accelerator"],
+            ),
         ],
         cwd=elsewhere,
         env=env,

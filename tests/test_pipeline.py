@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny
 from format_writers import (
     write_cars196,
     write_cifar10,
@@ -30,23 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 # A tiny synthetic few-shot run: 16 px images, a 16-filter Conv-4, 3-way 2-shot 2-query,
-# 3 episodes.
-TINY = [
-    "data.image_size=16",
+# 3 episodes (methods and metrics: SUBSET; CPU and no progress bar: config()).
+TINY = tiny(
     "model.options.hidden=16",
-    "data.options.images_per_class=6",
-    "trainer.max_steps=2",
-    "trainer.batch_size=8",
-    "task.train_way=3",
-    "task.train_shot=2",
-    "task.train_query=2",
     "eval.num_episodes=3",
-    "eval.n_way=3",
-    "eval.n_shot=2",
     "eval.n_query=2",
     "eval.figure_samples=2",
     "metric.batch_size=64",
-]
+    drop=["methods", "metrics", "trainer.accelerator", "eval.progress"],
+)
 SUBSET = [
     "methods=[fam,gradcam,scorecam,random]",
     "metrics=[deletion_auc,insertion_auc,pointing_game,energy_pointing_game,average_drop]",

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny
 
 from experiments import builders, config, pipeline
 from experiments.store import OutputStore
@@ -380,23 +381,12 @@ def test_unknown_logger_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_cli_run_writes_into_the_hydra_folder_and_a_rerun_resumes(tmp_path):
-    tiny = [
-        "data.image_size=16",
-        "model.options.hidden=8",
-        "data.options.images_per_class=6",
-        "trainer.max_steps=2",
-        "task.train_way=3",
-        "task.train_shot=2",
-        "task.train_query=2",
+    overrides = tiny(
         "eval.num_episodes=2",
-        "eval.n_way=3",
-        "eval.n_shot=2",
-        "eval.n_query=1",
-        "methods=[fam,center]",
-        "metrics=[pointing_game]",
         f"hydra.run.dir={tmp_path / 'run'}",
-    ]
-    done = run_cli(*tiny, cwd=tmp_path)
+        drop=["trainer.batch_size", "trainer.accelerator", "eval.progress"],
+    )
+    done = run_cli(*overrides, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     results = pd.read_csv(tmp_path / "run" / "results.csv")
     assert len(results) == 2 * 3 * 2  # episodes x queries x methods
@@ -404,7 +394,7 @@ def test_cli_run_writes_into_the_hydra_folder_and_a_rerun_resumes(tmp_path):
     assert list((tmp_path / "cache").glob("fewshot-conv4-*.pt"))  # FAM_BENCH_CACHE honoured
     shard = tmp_path / "run" / "shards" / "unit_000000.pt"
     written = shard.stat().st_mtime_ns
-    assert run_cli(*tiny, cwd=tmp_path).returncode == 0
+    assert run_cli(*overrides, cwd=tmp_path).returncode == 0
     assert shard.stat().st_mtime_ns == written  # nothing recomputed
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "run" / "results.csv"), results)
 

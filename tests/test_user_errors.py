@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 from torch import nn
 
 from experiments import builders, config, pipeline
@@ -18,24 +19,6 @@ from fam.errors import FamBenchError
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-TINY = [
-    "data.image_size=16",
-    "model.options.hidden=8",
-    "data.options.images_per_class=6",
-    "trainer.max_steps=2",
-    "trainer.batch_size=8",
-    "task.train_way=3",
-    "task.train_shot=2",
-    "task.train_query=2",
-    "eval.num_episodes=1",
-    "eval.n_way=3",
-    "eval.n_shot=2",
-    "eval.n_query=1",
-    "methods=[fam,center]",
-    "metrics=[pointing_game]",
-    "trainer.accelerator=cpu",
-    "eval.progress=false",
-]
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

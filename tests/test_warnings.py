@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny
 from torch import nn
 
 from experiments import builders, config, pipeline
@@ -60,23 +61,7 @@ def test_each_warning_fires_exactly_past_its_threshold():
     assert run_warnings(frame("ok", 20, 0, 0), nan, chance=0.1, target_shape=(3, 3)) == []
 
 
-TINY = [
-    "data.image_size=16",
-    "model.options.hidden=8",
-    "data.options.images_per_class=6",
-    "trainer.max_steps=2",
-    "task.train_way=3",
-    "task.train_shot=2",
-    "task.train_query=2",
-    "eval.num_episodes=1",
-    "eval.n_way=3",
-    "eval.n_shot=2",
-    "eval.n_query=2",
-    "methods=[fam,gradcam]",
-    "metrics=[pointing_game]",
-    "trainer.accelerator=cpu",
-    "eval.progress=false",
-]
+TINY = tiny("eval.n_query=2", "methods=[fam,gradcam]", drop=["trainer.batch_size"])
 
 
 @pytest.mark.slow

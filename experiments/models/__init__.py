@@ -39,7 +39,7 @@ from torch import nn
 
 from experiments.config import MISSING_TARGET
 from experiments.models.conv4 import Conv4
-from experiments.models.custom import STRIP_CHOICES, build_custom, probe_embedding
+from experiments.models.custom import STRIP_CHOICES, build_custom, locate, probe_embedding
 from experiments.models.resnet import ResNetEncoder
 from experiments.models.resnet12 import ResNet12
 from experiments.models.variants import Conv4GlobalMax
@@ -181,8 +181,6 @@ def build_model(name: str, **options: Any) -> nn.Module:
 
 
 def _build_target(name: str, options: dict[str, Any]) -> nn.Module:
-    from experiments.models.custom import locate
-
     target = options.pop("_target_")
     try:
         taken = set(inspect.signature(locate(target)).parameters)

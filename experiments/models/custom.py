@@ -154,15 +154,6 @@ def classifier_heads(model: nn.Module) -> list[str]:
     return found
 
 
-def strip_classifier_head(model: nn.Module) -> list[str]:
-    """Replace every head-shaped child (:func:`classifier_heads`) by ``nn.Identity``
-    unconditionally (``strip_head=true``); return the dotted names replaced."""
-    stripped = classifier_heads(model)
-    for name in stripped:
-        _replace(model, name)
-    return stripped
-
-
 def _replace(model: nn.Module, name: str) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from experiments.models.variants import Conv4GlobalMax
 from fam.errors import FamBenchError
 
 
@@ -154,8 +155,6 @@ def check_model(layout: Layout | None, model: nn.Module) -> list[str]:
                 "+model.kwargs.stem_padding=2 with model=custom)."
             )
     if layout.name == "feat_convnet":
-        from experiments.models.variants import Conv4GlobalMax
-
         if not isinstance(model, Conv4GlobalMax):
             return [
                 "FEAT's ConvNet embeds by a global max over the last map; this model averages "

@@ -1,10 +1,16 @@
-"""Small helpers shared by the format readers."""
+"""Helpers shared by the format readers: split and option checks, labels, missing files;
+and what the readers of your own data (imagefolder, manifest) share: the seeded split
+(``split_by``, ``split_fractions``, ``split_seed``) and the normalisation statistics."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
+from experiments.data.common import IMAGENET_MEAN, IMAGENET_STD
 from fam.errors import FamBenchError
 
 
@@ -41,6 +47,17 @@ def first_missing(paths: Sequence[Path]) -> Path | None:
 SPLITS = ("train", "val", "test")
 
 
+def normalisation(
+    mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[Sequence[float], Sequence[float]]:
+    """``(mean, std)`` to normalise images with: the given statistics, ImageNet's for
+    ``None``."""
+    return (
+        IMAGENET_MEAN if mean is None else tuple(mean),
+        IMAGENET_STD if std is None else tuple(std),
+    )
+
+
 def check_fractions(name: str, fractions: Sequence[float]) -> tuple[float, float, float]:
     """``split_fractions`` as three non-negative numbers (train, val, test) summing to 1."""
     values = tuple(float(f) for f in fractions)
@@ -62,8 +79,6 @@ def seeded_split(
     ``round(f * n)`` for train and val, the rest for test; every split with a positive
     fraction gets at least one key, or this is an error naming the numbers.
     """
-    import numpy as np
-
     distinct = sorted(set(keys), key=str)
     n = len(distinct)
     counts = [round(fractions[0] * n), round(fractions[1] * n)]
@@ -116,10 +131,6 @@ def split_indices(
 
 
 def _permutation(n: int, seed: int, key) -> list[int]:
-    import zlib
-
-    import numpy as np
-
     # per-class stream: the split of one class does not depend on the other classes
     stream = zlib.crc32(str(key).encode())
     return np.random.default_rng([int(seed), stream]).permutation(n).tolist()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from experiments.data.base import IMAGE_EXTENSIONS, FileDataset, dataset_error
 from experiments.data.common import IMAGENET_MEAN, IMAGENET_STD
-from experiments.data.formats._util import SPLITS, contiguous, split_indices
+from experiments.data.formats._util import SPLITS, contiguous, normalisation, split_indices
 
 LAYOUT = (
     "root/<split>/<class>/<image> (one folder per split, e.g. train/val/test, one sub-folder "
@@ -97,8 +97,7 @@ def load_imagefolder(
     ``mean`` / ``std``: normalisation statistics (``None``: ImageNet's).
     """
     root = Path(root)
-    mean = IMAGENET_MEAN if mean is None else tuple(mean)
-    std = IMAGENET_STD if std is None else tuple(std)
+    mean, std = normalisation(mean, std)
     if not root.is_dir():
         raise dataset_error(
             "imagefolder", root, "the folder does not exist", LAYOUT, SOURCES["imagefolder"]

@@ -32,8 +32,13 @@ from PIL import Image
 from torch import Tensor
 
 from experiments.data.base import FileDataset, dataset_error
-from experiments.data.common import IMAGENET_MEAN, IMAGENET_STD
-from experiments.data.formats._util import SPLITS, check_split, first_missing, split_indices
+from experiments.data.formats._util import (
+    SPLITS,
+    check_split,
+    first_missing,
+    normalisation,
+    split_indices,
+)
 
 NAME = "manifest"
 REQUIRED = ("path", "label")
@@ -166,10 +171,8 @@ def load_manifest(
     order = _label_order(list(table["label"]))
     position = {c: i for i, c in enumerate(order)}
     labels = [position[c] for c in table["label"]]
-    options = {
-        "mean": IMAGENET_MEAN if mean is None else tuple(mean),
-        "std": IMAGENET_STD if std is None else tuple(std),
-    }
+    mean, std = normalisation(mean, std)
+    options = {"mean": mean, "std": std}
     if not all(has_box_columns):
         return FileDataset(
             paths, labels, order, image_size, normalise, mask_paths=mask_paths, **options
