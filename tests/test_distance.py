@@ -18,7 +18,7 @@ from experiments import builders, pipeline
 from experiments import config as config_module
 from experiments.models.conv4 import Conv4
 from experiments.tasks import family_for
-from experiments.training.fewshot import ProtoNetModule
+from experiments.tasks.fewshot.protonet import ProtoNetModule
 from fam import FAM
 from fam.errors import FamBenchError
 from fam.similarity import euclidean_distance, pairwise

@@ -13,10 +13,12 @@ from torch import nn
 
 import experiments.training.train as train_module
 from experiments.models import build_model
+from experiments.tasks import family_for
+from experiments.tasks.fewshot import EpisodeClassifier, episode_accuracy
+from experiments.tasks.fewshot.protonet import ProtoNetModule
 from experiments.tasks.neighbour.task_metrics import knn_accuracy, recall_at_k
 from experiments.training import (
     cached_checkpoint,
-    fewshot_accuracy,
     fit,
     key_hash,
     load_weights,
@@ -24,8 +26,8 @@ from experiments.training import (
     train_or_load,
 )
 from experiments.training.batches import IndexedBatches, TwoViews
-from experiments.training.fewshot import ProtoNetModule
 from fam.errors import FamBenchError
+from fam.similarity import pairwise
 
 CPU = {"accelerator": "cpu", "devices": 1}
 
@@ -333,10 +335,26 @@ def test_unknown_trainer_setting_and_task_are_errors():
 # ---------------------------------------------------------------- task metrics
 
 
-def test_fewshot_accuracy_matches_per_episode_reference():
+def _protonet(similarity: str):
+    return family_for({"name": "fewshot", "similarity": similarity}).algorithm
+
+
+class CallableCosine:
+    """Nearest prototype under a similarity callable (any object with ``classifier``)."""
+
+    def classifier(self, support, n_way, n_shot):
+        prototypes = support.view(n_way, n_shot, -1).mean(1)
+
+        def cos(e, r):
+            return torch.nn.functional.cosine_similarity(e, r)
+
+        return EpisodeClassifier(prototypes, cos, lambda emb: pairwise(cos, emb, prototypes))
+
+
+def test_episode_accuracy_matches_per_episode_reference():
     data = ToyShapes(noise=3.0)
     sampler = _episodes(data.labels, 4, 2, 3, 12, seed=3)
-    result = fewshot_accuracy(Fixed(), data, sampler, "euclidean")
+    result = episode_accuracy(Fixed(), data, sampler, _protonet("euclidean"))
     accs = []
     for e in range(12):
         ep = sampler.episode(e)
@@ -349,10 +367,8 @@ def test_fewshot_accuracy_matches_per_episode_reference():
     assert result["n"] == 12
     assert result["mean"] == pytest.approx(accs.mean(), abs=1e-6)
     assert result["ci95"] == pytest.approx(1.96 * accs.std(ddof=1) / math.sqrt(12), abs=1e-6)
-    cosine = fewshot_accuracy(Fixed(), data, sampler, "cosine")
-    callable_cosine = fewshot_accuracy(
-        Fixed(), data, sampler, lambda e, r: torch.nn.functional.cosine_similarity(e, r)
-    )
+    cosine = episode_accuracy(Fixed(), data, sampler, _protonet("cosine"))
+    callable_cosine = episode_accuracy(Fixed(), data, sampler, CallableCosine())
     assert cosine["mean"] == pytest.approx(callable_cosine["mean"], abs=1e-6)
 
 
@@ -453,5 +469,6 @@ def test_protonet_conv4_reaches_70_percent_on_synthetic_test_classes():
         {},
         seed=0,
     )
-    result = fewshot_accuracy(model, test, _episodes(test.labels, 5, 5, 15, 150, seed=1))
+    sampler = _episodes(test.labels, 5, 5, 15, 150, seed=1)
+    result = episode_accuracy(model, test, sampler, _protonet("euclidean"))
     assert result["mean"] >= 0.70, result

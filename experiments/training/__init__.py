@@ -6,13 +6,10 @@ pytorch-metric-learning). The metric helpers score a trained network on its task
 """
 
 from experiments.training.checkpoints import key_hash, load_weights, save_weights
-from experiments.training.metrics import embed, fewshot_accuracy
 from experiments.training.train import cached_checkpoint, fit, train_or_load
 
 __all__ = [
     "cached_checkpoint",
-    "embed",
-    "fewshot_accuracy",
     "fit",
     "key_hash",
     "load_weights",
