@@ -35,7 +35,7 @@ lint: $(STAMP)
 
 leaderboard: $(STAMP)
 	@test -n "$(RUNS)" || { echo 'usage: make leaderboard RUNS="outputs/... multirun/..." [ARGS="--out DIR --reference fam"]'; exit 2; }
-	$(PY) -m evaluation.leaderboard $(RUNS) $(ARGS)
+	$(PY) -m evaluation.reporting $(RUNS) $(ARGS)
 
 reproduce: $(STAMP)
 	@test -n "$(DATA)" || { echo 'usage: make reproduce DATA=/path/to/datasets [ARGS="--out DIR trainer.max_steps=..."]'; exit 2; }

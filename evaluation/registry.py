@@ -1,9 +1,16 @@
 """The one metric registry: each metric's name, direction, needs and function.
 
-The runner (which metrics a task can compute, how to compute them), the summary (which
-interval a metric gets) and the leaderboard (ranking direction, which paired test) all
-read :data:`METRICS`; nothing else lists metric names. A new metric costs its module and
-one :func:`register` call here (or in the user's own module, imported before the run).
+The runner (which metrics a task can compute, how to compute them, which need the tie
+field or each mask's resolution), the summary (which interval a metric gets, which get a
+per-class mean), the leaderboard (ranking direction, which paired test) and the figures
+(curve legends, forest-plot directions) all read :data:`METRICS`. A new metric costs its
+module and one :func:`register` call here (or in the user's own module, imported before
+the run). Two metrics are still named outside this module, for what is theirs alone:
+``sanity``, the run-level randomisation check (its own pass in
+:mod:`experiments.worker`, its own ``sanity.csv`` and its rows named ``sanity`` and
+``sanity@<layer>`` in :mod:`evaluation.summary` and the leaderboard), and
+``pointing_game``, whose ``center`` floor :func:`evaluation.summary.centre_prior_warning`
+compares with the best method.
 
 A metric's ``compute(inputs) -> {column: (M*N,) tensor}`` receives :class:`MetricInputs`:
 every method's maps of one evaluation unit stacked method-major, so one call scores all
@@ -24,6 +31,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from evaluation.causal import deletion_insertion
+from evaluation.confidence import confidence_change
+from evaluation.pointing import annotation_tolerance, energy_pointing_game, pointing_game
 from fam.errors import FamBenchError
 
 OTHER_SUFFIX = "_other"
@@ -105,6 +115,12 @@ class MetricSpec:
     ``identical_tolerance``: per-sample difference (in the column's units) under which two
     entries count as identical on this metric; ``None``: a share of the metric's range
     over the table (:func:`evaluation.summary.identity_tolerance`).
+    ``ranks_pixels``: orders the pixels by the map, so tied pixels need an order
+    (``metric.ties``; the worker draws the tie field for it). ``uses_tolerance``: reads
+    the pointing tolerance (``metric.tolerance_at=annotation`` then needs each mask's
+    resolution, checked before training). ``class_mean``: ``summary.csv`` adds a
+    ``<name>_class_mean`` row, the mean over classes of each class's value (TorchRay's
+    second number, t interval over classes).
     """
 
     name: str
@@ -121,6 +137,9 @@ class MetricSpec:
     bounds: tuple[float, float] | None = None
     explain_class: Literal["predicted", "true"] = "predicted"
     identical_tolerance: float | None = None
+    ranks_pixels: bool = False
+    uses_tolerance: bool = False
+    class_mean: bool = False
 
 
 METRICS: dict[str, MetricSpec] = {}
@@ -221,8 +240,6 @@ def explained_classes(
 
 # -- the suite's metrics ------------------------------------------------------------------
 def _causal(inputs: MetricInputs) -> Any:
-    from evaluation.causal import deletion_insertion
-
     s = inputs.settings
 
     def run():
@@ -272,8 +289,6 @@ def _ground_truth(
 def tolerance_of(inputs: MetricInputs) -> float | Tensor:
     """The pointing tolerance in input pixels: per sample at each annotation's resolution
     (``tolerance_at=annotation``, TorchRay) or scaled from ``tolerance_image_size``."""
-    from evaluation.pointing import annotation_tolerance
-
     s = inputs.settings
     if s["tolerance_at"] == "input":
         return s["tolerance_px"]
@@ -288,15 +303,11 @@ def tolerance_of(inputs: MetricInputs) -> float | Tensor:
 
 
 def _pointing(inputs: MetricInputs) -> dict[str, Tensor]:
-    from evaluation.pointing import pointing_game
-
     tol = tolerance_of(inputs)
     return _ground_truth(inputs, "pointing_game", lambda m, t, b: pointing_game(m, t, tol))
 
 
 def _energy(inputs: MetricInputs) -> dict[str, Tensor]:
-    from evaluation.pointing import energy_pointing_game
-
     region = inputs.settings["energy_region"]
     return _ground_truth(
         inputs,
@@ -306,8 +317,6 @@ def _energy(inputs: MetricInputs) -> dict[str, Tensor]:
 
 
 def _confidence(inputs: MetricInputs) -> Any:
-    from evaluation.confidence import confidence_change
-
     def run():
         return confidence_change(
             inputs.confidence_fn,
@@ -340,6 +349,7 @@ register(
         "RISE deletion: AUC of the score as pixels are removed in map order",
         _deletion,
         curves=("deletion",),
+        ranks_pixels=True,
     )
 )
 register(
@@ -349,6 +359,7 @@ register(
         "RISE insertion: AUC of the score as pixels are restored in map order",
         _insertion,
         curves=("insertion",),
+        ranks_pixels=True,
     )
 )
 register(
@@ -362,6 +373,8 @@ register(
         needs_masks=True,
         has_other=True,
         bounds=(0.0, 1.0),
+        uses_tolerance=True,
+        class_mean=True,
     )
 )
 register(

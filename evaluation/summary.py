@@ -7,7 +7,8 @@ continuous ones; episode-aware for few-shot, whose queries share prototypes), th
 game, a non-finite map). Rows flagged ``degenerate_reason == "non-finite"`` are always
 excluded; constant maps stay in (under ``metric.ties=smooth`` they score exactly as the
 ``random`` map of the sample, which is what an uninformative map deserves). Extra rows per method:
-``pointing_game_class_mean`` (TorchRay's second number: the mean over classes of each
+``<metric>_class_mean`` for metrics with :attr:`~evaluation.registry.MetricSpec.class_mean`
+(``pointing_game_class_mean``, TorchRay's second number: the mean over classes of each
 class's hit rate, t interval over classes) and ``degenerate`` (share of degenerate maps,
 Wilson). With a ``sanity`` frame, ``metric == "sanity@<layer>"`` rows give the mean
 Spearman correlation at each randomised layer (``step`` 1 = output layer only, the last
@@ -439,11 +440,11 @@ def summarise(
                     oracle_separates=bool(oracle.loc[column, "oracle_separates"]),
                 )
             rows.append({**row, "settings_id": settings})
-            if column == "pointing_game" and "label" in group:
+            if column == spec.name and spec.class_mean and "label" in group:
                 per_class = group.groupby("label")[column].mean()
                 rows.append(
                     {
-                        **_row(method, "pointing_game_class_mean", per_class, False, None),
+                        **_row(method, f"{column}_class_mean", per_class, False, None),
                         "interval": "t-classes",
                         "settings_id": settings,
                     }

@@ -1,5 +1,5 @@
-"""Command-line entry points: ``fam-bench`` (= ``python run.py``) and
-``fam-bench-leaderboard`` (= ``python -m evaluation.leaderboard``).
+"""Command-line entry point ``fam-bench`` (= ``python run.py``); ``fam-bench-leaderboard``
+(= ``python -m evaluation.reporting``) is :func:`evaluation.reporting.cli.run`.
 
 ``fam-bench [experiment=NAME] [overrides...]`` alone runs ``experiment=synthetic_5way``.
 Results go to the Hydra run folder (``outputs/<experiment>/<time>``, or
@@ -208,11 +208,3 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(EXIT_SIGTERM)
-
-
-def leaderboard() -> None:
-    """``fam-bench-leaderboard DIRS... [--out DIR] [--reference fam]``."""
-    from evaluation.leaderboard import main as board
-    from fam.errors import exit_on_user_error
-
-    exit_on_user_error(lambda: board(sys.argv[1:]))

@@ -33,6 +33,9 @@ import torch
 from omegaconf import DictConfig
 
 from evaluation.registry import METRICS, metric_columns
+from evaluation.reporting.figures import plot_run_figures
+from evaluation.reporting.map_grid import plot_map_grid
+from evaluation.reporting.report import write_run_report
 from experiments import builders, config
 from experiments.checks import settings_warnings
 from experiments.store import OutputStore
@@ -160,7 +163,8 @@ def _check_annotation_sizes(run_cfg: config.RunConfig, metrics: list[str], eval_
     """``tolerance_at=annotation`` needs each mask's resolution: refuse before training."""
     from experiments.tasks.base import annotation_sizes
 
-    if "pointing_game" not in metrics or run_cfg.metric.tolerance_at != "annotation":
+    uses_tolerance = any(METRICS[m].uses_tolerance for m in metrics)
+    if not uses_tolerance or run_cfg.metric.tolerance_at != "annotation":
         return
     if not getattr(eval_set, "has_masks", False) or not len(eval_set):
         return
@@ -343,7 +347,6 @@ def _job(
 
 
 def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path) -> dict:
-    from evaluation.report import write_run_report
     from evaluation.summary import summarise
     from experiments.checks import conservation_warnings, run_warnings
     from experiments.environment import write_environment
@@ -422,8 +425,6 @@ def write_figures(
 ) -> list[Path]:
     """``maps.png`` (images x methods, ground truth outlined, the reference image beside
     retrieval and contrastive queries), ``curves.png``, ``summary.png``, ``sanity.png``."""
-    from experiments.figures import plot_map_grid, plot_run_figures
-
     paths = []
     figure = merged["figure"]
     out = job.out

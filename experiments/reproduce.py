@@ -19,6 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from evaluation.reporting.loading import load_results
+from evaluation.reporting.report import write_leaderboard
+from evaluation.reporting.tables import build_leaderboard
 from fam.errors import FamBenchError, exit_on_user_error
 
 
@@ -191,8 +194,6 @@ def reproduce(
 
     Returns experiment -> ``"done"``, ``"failed (exit N)"``, ``"no results"`` or the skip note.
     """
-    from evaluation.leaderboard import build_leaderboard, load_results, write_leaderboard
-
     out = Path(out)
     status: dict[str, str] = {}
     finished: list[Path] = []

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from baselines.random_map import smooth_tie_field
-from evaluation.registry import MetricInputs, compute_all
+from evaluation.registry import METRICS, MetricInputs, compute_all
 from experiments.data.seeding import Stream, derive_seed
 from experiments.store import OutputStore
 from experiments.tasks import Evaluation as TaskEvaluation
@@ -200,7 +200,7 @@ def evaluate_unit(job: Job, u: int, device: torch.device) -> dict:
     all_maps, degenerate, reasons = explain(job, unit, u, sample_seeds, conservation)
     tie_field = None
     if job.settings.get("ties") == "smooth" and any(
-        name in ("deletion_auc", "insertion_auc") for name in job.metrics
+        METRICS[name].ranks_pixels for name in job.metrics
     ):
         tie_field = smooth_tie_field(job.model, job.target_layer, unit.images, sample_seeds)
     kinds = {m: job.settings.get("explain_class", {}).get(m, unit.explains) for m in job.metrics}

@@ -9,22 +9,29 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments.environment import PACKAGES, collect_environment, git_state, write_environment
-from experiments.figures import (
+from evaluation.reporting.figures import (
     PANEL_INCHES,
     curve_auc,
     curves_figure,
     identical_curve_groups,
     identical_note,
-    map_grid_size,
     plot_curves,
-    plot_map_grid,
+    plot_run_figures,
     plot_sanity,
     plot_summary,
     sanity_figure,
     summary_figure,
 )
-from experiments.map_grid import CELL_INCHES, DPI, HEADER_INCHES, LEFT_INCHES, PAD_INCHES
+from evaluation.reporting.map_grid import (
+    CELL_INCHES,
+    DPI,
+    HEADER_INCHES,
+    LEFT_INCHES,
+    PAD_INCHES,
+    map_grid_size,
+    plot_map_grid,
+)
+from experiments.environment import PACKAGES, collect_environment, git_state, write_environment
 from experiments.reproduce import (
     CONF_DIR,
     EXPERIMENT_DATA,
@@ -415,7 +422,6 @@ def test_run_figures_in_one_call_share_panels_for_identical_methods(tmp_path):
     from results_fixtures import results_frame, sanity_frame
 
     from evaluation.summary import summarise
-    from experiments.figures import plot_run_figures
 
     results = results_frame(
         methods=("fam", "fam_product", "random"), identical={"fam_product": "fam"}

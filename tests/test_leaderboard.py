@@ -15,15 +15,10 @@ from scipy import stats as scipy_stats
 from statsmodels.stats.contingency_tables import mcnemar
 
 from evaluation import stats
-from evaluation.leaderboard import (
-    build_leaderboard,
-    holm,
-    load_results,
-    main,
-    markdown_table,
-    metric_direction,
-    to_markdown,
-)
+from evaluation.reporting.cli import main
+from evaluation.reporting.loading import load_results
+from evaluation.reporting.render import markdown_table, to_markdown
+from evaluation.reporting.tables import build_leaderboard, holm, metric_direction
 from fam.errors import FamBenchError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -346,7 +341,7 @@ def test_cli_writes_csv_markdown_and_html(tmp_path, capsys):
 
 def test_cli_error_is_one_line_exit_2_without_traceback(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "evaluation.leaderboard", str(tmp_path)],
+        [sys.executable, "-m", "evaluation.reporting", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -560,7 +560,7 @@ def test_a_leaderboard_to_a_read_only_folder_is_one_paragraph(tmp_path):
         tmpfs(mount, read_only=True),
         [str(runs), "--out", str(mount / "board")],
         cwd=tmp_path,
-        module="evaluation.leaderboard",
+        module="evaluation.reporting",
     )
     one_paragraph_error(done, "--out")
 
@@ -573,7 +573,7 @@ def test_a_leaderboard_under_a_file_is_one_paragraph(tmp_path):
         "--out",
         str(tmp_path / "file" / "board"),
         cwd=tmp_path,
-        module="evaluation.leaderboard",
+        module="evaluation.reporting",
     )
     one_paragraph_error(done, "--out")
 
@@ -582,7 +582,7 @@ def test_pooled_seed_intervals_are_clipped_to_the_metric_range_with_a_note():
     """Two seeds give a t interval with 12.7 standard errors on each side."""
     from results_fixtures import results_frame
 
-    from evaluation.leaderboard import build_leaderboard
+    from evaluation.reporting.tables import build_leaderboard
 
     frames = []
     for seed, value in ((0, 0.1), (1, 0.9)):

@@ -323,7 +323,9 @@ OWN_RETRIEVAL = [
 def test_an_experiment_on_other_data_is_named_after_it_and_drops_only_its_own_options(
     manifest, tmp_path, capsys
 ):
-    from evaluation.leaderboard import build_leaderboard, load_results, to_markdown
+    from evaluation.reporting.loading import load_results
+    from evaluation.reporting.render import to_markdown
+    from evaluation.reporting.tables import build_leaderboard
     from experiments.config import compose_config
 
     csv, _ = manifest

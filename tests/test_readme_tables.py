@@ -2,10 +2,10 @@
 
 Every leaderboard table in README.md and docs/**/*.md carries the line the leaderboard
 writes above it (``Table: experiment=NAME n=N score=SCORE``,
-:data:`evaluation.leaderboard.TABLE_LABEL`). The experiment it names must exist in
+:data:`evaluation.reporting.render.TABLE_LABEL`). The experiment it names must exist in
 ``conf/experiment`` and ``n`` must be the number of samples that experiment explains,
 computed from its composed config. A README without a labelled table fails: its tables
-are regenerated from runs with ``python -m evaluation.leaderboard``, which labels them.
+are regenerated from runs with ``python -m evaluation.reporting``, which labels them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.leaderboard import TABLE_LABEL, table_label
+from evaluation.reporting.render import TABLE_LABEL, table_label
 
 REPO = Path(__file__).resolve().parents[1]
 

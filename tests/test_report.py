@@ -12,9 +12,17 @@ import torch
 from browser import chromium_path, load_page
 from results_fixtures import config, results_frame, sanity_frame, write_run
 
-from evaluation.leaderboard import build_leaderboard, load_results, write_leaderboard
-from evaluation.report import RUN_FIGURES, write_leaderboard_report, write_run_report
-from experiments.figures import plot_curves, plot_map_grid
+from evaluation.reporting.figures import plot_curves
+from evaluation.reporting.loading import load_results
+from evaluation.reporting.map_grid import plot_map_grid
+from evaluation.reporting.page import render
+from evaluation.reporting.report import (
+    RUN_FIGURES,
+    write_leaderboard,
+    write_leaderboard_report,
+    write_run_report,
+)
+from evaluation.reporting.tables import build_leaderboard
 from fam.errors import FamBenchError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +78,7 @@ def test_report_cli_writes_the_page(tmp_path):
     run = make_run(tmp_path / "run")
     out = tmp_path / "elsewhere" / "r.html"
     done = subprocess.run(
-        [sys.executable, "-m", "evaluation.report", str(run), "--out", str(out)],
+        [sys.executable, "-m", "evaluation.reporting.report", str(run), "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -79,7 +87,7 @@ def test_report_cli_writes_the_page(tmp_path):
     assert done.returncode == 0, done.stderr
     assert out.is_file() and done.stdout.strip() == str(out)
     missing = subprocess.run(
-        [sys.executable, "-m", "evaluation.report", str(tmp_path / "nope")],
+        [sys.executable, "-m", "evaluation.reporting.report", str(tmp_path / "nope")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -139,8 +147,6 @@ def test_leaderboard_report_writes_without_a_browser(tmp_path):
 
 
 def test_bold_marks_only_the_best_cell_and_stars_stay_text(tmp_path):
-    from evaluation.report import render
-
     view = {
         "heading": "h",
         "table_id": "t",

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evaluation.leaderboard import build_leaderboard
+from evaluation.reporting.tables import build_leaderboard
 from experiments import pipeline
 from experiments.config import compose_config
 

@@ -1,6 +1,7 @@
-"""Run figures (PNG): map grids, deletion/insertion curves, forest plot, sanity cascade.
+"""Run figures (PNG): deletion/insertion curves, forest plot, sanity cascade.
 
-- :func:`plot_map_grid`: images x methods, the ground truth outlined;
+(The map grid, ``maps.png``, is :mod:`evaluation.reporting.map_grid`.)
+
 - :func:`plot_curves` (``curves.png``): small multiples, one panel per method with its
   mean deletion and insertion curves, the reference method drawn faintly in every panel,
   so twelve methods stay readable; methods with identical curves share one panel;
@@ -12,7 +13,8 @@
 Figures are drawn on :class:`matplotlib.figure.Figure` objects with the Agg canvas, never
 through ``pyplot``, so nothing leaks into a global figure registry and plotting works in
 worker processes without a display. Sizes are fixed (no ``bbox_inches="tight"``) so a grid's
-pixel size depends only on its number of rows and methods (:func:`map_grid_size`).
+pixel size depends only on its number of rows and methods
+(:func:`evaluation.reporting.map_grid.map_grid_size`).
 """
 
 from __future__ import annotations
@@ -29,15 +31,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from scipy import stats
 
-from experiments.map_grid import (  # noqa: F401 - re-exported: part of this module's API
-    CELL_INCHES,
-    DPI,
-    MAP_ALPHA,
-    MAP_CMAP,
-    _to_numpy,
-    map_grid_size,
-    plot_map_grid,
-)
+from evaluation import registry
+from evaluation.causal import auc
+from evaluation.reporting.map_grid import DPI, to_numpy
+from evaluation.summary import identical_groups, summarise_sanity
 from fam.errors import FamBenchError
 
 PANEL_INCHES = (3.0, 2.3)  # one small-multiple panel (curves, forest plot)
@@ -50,9 +47,7 @@ def curve_auc(curves: np.ndarray) -> np.ndarray:
 
     ``curves``: ``(N, T)``; returns ``(N,)`` (the trapezoid rule of DESIGN.md section 4).
     """
-    from evaluation.causal import auc  # works on arrays as on tensors
-
-    return auc(np.asarray(curves, dtype=np.float64))
+    return auc(np.asarray(curves, dtype=np.float64))  # works on arrays as on tensors
 
 
 def _mean_band(curves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +64,7 @@ def _curve_arrays(curves: Mapping[str, Mapping[str, object]]) -> dict[str, dict[
     for method, per_kind in curves.items():
         arrays[method] = {}
         for kind, values in per_kind.items():
-            y = _to_numpy(values, f"curves[{method!r}][{kind!r}]").astype(np.float64)
+            y = to_numpy(values, f"curves[{method!r}][{kind!r}]").astype(np.float64)
             if y.ndim != 2 or y.shape[1] < 2 or y.shape[0] < 1:
                 raise FamBenchError(
                     f"curves[{method!r}][{kind!r}] has shape {tuple(y.shape)}; expected (N, T) "
@@ -212,20 +207,23 @@ def curves_figure(
         ax.tick_params(labelsize=7)
     handles = [
         Line2D(
-            [], [], color=CURVE_COLOURS["deletion"], lw=1.6, label="deletion (lower AUC better)"
-        ),
-        Line2D(
-            [], [], color=CURVE_COLOURS["insertion"], lw=1.6, label="insertion (higher AUC better)"
-        ),
-        Line2D([], [], color=REFERENCE_COLOUR, lw=1.0, ls="--", label=f"{reference} (reference)"),
+            [],
+            [],
+            color=CURVE_COLOURS.get(kind, "tab:green"),
+            lw=1.6,
+            label=f"{kind} ({spec.direction} AUC better)",
+        )
+        for spec in registry.METRICS.values()
+        for kind in spec.curves
     ]
+    handles.append(
+        Line2D([], [], color=REFERENCE_COLOUR, lw=1.0, ls="--", label=f"{reference} (reference)")
+    )
     fig.legend(handles=handles, loc="outside upper center", ncols=3, fontsize=8, frameon=False)
     return fig
 
 
 def _forest_frame(summary) -> pd.DataFrame:
-    from evaluation import registry
-
     frame = pd.DataFrame(summary)
     keep = frame["metric"].map(registry.is_metric_column)
     return frame[keep & frame["mean"].notna()]
@@ -254,8 +252,6 @@ def summary_figure(
     direction; methods in one of ``groups`` (identical results) are one row ``a = b``;
     ``reference`` is drawn in black, the others in blue.
     """
-    from evaluation import registry
-
     frame = _forest_frame(summary)
     if frame.empty:
         raise FamBenchError("summary has no per-sample metric rows with a mean to plot.")
@@ -305,8 +301,6 @@ def sanity_figure(sanity) -> Figure:
     Step ``k`` has the top ``k`` layers re-initialised; a method whose line stays near 1
     explains the input, not the model.
     """
-    from evaluation.summary import summarise_sanity
-
     frame = pd.DataFrame(sanity)
     if "spearman" in frame.columns:
         frame = summarise_sanity(frame)
@@ -364,8 +358,6 @@ def plot_run_figures(
     (:func:`evaluation.summary.summarise`) and ``sanity.csv`` frames; methods with
     identical results (:func:`evaluation.summary.identical_groups`) share a panel / row.
     """
-    from evaluation.summary import identical_groups
-
     out = Path(out_dir)
     groups = identical_groups(results)
     paths = []

@@ -29,7 +29,7 @@ MAP_CMAP = "jet"
 MAP_ALPHA = 0.5
 
 
-def _to_numpy(x, name: str) -> np.ndarray:
+def to_numpy(x, name: str) -> np.ndarray:
     """A float32 numpy copy of a tensor (any device) or array-like."""
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
@@ -76,7 +76,7 @@ def plot_map_grid(
     ground truth, outlined on every panel, or ``None``; ``labels``: one row label per sample
     (e.g. class names). At most ``max_rows`` samples (the first ones) are drawn.
     """
-    images = _to_numpy(images, "images")
+    images = to_numpy(images, "images")
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise FamBenchError(f"images must be (N, 3, H, W), got shape {tuple(images.shape)}.")
     if not maps:
@@ -85,7 +85,7 @@ def plot_map_grid(
     n_rows = min(n, max_rows)
     if n_rows < 1:
         raise FamBenchError("no images to plot (N = 0) or max_rows < 1.")
-    arrays = {name: _to_numpy(m, f"maps[{name!r}]") for name, m in maps.items()}
+    arrays = {name: to_numpy(m, f"maps[{name!r}]") for name, m in maps.items()}
     for name, m in arrays.items():
         if m.shape[0] < n_rows or m.shape[1:] != (h, w):
             raise FamBenchError(
@@ -94,7 +94,7 @@ def plot_map_grid(
             )
     mask_array = None
     if masks is not None:
-        mask_array = _to_numpy(masks, "masks") > 0.5
+        mask_array = to_numpy(masks, "masks") > 0.5
         if mask_array.shape[0] < n_rows or mask_array.shape[1:] != (h, w):
             raise FamBenchError(
                 f"masks has shape {tuple(mask_array.shape)}; expected (N, {h}, {w})."
@@ -108,7 +108,7 @@ def plot_map_grid(
 
     reference_array = None
     if references is not None:
-        reference_array = _to_numpy(references, "references")
+        reference_array = to_numpy(references, "references")
         if reference_array.shape[0] < n_rows or reference_array.shape[1:] != (channels, h, w):
             raise FamBenchError(
                 f"references has shape {tuple(reference_array.shape)}; expected "
