@@ -17,16 +17,21 @@ everything downstream reads typed objects.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import inspect
-import json
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+import sys
+from dataclasses import dataclass, field, fields
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from experiments.config_errors import explain_error, type_error, unknown_key_message
+from experiments.own_data import with_own_data
+from experiments.unread_keys import check_unread_keys
 from fam.errors import FamBenchError
 
 
@@ -35,8 +40,6 @@ def _conf_dir() -> Path:
     checkout = Path(__file__).resolve().parents[1] / "conf"
     if (checkout / "config.yaml").is_file():
         return checkout
-    from importlib.util import find_spec
-
     spec = find_spec("fam_bench_conf")  # a namespace package: its one search location
     return Path(next(iter(spec.submodule_search_locations))).resolve()
 
@@ -259,8 +262,6 @@ class RunConfig:
 
 
 def _register_schema() -> None:
-    from hydra.core.config_store import ConfigStore
-
     ConfigStore.instance().store(name="fam_bench_schema", node=RunConfig)
 
 
@@ -307,11 +308,8 @@ def compose_config(
     return_hydra_config: bool = False,
 ):
     """Compose ``conf/config.yaml`` with ``overrides`` as ``run.py`` does (tests, notebooks).
-    Errors are :class:`FamBenchError` with the nearest valid key (:func:`explain_error`)."""
-    from hydra import compose, initialize_config_dir
-
-    from experiments.own_data import with_own_data
-
+    Errors are :class:`FamBenchError` with the nearest valid key
+    (:func:`experiments.config_errors.explain_error`)."""
     overrides, notes = with_own_data(with_method_defaults(list(overrides or [])))
     print_notes(notes)
     try:
@@ -322,8 +320,6 @@ def compose_config(
         if message is None:
             raise
         raise FamBenchError(message) from None
-    from experiments.unread_keys import check_unread_keys
-
     # `+key=value` bypasses Hydra's key check: the schema catches it; a key that exists but
     # that this experiment, data, task and model never read is refused too
     check_unread_keys(load(cfg, overrides), overrides)
@@ -332,44 +328,8 @@ def compose_config(
 
 def print_notes(notes: list[str]) -> None:
     """Notes on how the command line was completed (:mod:`experiments.own_data`), on stderr."""
-    import sys
-
     for note in notes:
         print(f"fam-bench: note: {note}", file=sys.stderr)
-
-
-def explain_error(err: BaseException, overrides: list[str], config_dir: Path | None = None):
-    """See :func:`experiments.config_errors.explain_error`."""
-    from experiments.config_errors import explain_error as explain
-
-    return explain(err, overrides, config_dir)
-
-
-def unknown_key_message(key: str, overrides: list[str], config_dir: Path | None = None) -> str:
-    """See :func:`experiments.config_errors.unknown_key_message`."""
-    from experiments.config_errors import unknown_key_message as message
-
-    return message(key, overrides, config_dir)
-
-
-def _type_error(text: str) -> str:
-    from experiments.config_errors import type_error
-
-    return type_error(text)
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict) or not d:
-        return {prefix: d} if prefix else {}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def flatten(d: Any) -> dict[str, Any]:
-    """``{"a": {"b": 1}} -> {"a.b": 1}``."""
-    return _flatten(d)
 
 
 # -- typed conversion ---------------------------------------------------------------------
@@ -391,7 +351,7 @@ def load(cfg: DictConfig | dict, overrides: list[str] | None = None) -> RunConfi
             text = " ".join(str(err).split())
             if "${.target}" in text and OmegaConf.select(cfg, "model.target") is None:
                 raise FamBenchError(MISSING_TARGET) from None  # model=custom's name is its target
-            raise FamBenchError(_type_error(text)) from None
+            raise FamBenchError(type_error(text)) from None
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), container)
         typed = OmegaConf.to_object(merged)
@@ -403,7 +363,7 @@ def load(cfg: DictConfig | dict, overrides: list[str] | None = None) -> RunConfi
             if key == "model._target_" and isinstance(container.get("model"), dict):
                 given.append(f"model._target_={container['model'].get('_target_')}")
             raise FamBenchError(unknown_key_message(key, given)) from None
-        raise FamBenchError(_type_error(text)) from None
+        raise FamBenchError(type_error(text)) from None
     return typed
 
 
@@ -427,7 +387,7 @@ def typed_node(path: str, schema: type, node: dict[str, Any]) -> Any:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except OmegaConfBaseException as err:
         text = " ".join(str(err).split()).replace("full_key: ", f"key: {path}.")
-        raise FamBenchError(_type_error(text)) from None
+        raise FamBenchError(type_error(text)) from None
 
 
 def signature_options(target: Any, skip: tuple[str, ...]) -> list[str] | None:
@@ -439,18 +399,3 @@ def signature_options(target: Any, skip: tuple[str, ...]) -> list[str] | None:
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params if p.name not in skip and p.kind is not p.VAR_POSITIONAL]
-
-
-def plain(value: Any) -> Any:
-    """Dataclasses and OmegaConf nodes as plain JSON-able data."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return asdict(value)
-    if isinstance(value, DictConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
-def short_hash(value: Any, length: int = 16) -> str:
-    """sha256 prefix of the canonical JSON of ``value``."""
-    text = json.dumps(value, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]

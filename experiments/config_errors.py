@@ -15,6 +15,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from evaluation.plain import flatten
+
 _KEY_PATTERNS = (
     r"[Cc]ould not override '([^']+)'",
     r"[Cc]ould not append to config\. An item is already at '([^']+)'",
@@ -127,8 +129,6 @@ def unknown_key_message(key: str, overrides: list[str], config_dir: Path | None 
         cfg = compose_config_plain(base, config_dir)
     except Exception:  # noqa: BLE001 - the suggestion is best effort
         cfg = {}
-    from experiments.config import flatten
-
     model = cfg.get("model") or {}
     if key.startswith("model.options.") and model.get("target"):
         name = key.removeprefix("model.options.")

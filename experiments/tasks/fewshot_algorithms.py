@@ -442,7 +442,7 @@ def algorithm_for(config: Any) -> FewShotAlgorithm:
 def feature_shape(model: nn.Module, dataset: Any) -> tuple[int, int, int]:
     """``(K, h, w)`` of the embedding read as the default target layer's map: ``D = K*h*w``
     (flatten) or ``D = K`` (GAP, read as ``K x 1 x 1``)."""
-    from experiments.training.batches import gather
+    from experiments.embedding import gather
     from fam.layers import capture_layer, model_device, resolve_target_layer
 
     layer = resolve_target_layer(model, None)

@@ -180,7 +180,7 @@ class Subset(torch.utils.data.Dataset):
         return [self.dataset[i] for i in base]
 
     def images_at(self, indices: Tensor) -> Tensor:
-        from experiments.training.batches import gather
+        from experiments.embedding import gather
 
         return gather(self.dataset, self.base_indices(indices))
 
@@ -230,6 +230,8 @@ class Contrastive(TaskFamily):
     Config = ContrastiveConfig
     # which reference is explained: the same encoder serves both
     evaluation_keys = ("reference",)
+    #: the views are drawn in the loader workers, one random stream per worker
+    trainer_identity_keys = ("num_workers",)
 
     def training_part(self, train_set: Any) -> Any:
         """The images the encoder trains on and the bank holds (all but the held out)."""
