@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -257,7 +259,7 @@ def test_changed_config_or_seed_gets_a_new_key_and_trains(tmp_path, monkeypatch)
     assert len(list(tmp_path.glob("fewshot-conv4-*.pt"))) == 3
 
 
-def test_cache_cache_hash_is_canonical():
+def test_cache_hash_is_canonical():
     def cache_hash(key):
         return short_hash(key, strict=True)
 
@@ -464,3 +466,15 @@ def test_protonet_conv4_reaches_70_percent_on_synthetic_test_classes():
     )
     result = fewshot_accuracy(model, test, _episodes(test.labels, 5, 5, 15, 150, seed=1))
     assert result["mean"] >= 0.70, result
+
+
+def test_training_imports_no_task_family():
+    """experiments.training keeps what every family shares; a family is passed in as an
+    object, so importing training loads no family (nor the runner's builders)."""
+    code = (
+        "import sys, experiments.training; "
+        "print([m for m in sys.modules if m.startswith('experiments.tasks') "
+        "or m in ('experiments.builders', 'experiments.pipeline')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
