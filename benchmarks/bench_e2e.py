@@ -160,8 +160,9 @@ def _run(
     whose ``after_unit`` raises :class:`EnoughUnits` ends the run after that unit:
     ``units_done`` then says how many of the ``episodes`` ran."""
     from experiments import pipeline
-    from experiments.builders import device_for, resolve_amp
+    from experiments.builders import device_for
     from experiments.config import compose_config, load
+    from experiments.identity import resolve_amp
 
     cfg = compose_config(overrides)
     run_cfg = load(cfg)

@@ -5,7 +5,11 @@ function that makes the images of jobs ``start:stop`` on the device. This module
 jobs in batches of at most ``batch_size`` images, writes the scores into one preallocated
 device tensor (slice assignment: no host sync inside the loop), and owns the run-time
 context: ``torch.no_grad``, the model's eval mode (when the model is given) and the
-optional bf16 autocast.
+optional bf16 autocast. Whether to autocast is never decided here: ``amp`` is the
+caller's value (in a run, ``metric.amp`` resolved once by the pipeline,
+:func:`experiments.identity.resolve_amp`, and read from the metric settings); this
+module only applies it, with the inputs in channels_last on CUDA, where bf16
+convolutions are fastest in that layout.
 """
 
 from __future__ import annotations
@@ -92,7 +96,8 @@ def stream_scores(
 
     ``build(start, stop)`` returns ``(images (stop - start, C, H, W), index (stop - start,))``.
     Only one batch of perturbed images exists at a time, so peak memory does not grow
-    with the number of jobs.
+    with the number of jobs. ``amp``: score under bf16 autocast (as decided by the
+    caller; channels_last inputs on CUDA).
     """
     scores = torch.empty(n_jobs, device=device, dtype=torch.float32)
     channels_last = amp and device.type == "cuda"

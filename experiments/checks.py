@@ -37,7 +37,7 @@ from typing import Any
 
 import pandas as pd
 
-from evaluation.registry import is_metric_column
+from evaluation.registry import METRICS, is_metric_column
 from evaluation.summary import centre_prior_warning
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,6 @@ MAX_STEP_SHARE = 0.1
 def settings_warnings(settings: dict[str, Any], metrics: list[str]) -> list[dict[str, Any]]:
     """Warnings about resolved metric ``settings`` (``step`` and ``image_size`` in pixels)
     that make the curve metrics among ``metrics`` degenerate (module docstring)."""
-    from evaluation.registry import METRICS
-
     curves = [m for m in metrics if METRICS[m].curves]
     if not curves:
         return []

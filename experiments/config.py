@@ -17,13 +17,15 @@ everything downstream reads typed objects.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import inspect
-import json
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+import sys
+from dataclasses import dataclass, field, fields
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -38,8 +40,6 @@ def _conf_dir() -> Path:
     checkout = Path(__file__).resolve().parents[1] / "conf"
     if (checkout / "config.yaml").is_file():
         return checkout
-    from importlib.util import find_spec
-
     spec = find_spec("fam_bench_conf")  # a namespace package: its one search location
     return Path(next(iter(spec.submodule_search_locations))).resolve()
 
@@ -262,8 +262,6 @@ class RunConfig:
 
 
 def _register_schema() -> None:
-    from hydra.core.config_store import ConfigStore
-
     ConfigStore.instance().store(name="fam_bench_schema", node=RunConfig)
 
 
@@ -312,8 +310,6 @@ def compose_config(
     """Compose ``conf/config.yaml`` with ``overrides`` as ``run.py`` does (tests, notebooks).
     Errors are :class:`FamBenchError` with the nearest valid key
     (:func:`experiments.config_errors.explain_error`)."""
-    from hydra import compose, initialize_config_dir
-
     overrides = with_method_defaults(list(overrides or []))
     overrides, notes = with_own_data(overrides, method_dirs(overrides))
     print_notes(notes)
@@ -333,8 +329,6 @@ def compose_config(
 
 def print_notes(notes: list[str]) -> None:
     """Notes on how the command line was completed (:mod:`experiments.own_data`), on stderr."""
-    import sys
-
     for note in notes:
         print(f"fam-bench: note: {note}", file=sys.stderr)
 
@@ -406,18 +400,3 @@ def signature_options(target: Any, skip: tuple[str, ...]) -> list[str] | None:
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params if p.name not in skip and p.kind is not p.VAR_POSITIONAL]
-
-
-def plain(value: Any) -> Any:
-    """Dataclasses and OmegaConf nodes as plain JSON-able data."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return asdict(value)
-    if isinstance(value, DictConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
-def short_hash(value: Any, length: int = 16) -> str:
-    """sha256 prefix of the canonical JSON of ``value``."""
-    text = json.dumps(value, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]

@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from experiments.plain import flatten
+from evaluation.plain import flatten
 
 _KEY_PATTERNS = (
     r"[Cc]ould not override '([^']+)'",

@@ -1,13 +1,24 @@
-"""The one ``embed`` helper: embeddings of images or dataset items, batched, no grads."""
+"""The one ``embed`` helper (embeddings of images or dataset items, batched, no grads)
+and :func:`gather`, the batch access to dataset items it and the training loaders use."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fam.layers import eval_mode, model_device
+
+
+def gather(dataset: Any, indices: Tensor | Sequence[int]) -> Tensor:
+    """Images at ``indices``: ``(B,) -> (B, 3, H, W)`` float, normalised as the dataset
+    returns them."""
+    indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    if hasattr(dataset, "images_at"):
+        return dataset.images_at(indices)
+    return torch.stack([dataset[i]["image"] for i in indices.tolist()])
 
 
 @torch.no_grad()
@@ -25,10 +36,7 @@ def embed(
             for start in range(0, len(source), batch_size):
                 chunks.append(model(source[start : start + batch_size]).float())
         else:
-            from experiments.training.batches import gather
-
-            if indices is None:
-                indices = torch.arange(len(source))
+            indices = torch.arange(len(source)) if indices is None else indices
             device = model_device(model) or torch.device("cpu")
             for start in range(0, len(indices), batch_size):
                 images = gather(source, indices[start : start + batch_size]).to(device)

@@ -18,8 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from evaluation.plain import plain_container
 from experiments.atomic import atomic_write
-from experiments.plain import to_plain
 
 # Label in environment.json -> distribution name on PyPI.
 PACKAGES: dict[str, str] = {
@@ -112,7 +112,7 @@ def device_info(device: Any = None) -> dict[str, Any]:
 
 def _plain(cfg: Any) -> Any:
     """A JSON-safe copy of ``cfg`` (OmegaConf configs resolved; unknown objects as strings)."""
-    return json.loads(json.dumps(to_plain(cfg), default=str))
+    return json.loads(json.dumps(plain_container(cfg), default=str))
 
 
 def collect_environment(

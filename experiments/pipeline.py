@@ -32,14 +32,20 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from evaluation.plain import plain
 from evaluation.registry import METRICS, metric_columns
 from evaluation.reporting.figures import plot_run_figures
 from evaluation.reporting.map_grid import plot_map_grid
 from evaluation.reporting.report import write_run_report
-from experiments import builders, config
-from experiments.checks import settings_warnings
+from evaluation.sanity import reinitialised
+from evaluation.summary import summarise
+from experiments import builders, config, identity
+from experiments.checks import conservation_warnings, run_warnings, settings_warnings
+from experiments.environment import write_environment
+from experiments.loggers import build_logger
 from experiments.store import OutputStore
 from experiments.tasks import family_for
+from experiments.tasks.base import TaskFamily, annotation_sizes
 from experiments.worker import Job, launch
 from fam.errors import FamBenchError
 
@@ -54,20 +60,6 @@ def progress(step: str, text: str, *args: Any) -> None:
     log.info("[%d/%d] %s: " + text, STEPS.index(step) + 1, len(STEPS), step, *args)
 
 
-#: config entries that change how a run executes but never its numbers; they are left
-#: out of the fingerprint so a run can resume on other hardware or with other batch sizes.
-EXECUTION_KEYS = (
-    *(("trainer", k) for k in sorted(builders.TRAINER_EXECUTION_KEYS)),
-    ("logger",),
-    ("cache_dir",),
-    ("output_dir",),
-    ("eval", "progress"),
-    ("eval", "batch_size"),
-    ("eval", "figure_samples"),
-    ("eval", "untrained_baseline"),
-    ("metric", "batch_size"),
-    ("data", "root"),
-)
 #: the leading columns of results.csv, in order
 FRONT_COLUMNS = [
     "sample_id",
@@ -100,30 +92,6 @@ def check_metrics(names: list[str]) -> list[str]:
             f"(valid: {', '.join(per_sample)})."
         )
     return names
-
-
-def fingerprint_of(
-    run: config.RunConfig,
-    methods: dict[str, builders.Method],
-    content: dict[str, str] | None = None,
-) -> tuple[str, dict]:
-    """``(sha256[:16], the fingerprinted config)``: every entry that can change a number,
-    including each listed method's options and the data's content id
-    (:func:`builders.data_content`, in place of ``data.root``)."""
-    container = config.plain(run)
-    for path in EXECUTION_KEYS:
-        node = container
-        for key in path[:-1]:
-            node = node.get(key, {})
-        node.pop(path[-1], None)
-    # metric.amp=auto means fp32 on CPU and bf16 on CUDA: the precision used is what counts
-    device = builders.device_for(run.trainer.accelerator)
-    container["metric"]["amp"] = builders.resolve_amp(run.metric.amp, device)
-    container["method"] = {name: m.options for name, m in methods.items()}
-    container["trainer"].update(builders.run_identity_trainer_keys(run))
-    if content:
-        container["data"]["content"] = dict(content)
-    return config.short_hash(container), container
 
 
 def applicable_metrics(
@@ -161,8 +129,6 @@ def applicable_metrics(
 
 def _check_annotation_sizes(run_cfg: config.RunConfig, metrics: list[str], eval_set) -> None:
     """``tolerance_at=annotation`` needs each mask's resolution: refuse before training."""
-    from experiments.tasks.base import annotation_sizes
-
     uses_tolerance = any(METRICS[m].uses_tolerance for m in metrics)
     if not uses_tolerance or run_cfg.metric.tolerance_at != "annotation":
         return
@@ -188,35 +154,36 @@ def run(
     ``after_unit(u)`` is called after unit ``u`` was written (single-process runs only;
     tests use it to interrupt a run). Returns the merged frames and the output paths.
     """
-    from experiments.loggers import build_logger
-
     run_cfg = config.load(cfg)
     family = family_for(run_cfg.task)
-    run_cfg.task = config.plain(family.config)  # with the family's defaults filled in
-    methods = builders.build_methods(run_cfg)
+    run_cfg.task = plain(family.config)  # with the family's defaults filled in
+    # the run's device and autocast, decided once: every later step receives them
+    device = builders.device_for(run_cfg.trainer.accelerator)
+    autocast = identity.resolve_amp(run_cfg.metric.amp, device)
+    methods = builders.build_methods(run_cfg.methods, run_cfg.method, autocast)
     metrics = check_metrics(list(run_cfg.metrics))
     # the seed before the datasets: their building draws from the global stream that the
     # model's initialisation then continues (the published numbers depend on this order)
     torch.manual_seed(run_cfg.seed)
     progress("data", "building the %s datasets", run_cfg.data.name)
-    train_set, eval_set = builders.build_datasets(run_cfg)
+    train_set, eval_set = builders.build_datasets(run_cfg.data, run_cfg.name)
     family.check_data(run_cfg, train_set, eval_set)
-    content = builders.data_content(run_cfg, train_set, eval_set)
-    fingerprint, fingerprinted = fingerprint_of(run_cfg, methods, content)
+    content = builders.data_content(run_cfg.data.root, run_cfg.cache_dir, train_set, eval_set)
+    fingerprint, fingerprinted = identity.fingerprint_of(
+        run_cfg, family, {name: m.options for name, m in methods.items()}, autocast, content
+    )
     out = Path(output_dir)
     with OutputStore(out) as store:
         store.claim(fingerprint, fingerprinted)
         logger = build_logger(run_cfg.logger, out, run_cfg.name)
-        device = builders.device_for(run_cfg.trainer.accelerator)
         _check_annotation_sizes(run_cfg, metrics, eval_set)
         notes: list[str] = []
         if run_cfg.model.checkpoint is not None:
             progress("model", "loading model.checkpoint=%s", run_cfg.model.checkpoint)
         else:
-            progress(
-                "model", "training %s, or loading it from the cache", builders.model_label(run_cfg)
-            )
-        model = builders.build_model(
+            label = builders.model_label(run_cfg.model)
+            progress("model", "training %s, or loading it from the cache", label)
+        model = build_run_model(
             run_cfg, family, train_set, device, out, logger.logger, notes, content
         )
         evaluation = family.evaluation(run_cfg, train_set, eval_set, model, device)
@@ -224,7 +191,7 @@ def run(
         metrics = applicable_metrics(
             metrics, eval_set, evaluation, run_cfg.data.name, notes, skipped
         )
-        settings = builders.metric_settings(run_cfg, family, evaluation)
+        settings = identity.metric_settings(run_cfg, family, evaluation, autocast)
         job = _job(
             run_cfg,
             family,
@@ -233,6 +200,7 @@ def run(
             methods,
             metrics,
             settings,
+            autocast,
             fingerprint,
             out,
             eval_set,
@@ -269,6 +237,37 @@ def run(
         return _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path)
 
 
+def build_run_model(
+    run: config.RunConfig,
+    family: TaskFamily,
+    train_set: Any,
+    device: torch.device,
+    out: Path,
+    logger: Any,
+    notes: list[str],
+    content: dict[str, str] | None = None,
+) -> torch.nn.Module:
+    """The run's model (:func:`builders.build_model`): ``run.model`` loaded, reused from
+    the cache under :func:`identity.training_key` (``content``: the data's content ids),
+    or trained with ``run.trainer``; ``out``: the run folder, where a model the cache
+    cannot take is kept."""
+    return builders.build_model(
+        run.model,
+        run.data.image_size,
+        family,
+        train_set,
+        device,
+        trainer=run.trainer,
+        cache_dir=run.cache_dir,
+        key=identity.training_key(run, family, content),
+        seed=run.seed,
+        out=out,
+        logger=logger,
+        notes=notes,
+        progress=run.eval.progress,
+    )
+
+
 def untrained_task_metrics(
     evaluation: Any, model: torch.nn.Module, seed: int, notes: list[str]
 ) -> dict[str, float]:
@@ -277,8 +276,6 @@ def untrained_task_metrics(
     encoder must clear. On the embedded contrastive data colour alone separates much of
     the classes, so chance (0.1) is no floor there; a random Conv-4 reaches kNN 0.62.
     ``{}`` (and a note) when a module cannot be re-initialised."""
-    from evaluation.sanity import reinitialised
-
     try:
         untrained = reinitialised(model, seed)
     except FamBenchError as err:
@@ -290,28 +287,28 @@ def untrained_task_metrics(
 
 
 def _job(
-    run_cfg,
-    family,
-    evaluation,
-    model,
-    methods,
-    metrics,
-    settings,
-    fingerprint,
-    out,
-    eval_set,
-    content=None,
+    run_cfg: config.RunConfig,
+    family: TaskFamily,
+    evaluation: Any,
+    model: torch.nn.Module,
+    methods: dict[str, builders.Method],
+    metrics: list[str],
+    settings: dict[str, Any],
+    autocast: bool,
+    fingerprint: str,
+    out: Path,
+    eval_set: Any,
+    content: dict[str, str] | None = None,
 ) -> Job:
-    model_id = builders.model_id(run_cfg, content, getattr(model, "weights_id", None))
+    model_id = identity.model_id(run_cfg, family, content, getattr(model, "weights_id", None))
     data_stats = (getattr(eval_set, "mean", None), getattr(eval_set, "std", None))
-    data = builders.located_data(run_cfg, content and content["eval"])
-    table_id = config.short_hash(
-        {"data": data, "model": model_id, "task": dict(run_cfg.task), "settings": settings}, 12
+    table_id = identity.table_id(
+        run_cfg.data, content and content["eval"], model_id, run_cfg.task, settings
     )
     constants = {
         "experiment": run_cfg.name,
         "dataset": run_cfg.data.name,
-        "model": builders.model_label(run_cfg),
+        "model": builders.model_label(run_cfg.model),
         "task": family.name,
         "seed": run_cfg.seed,
         "model_id": model_id,
@@ -319,7 +316,7 @@ def _job(
     }
     method_columns = {
         name: {
-            "settings_id": builders.settings_id(settings, m),
+            "settings_id": identity.settings_id(settings, m.options),
             "method_options": json.dumps(m.options, sort_keys=True, default=str),
         }
         for name, m in methods.items()
@@ -330,6 +327,7 @@ def _job(
         methods=methods,
         metrics=metrics,
         settings=settings,
+        autocast=autocast,
         fingerprint=fingerprint,
         out=out,
         seed=run_cfg.seed,
@@ -347,10 +345,6 @@ def _job(
 
 
 def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path) -> dict:
-    from evaluation.summary import summarise
-    from experiments.checks import conservation_warnings, run_warnings
-    from experiments.environment import write_environment
-
     progress("report", "merging results; writing the summary, figures and report")
     columns = metric_columns(job.metrics, other=True)
     merged = store.merge(
@@ -393,7 +387,7 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
     write_environment(
         store.out / "environment.json",
         cfg_dict={
-            "config": config.plain(run_cfg),
+            "config": plain(run_cfg),
             "model": job.constants["model"],
             "model_id": job.constants["model_id"],
             "checkpoint_load": getattr(job.model, "load_report", None),
@@ -404,7 +398,7 @@ def _finish(run_cfg, job, store, evaluation, eval_set, device, logger, task_path
         device=device,
         seed=run_cfg.seed,
     )
-    logger.log_run(config.plain(run_cfg), summary, pd.read_csv(task_path), figures)
+    logger.log_run(plain(run_cfg), summary, pd.read_csv(task_path), figures)
     report = write_run_report(store.out)
     table = summary.pivot(index="method", columns="metric", values="mean")
     log.info("mean per method and metric:\n%s", table.round(3).to_string())

@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from evaluation.plain import flatten
 from experiments.atomic import atomic_write, atomic_write_bytes
-from experiments.plain import flatten
 from fam.errors import FamBenchError
 
 SHARD_DIR = "shards"

@@ -20,14 +20,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning_fabric import Fabric
 from torch import nn
+from tqdm.auto import tqdm
 
 from baselines.random_map import smooth_tie_field
 from evaluation.registry import METRICS, MetricInputs, compute_all
+from evaluation.sanity import randomisation_sanity
 from experiments.data.seeding import Stream, derive_seed
 from experiments.store import OutputStore
-from experiments.tasks import Evaluation as TaskEvaluation
-from experiments.tasks import Unit
+from experiments.tasks.base import Evaluation as TaskEvaluation
+from experiments.tasks.base import Unit
 from fam.errors import FamBenchError
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,9 @@ class Job:
     methods: dict[str, Any]  # name -> builders.Method
     metrics: list[str]
     settings: dict[str, Any]
+    #: the run's resolved ``metric.amp`` (decided once, by the pipeline): bf16 autocast for
+    #: every explainer that offers it; the metrics read the same value from ``settings``
+    autocast: bool
     fingerprint: str
     out: Any  # the run folder (a Path)
     seed: int
@@ -85,9 +91,9 @@ def takes_amp(explainer: Any) -> bool:
 
 
 def make_explainer(job: Job, method: Any, model: nn.Module, seed: int) -> Any:
-    """The method's explainer, under ``metric.amp`` (resolved) when it offers autocast."""
+    """The method's explainer, under the run's autocast when it offers it."""
     explainer = method.make(model, job.target_layer, seed)
-    if job.settings.get("amp") and takes_amp(explainer):
+    if job.autocast and takes_amp(explainer):
         explainer.amp = True
     return explainer
 
@@ -371,8 +377,6 @@ def subset_unit(unit: Unit, idx: torch.Tensor) -> Unit:
 
 def sanity_rows(job: Job, unit: Unit) -> list[dict]:
     """Model-randomisation cascade on the first samples of unit 0, per method."""
-    from evaluation import randomisation_sanity
-
     k = min(job.settings["sanity_samples"], len(unit.images))
     rows = []
     for name, method in job.methods.items():
@@ -399,15 +403,13 @@ def sanity_rows(job: Job, unit: Unit) -> list[dict]:
 
 def _worker(fabric, job: Job, todo: list[int], after_unit: Callable[[int], None] | None) -> None:
     """Evaluate this rank's share of ``todo`` (round-robin) and write each shard."""
-    from tqdm.auto import tqdm
-
     world, rank = fabric.world_size, fabric.global_rank
     device = fabric.device
     if device.type == "cpu" and world > 1:
         # Processes share the CPU cores instead of each spawning a full thread pool.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     job.model.to(device).eval()
-    if device.type == "cpu" or job.settings.get("amp"):
+    if device.type == "cpu" or job.autocast:
         # NHWC weights: bf16 convolutions on CUDA are fastest so (explainers and metrics feed
         # NHWC inputs there), and on CPU oneDNN runs fp32 convolutions in NHWC about twice as
         # fast (Conv-4 at 32 and 84 px; BENCHMARKS.md) with contiguous inputs: a layout,
@@ -432,8 +434,6 @@ def launch(
     after_unit: Callable[[int], None] | None = None,
 ) -> None:
     """Run :func:`_worker` in this process, or on ``devices x num_nodes`` processes."""
-    from lightning_fabric import Fabric
-
     world = devices * num_nodes
     if world > 1:
         if after_unit is not None:

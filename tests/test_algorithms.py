@@ -28,6 +28,7 @@ from torch import nn
 
 import experiments.training.train as train_module
 from baselines import GradCAM
+from evaluation.plain import plain
 from evaluation.sanity import reinitialised
 from experiments import pipeline
 from experiments.config import compose_config
@@ -208,7 +209,7 @@ class Trained:
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(train_module, "fit", spy)
-            train_or_load(self.model, train, self.family, None, trainer, None, cache, key, 0)
+            train_or_load(self.model, train, self.family, trainer, None, cache, key, 0)
         self.losses = torch.stack(captured["module"].train_losses).tolist()
         self.checkpoint = cached_checkpoint(cache, self.family.name, self.model, key, 0)
         self.trainer = trainer
@@ -316,7 +317,7 @@ def test_algorithm_trains_beats_its_floor_round_trips_and_runs_every_method(
         assert acc >= untrained + MARGIN, f"{name}: {acc:.3f} vs untrained {untrained:.3f}"
     # 3. the checkpoint (and its sidecar) round-trips into a fresh network and family
     fresh, family = network(t.spec["pooling"]), family_for(dict(t.spec["task"]))
-    train_or_load(fresh, train, family, None, t.trainer, t.checkpoint, None, {}, 0)
+    train_or_load(fresh, train, family, t.trainer, t.checkpoint, None, {}, 0)
     for key, value in t.model.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[key], value, rtol=0, atol=0)
     assert task_state_path(t.checkpoint).is_file() == bool(
@@ -401,7 +402,7 @@ def test_a_checkpoint_without_its_sidecar_is_a_clear_error(splits, tmp_path):
     family = family_for({**FEWSHOT, "algorithm": "relationnet"})
     trainer = {"max_steps": 1, "accelerator": "cpu"}
     with pytest.raises(FamBenchError, match=r"no sidecar .*bare\.task\.pt"):
-        train_or_load(network("flatten"), splits[0], family, None, trainer, bare, None, {}, 0)
+        train_or_load(network("flatten"), splits[0], family, trainer, bare, None, {}, 0)
 
 
 # -- matchingnet and simpleshot: what the explainers see ----------------------------------
@@ -492,20 +493,21 @@ def test_a_cosine_protonet_keeps_its_learned_temperature_for_the_score(tmp_path,
     tau = float(torch.load(sidecars[0], weights_only=True)["log_temperature"].exp())
     assert tau != pytest.approx(10.0)  # learned, not the initial value
 
-    from experiments import builders
+    from experiments import builders, pipeline
 
     run = config_module.load(cfg)
     family = family_for(run.task)
-    run.task = config_module.plain(family.config)  # as the pipeline keys the cache
+    run.task = plain(family.config)  # as the pipeline keys the cache
     monkeypatch.setattr(
         train_module, "fit", lambda *a, **k: pytest.fail("the cached model should be reused")
     )
 
-    model = builders.build_model(
-        run, family, *builders.build_datasets(run)[:1], torch.device("cpu"), tmp_path, False, []
+    train_set, _ = builders.build_datasets(run.data, run.name)
+    model = pipeline.build_run_model(
+        run, family, train_set, torch.device("cpu"), tmp_path, False, []
     )
     assert family.algorithm.temperature == pytest.approx(tau)  # reloaded from the sidecar
-    _, eval_set = builders.build_datasets(run)
+    _, eval_set = builders.build_datasets(run.data, run.name)
     evaluation = family.evaluation(run, None, eval_set, model, torch.device("cpu"))
     unit = evaluation.unit(0, model, torch.device("cpu"))
     index = torch.arange(len(unit.images))

@@ -204,9 +204,9 @@ def test_bad_arguments_are_clear_errors():
 def test_a_subset_maps_every_batched_fetch_to_its_own_items():
     """The holdout Subset (contrastive queries and bank) must hand out its items, not the
     dataset's items at the subset's positions, through every batched path."""
+    from experiments.embedding import gather
     from experiments.tasks.base import stack_items
     from experiments.tasks.neighbour.holdout import Subset
-    from experiments.training.batches import gather
 
     ds = SyntheticShapes("train", images_per_class=6, seed=4)
     subset = Subset(ds, torch.tensor([5, 11, 40, 3]))

@@ -14,7 +14,8 @@ import torch
 from conftest import tiny
 
 from baselines import RelevanceCAM
-from experiments import builders, pipeline
+from evaluation.plain import plain
+from experiments import builders, identity, pipeline
 from experiments import config as config_module
 from experiments.models.conv4 import Conv4
 from experiments.tasks import family_for
@@ -47,11 +48,12 @@ def test_euclidean_distance_reproduces_easyfsl_logits(tmp_path):
 
     run = config_module.load(cfg)
     family = family_for(run.task)
-    run.task = config_module.plain(family.config)
-    model = builders.build_model(
-        run, family, *builders.build_datasets(run)[:1], torch.device("cpu"), tmp_path, False, []
+    run.task = plain(family.config)
+    train_set, _ = builders.build_datasets(run.data, run.name)
+    model = pipeline.build_run_model(
+        run, family, train_set, torch.device("cpu"), tmp_path, False, []
     )
-    _, eval_set = builders.build_datasets(run)
+    _, eval_set = builders.build_datasets(run.data, run.name)
     evaluation = family.evaluation(run, None, eval_set, model, torch.device("cpu"))
     unit = evaluation.unit(0, model, torch.device("cpu"))
     episode = evaluation.sampler.episode(0)
@@ -82,19 +84,18 @@ def test_training_logits_and_pairwise_are_easyfsls():
 
 
 def test_distance_is_in_the_fingerprint_and_settings_id():
-    from experiments.pipeline import fingerprint_of
-
     ids, prints = [], []
     for distance in ("squared_euclidean", "euclidean"):
         cfg = config_module.compose_config([*TINY, f"task.distance={distance}"])
         run = config_module.load(cfg)
         family = family_for(run.task)
-        run.task = config_module.plain(family.config)
-        methods = builders.build_methods(run)
-        prints.append(fingerprint_of(run, methods)[0])
+        run.task = plain(family.config)
+        methods = builders.build_methods(run.methods, run.method, False)
+        options = {name: m.options for name, m in methods.items()}
+        prints.append(identity.fingerprint_of(run, family, options, False)[0])
         evaluation = type("E", (), {"similarity": family.algorithm.similarity_name})()
-        settings = builders.metric_settings(run, family, evaluation)
-        ids.append(builders.settings_id(settings, methods["fam"]))
+        settings = identity.metric_settings(run, family, evaluation, False)
+        ids.append(identity.settings_id(settings, methods["fam"].options))
     assert prints[0] != prints[1] and ids[0] != ids[1]
 
 

@@ -15,9 +15,9 @@ from conftest import tiny
 
 from evaluation import deletion_insertion
 from experiments import pipeline
-from experiments.builders import resolve_amp
 from experiments.config import compose_config, load
 from experiments.data.synthetic import _CHUNK, SyntheticShapes, _to_uint8
+from experiments.identity import resolve_amp
 from fam.errors import FamBenchError
 
 
@@ -60,7 +60,7 @@ def test_an_episode_renders_only_its_own_images():
     from experiments.builders import build_datasets
     from experiments.tasks import family_for
 
-    _, eval_set = build_datasets(cfg)
+    _, eval_set = build_datasets(cfg.data, cfg.name)
     family = family_for(cfg.task)
     evaluation = family.evaluation(cfg, None, eval_set, _tiny_net(cfg), torch.device("cpu"))
     evaluation.unit(0, _tiny_net(cfg), torch.device("cpu"))
@@ -82,7 +82,7 @@ def _tiny_net(cfg):
     from experiments.builders import build_network
 
     torch.manual_seed(0)
-    return build_network(cfg).eval()
+    return build_network(cfg.model).eval()
 
 
 # -- the pipeline: work and batch sizes per unit do not grow with the run -----------------
@@ -186,7 +186,7 @@ def test_amp_auto_is_fp32_on_cpu_and_bf16_on_cuda():
 
 
 def test_amp_auto_on_cpu_keeps_the_settings_and_fingerprint_of_fp32(tmp_path):
-    from experiments import builders
+    from experiments import builders, identity
     from experiments.tasks import family_for
 
     ids, prints = [], []
@@ -194,10 +194,13 @@ def test_amp_auto_on_cpu_keeps_the_settings_and_fingerprint_of_fp32(tmp_path):
         run = load(compose_config([*TINY, f"metric.amp={amp}"]))
         family = family_for(run.task)
         evaluation = type("E", (), {"similarity": "euclidean", "score": "probability"})()
-        settings = builders.metric_settings(run, family, evaluation)
+        autocast = identity.resolve_amp(run.metric.amp, torch.device("cpu"))
+        settings = identity.metric_settings(run, family, evaluation, autocast)
         assert settings["amp"] is False
-        ids.append(builders.settings_id(settings))
-        prints.append(pipeline.fingerprint_of(run, builders.build_methods(run))[0])
+        ids.append(identity.settings_id(settings))
+        methods = builders.build_methods(run.methods, run.method, autocast)
+        options = {name: m.options for name, m in methods.items()}
+        prints.append(identity.fingerprint_of(run, family, options, autocast)[0])
     assert ids[0] == ids[1] and prints[0] == prints[1]
 
 
@@ -209,7 +212,7 @@ def test_an_unknown_amp_value_is_a_clear_error():
 # -- CUDA ---------------------------------------------------------------------------------
 def _cuda_unit(amp: str):
     """A TINY-shaped unit on CUDA (random Conv-4 at 32 px) and its job."""
-    from experiments import builders
+    from experiments import builders, identity
     from experiments.tasks import family_for
     from experiments.worker import Job
 
@@ -227,17 +230,19 @@ def _cuda_unit(amp: str):
         )
     )
     device = torch.device("cuda")
-    _, eval_set = builders.build_datasets(run)
+    _, eval_set = builders.build_datasets(run.data, run.name)
     family = family_for(run.task)
     model = _tiny_net(run).to(device)
     evaluation = family.evaluation(run, None, eval_set, model, device)
-    settings = builders.metric_settings(run, family, evaluation)
+    autocast = identity.resolve_amp(run.metric.amp, device)
+    settings = identity.metric_settings(run, family, evaluation, autocast)
     job = Job(
         evaluation=evaluation,
         model=model,
-        methods=builders.build_methods(run),
+        methods=builders.build_methods(run.methods, run.method, autocast),
         metrics=list(run.metrics),
         settings=settings,
+        autocast=autocast,
         fingerprint="",
         out=None,
         seed=0,

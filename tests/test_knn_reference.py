@@ -93,7 +93,7 @@ def test_tied_votes_predict_the_smaller_label():
 def test_the_reference_changes_the_protocol_but_not_the_model_cache_key():
     """``task.reference`` picks what is explained, not how the encoder trains: the cached
     model is shared, while the results' protocol (``settings_id``) tells the two apart."""
-    from experiments import builders, config
+    from experiments import config, identity
     from experiments.tasks import family_for
 
     runs = {
@@ -102,7 +102,7 @@ def test_the_reference_changes_the_protocol_but_not_the_model_cache_key():
         )
         for ref in ("knn_class", "nearest")
     }
-    keys = {ref: builders.training_key(run) for ref, run in runs.items()}
+    keys = {ref: identity.training_key(run, family_for(run.task)) for ref, run in runs.items()}
     assert keys["knn_class"] == keys["nearest"]
     protocols = {ref: family_for(run.task).protocol(run.eval) for ref, run in runs.items()}
     assert protocols["knn_class"]["reference"] == "knn_class"
@@ -110,7 +110,7 @@ def test_the_reference_changes_the_protocol_but_not_the_model_cache_key():
     other = config.load(
         config.compose_config(["experiment=synthetic_simclr", "task.temperature=0.2"])
     )
-    assert builders.training_key(other) != keys["knn_class"]
+    assert identity.training_key(other, family_for(other.task)) != keys["knn_class"]
 
 
 class _Images(torch.utils.data.Dataset):

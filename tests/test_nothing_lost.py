@@ -425,7 +425,7 @@ def test_out_of_memory_says_memory_and_names_the_batch_sizes(tmp_path, monkeypat
     ],
 )
 def test_a_checkpoint_that_cannot_be_read_is_described(make, named, tmp_path):
-    from experiments.training.checkpoints import read_checkpoint
+    from experiments.training.checkpoint_files import read_checkpoint
 
     path = tmp_path / "model.pt"
     make(path)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines import MaskOracle, ScoreCAM
+from evaluation.plain import plain
 from evaluation.pointing import pointing_game
 from evaluation.stats import wilcoxon
 from experiments import builders, config, pipeline
@@ -118,7 +119,7 @@ def test_synthetic_simclr_trains_and_reports_knn_and_linear_probe(simclr, cache)
     assert metrics["linear_probe_accuracy"] >= 0.75
     run_cfg = config.load(compose(cache, *SIMCLR))
     family = family_for(run_cfg.task)
-    train_set, _ = builders.build_datasets(run_cfg)
+    train_set, _ = builders.build_datasets(run_cfg.data, run_cfg.name)
     bank, held_out = holdout_split(train_set, family.config.holdout_per_class)
     torch.manual_seed(0)
     untrained = build_model("conv4", hidden=64, pools=[True, True, False, False], pooling="gap")
@@ -186,10 +187,10 @@ def evaluation_of(cache: Path, tmp: Path, *overrides: str):
     """The trained model and the task evaluation of a composed run (model from the cache)."""
     run_cfg = config.load(compose(cache, *overrides))
     family = family_for(run_cfg.task)
-    run_cfg.task = config.plain(family.config)
+    run_cfg.task = plain(family.config)
     device = torch.device("cpu")
-    train_set, eval_set = builders.build_datasets(run_cfg)
-    model = builders.build_model(run_cfg, family, train_set, device, tmp, None, [])
+    train_set, eval_set = builders.build_datasets(run_cfg.data, run_cfg.name)
+    model = pipeline.build_run_model(run_cfg, family, train_set, device, tmp, None, [])
     return model, family.evaluation(run_cfg, train_set, eval_set, model, device), run_cfg
 
 

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from conftest import tiny
 
-from experiments import builders, config, pipeline
+from evaluation.plain import plain
+from experiments import builders, config, identity, pipeline
 from experiments.store import OutputStore
 from experiments.tasks import family_for
 from fam.errors import FamBenchError
@@ -50,13 +51,24 @@ def settings_of(run: config.RunConfig, score: str = "probability") -> dict:
         score=score if family.name == "fewshot" else "similarity",
         similarity=family.config.similarity,
     )
-    return builders.metric_settings(run, family, evaluation)
+    return identity.metric_settings(run, family, evaluation, autocast_of(run))
+
+
+def autocast_of(run: config.RunConfig) -> bool:
+    """``metric.amp`` resolved as the pipeline does, once per run."""
+    return identity.resolve_amp(run.metric.amp, builders.device_for(run.trainer.accelerator))
+
+
+def methods_of(run: config.RunConfig) -> dict[str, builders.Method]:
+    return builders.build_methods(run.methods, run.method, autocast_of(run))
 
 
 def fingerprint(*overrides: str) -> tuple[str, dict]:
     run = typed(*overrides)
-    run.task = config.plain(family_for(run.task).config)
-    return pipeline.fingerprint_of(run, builders.build_methods(run))
+    family = family_for(run.task)
+    run.task = plain(family.config)
+    options = {name: m.options for name, m in methods_of(run).items()}
+    return identity.fingerprint_of(run, family, options, autocast_of(run))
 
 
 def test_the_ten_experiments_exist_and_compose_with_their_protocol_settings():
@@ -171,14 +183,14 @@ def test_launchers_and_loggers_compose():
 
 
 def test_every_method_config_builds_an_explainer_factory():
-    methods = builders.build_methods(typed())
+    methods = methods_of(typed())
     assert list(methods) == [*METHODS, "mask"]  # the default experiment adds the oracle
     assert all(callable(m.factory) for m in methods.values())
 
 
 def test_unknown_method_and_metric_names_list_the_valid_ones():
     with pytest.raises(FamBenchError, match="Valid methods.*gradcam"):
-        builders.build_methods(typed("methods=[fam,gradkam]"))
+        methods_of(typed("methods=[fam,gradkam]"))
     with pytest.raises(FamBenchError, match="Valid metrics.*deletion_auc"):
         pipeline.check_metrics(["pointing_gme"])
 
@@ -211,7 +223,7 @@ def test_loader_workers_name_the_weights_only_where_they_draw_random_views():
     episodes and retrieval batches are not: num_workers is an execution key there."""
     for experiment, matters in (("synthetic_simclr", True), ("synthetic_5way", False)):
         runs = [typed(f"experiment={experiment}", f"trainer.num_workers={w}") for w in (0, 2)]
-        keys = [builders.training_key(r) for r in runs]
+        keys = [identity.training_key(r, family_for(r.task)) for r in runs]
         prints = [
             fingerprint(f"experiment={experiment}", f"trainer.num_workers={w}")[0] for w in (0, 2)
         ]
@@ -240,7 +252,7 @@ def test_training_runs_in_one_process_whatever_the_evaluation_devices(monkeypatc
     model = build_model("conv4", hidden=8, pools=[True, True, False, False])
     trainer = {"max_steps": 1, "batch_size": 8, "accelerator": "cpu", "devices": 2}
     task = {"name": "fewshot", "train_way": 2, "train_shot": 1, "train_query": 1}
-    train_module.fit(model, data, "fewshot", task, trainer)
+    train_module.fit(model, data, family_for(task), trainer)
     assert (seen["devices"], seen["num_nodes"], seen["strategy"]) == (1, 1, "auto")
 
 
@@ -248,7 +260,7 @@ def test_the_unit_size_of_neighbour_tasks_is_in_settings_id():
     """Queries of one unit share the random maps' seed and the pairs' second object."""
     for experiment in ("synthetic_retrieval", "synthetic_simclr"):
         ids = {
-            builders.settings_id(
+            identity.settings_id(
                 settings_of(typed(f"experiment={experiment}", f"eval.unit_size={n}"))
             )
             for n in (8, 32)
@@ -263,17 +275,17 @@ def test_method_options_record_the_precision_that_runs():
     ``amp`` option (results' method_options) says so instead of the YAML's false."""
     for amp, expected in (("auto", False), ("true", True)):
         run = typed("trainer.accelerator=cpu", f"metric.amp={amp}", "methods=[fam,center]")
-        methods = builders.build_methods(run)
+        methods = methods_of(run)
         assert methods["fam"].options["amp"] is expected
         assert "amp" not in methods["center"].options
     run = typed("trainer.accelerator=cpu", "method.fam.amp=true", "methods=[fam,gradcam]")
-    methods = builders.build_methods(run)
+    methods = methods_of(run)
     assert methods["fam"].options["amp"] is True and methods["gradcam"].options["amp"] is False
 
 
 def test_settings_id_changes_with_every_metric_setting():
     base = settings_of(typed())
-    ids = {builders.settings_id(base)}
+    ids = {identity.settings_id(base)}
     for key, value in (
         ("step", 8),
         ("blur_sigma", 2.0),
@@ -281,7 +293,7 @@ def test_settings_id_changes_with_every_metric_setting():
         ("score", "similarity"),
         ("insertion_substrate", "zeros"),
     ):
-        ids.add(builders.settings_id({**base, key: value}))
+        ids.add(identity.settings_id({**base, key: value}))
     assert len(ids) == 6
 
 
@@ -355,7 +367,7 @@ def test_each_logger_records_the_summary_and_figures(kind, tmp_path, monkeypatch
     summary = pd.DataFrame({"method": ["fam"], "metric": ["deletion_auc"], "mean": [0.25]})
     task = pd.DataFrame({"metric": ["fewshot_accuracy"], "value": [0.9]})
     run = typed(f"logger={kind}")
-    build_logger(run.logger, tmp_path, "run").log_run(config.plain(run), summary, task, [figure])
+    build_logger(run.logger, tmp_path, "run").log_run(plain(run), summary, task, [figure])
     logs = tmp_path / "logs"
     if kind == "csv":
         metrics = pd.read_csv(logs / "metrics.csv")
@@ -422,4 +434,4 @@ def test_the_shipped_experiments_pass_the_settings_check():
     for experiment in sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")):
         run = typed(f"experiment={experiment}")
         family_for(run.task)
-        builders.build_methods(run)
+        methods_of(run)

@@ -344,7 +344,7 @@ def test_model_reshape_names_a_callable_for_custom_models_only():
         build_model_from_config({"target": target, "reshape": "test_token_models.SIZE"})
     run = config.load(config.compose_config(["model.reshape=test_token_models.swin_like_reshape"]))
     with pytest.raises(FamBenchError, match="model=custom only"):
-        builders.build_network(run)
+        builders.build_network(run.model)
 
 
 class ConvStem(nn.Module):

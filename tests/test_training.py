@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from torch import nn
 
 import experiments.training.train as train_module
+from evaluation.plain import short_hash
 from experiments.models import build_model
 from experiments.tasks import family_for
 from experiments.tasks.fewshot import EpisodeClassifier, episode_accuracy
@@ -20,7 +24,6 @@ from experiments.tasks.neighbour.task_metrics import knn_accuracy, recall_at_k
 from experiments.training import (
     cached_checkpoint,
     fit,
-    key_hash,
     load_weights,
     save_weights,
     train_or_load,
@@ -30,6 +33,11 @@ from fam.errors import FamBenchError
 from fam.similarity import pairwise
 
 CPU = {"accelerator": "cpu", "devices": 1}
+
+
+def _family(name, cfg=None):
+    """The registered task family ``name`` with the task config ``cfg``."""
+    return family_for({"name": name, **(cfg or {})})
 
 
 class ToyShapes(torch.utils.data.Dataset):
@@ -92,8 +100,7 @@ def test_protonet_loss_decreases():
     module, _ = fit(
         _toy_conv4(),
         ToyShapes(),
-        "fewshot",
-        {"train_way": 4, "train_shot": 2, "train_query": 3},
+        _family("fewshot", {"train_way": 4, "train_shot": 2, "train_query": 3}),
         {"max_steps": 40, **CPU},
         seed=0,
     )
@@ -105,13 +112,13 @@ def test_protonet_loss_decreases():
 def test_protonet_cosine_learns_temperature_and_fixed_one_stays():
     data = ToyShapes()
     cfg = {"train_way": 4, "train_shot": 2, "train_query": 3, "similarity": "cosine"}
-    learned, _ = fit(_toy_conv4(), data, "fewshot", cfg, {"max_steps": 15, **CPU})
+    learned, _ = fit(_toy_conv4(), data, _family("fewshot", cfg), {"max_steps": 15, **CPU})
     assert isinstance(learned.log_temperature, nn.Parameter)
     assert not math.isclose(float(learned.log_temperature.detach().exp()), 10.0, rel_tol=1e-4)
     first, last = _trend(learned.train_losses, 3)
     assert last < first
     fixed, _ = fit(
-        _toy_conv4(), data, "fewshot", {**cfg, "temperature": 5.0}, {"max_steps": 3, **CPU}
+        _toy_conv4(), data, _family("fewshot", {**cfg, "temperature": 5.0}), {"max_steps": 3, **CPU}
     )
     assert "log_temperature" in dict(fixed.named_buffers())
     assert math.isclose(float(fixed.log_temperature.exp()), 5.0, rel_tol=1e-6)
@@ -134,7 +141,7 @@ def test_simclr_loss_decreases_and_head_is_not_part_of_model():
     # Colour augmentations off: the toy classes are colour patterns, so they would erase them.
     cfg = {"projection_dim": 16, "min_scale": 0.5, "cj_prob": 0.0, "random_gray_scale": 0.0}
     trainer = {"max_steps": 25, "batch_size": 16, "lr": 3e-3, **CPU}
-    module, _ = fit(_toy_conv4(), data, "contrastive", cfg, trainer)
+    module, _ = fit(_toy_conv4(), data, _family("contrastive", cfg), trainer)
     first, last = _trend(module.train_losses)
     assert last < first - 0.3
     assert not any(k.startswith("head") for k in module.model.state_dict())
@@ -147,8 +154,7 @@ def test_retrieval_loss_decreases_for_each_loss():
         module, _ = fit(
             _toy_conv4(),
             data,
-            "retrieval",
-            {"loss": loss, "samples_per_class": 4},
+            _family("retrieval", {"loss": loss, "samples_per_class": 4}),
             {"max_steps": 25, "batch_size": 16, **CPU},
         )
         first, last = _trend(module.train_losses)
@@ -172,14 +178,14 @@ def test_two_views_without_augmentation_reproduce_the_image():
 
 def test_retrieval_batches_are_class_balanced():
     data = ToyShapes()
-    family = train_module.as_family("retrieval", {"samples_per_class": 4})
+    family = _family("retrieval", {"samples_per_class": 4})
     loader = family.train_loader(data, train_module.as_trainer({"batch_size": 16}), seed=0)
     images, labels = next(iter(loader))
     assert images.shape == (16, 3, 16, 16)
     assert sorted(torch.bincount(labels).tolist())[-4:] == [4, 4, 4, 4]
     torch.testing.assert_close(images, data.images[_indices_of(data, images)])
     with pytest.raises(FamBenchError, match="multiple of task.samples_per_class"):
-        train_module.as_family("retrieval", {"samples_per_class": 3}).train_loader(
+        _family("retrieval", {"samples_per_class": 3}).train_loader(
             data, train_module.as_trainer({"batch_size": 16}), 0
         )
 
@@ -210,18 +216,20 @@ FEWSHOT = {"train_way": 4, "train_shot": 2, "train_query": 2}
 TRAINER = {"max_steps": 3, **CPU}
 
 
+def _fewshot():
+    return _family("fewshot", FEWSHOT)
+
+
 def _key(**change):
     return {"model": {"name": "conv4", "hidden": 16}, "data": "toy", "max_steps": 3, **change}
 
 
 def test_cached_checkpoint_is_reused_without_training(tmp_path, monkeypatch):
     data = ToyShapes()
-    first = train_or_load(
-        _toy_conv4(), data, "fewshot", FEWSHOT, TRAINER, None, tmp_path, _key(), 0
-    )
+    first = train_or_load(_toy_conv4(), data, _fewshot(), TRAINER, None, tmp_path, _key(), 0)
     assert not first.training
     path = cached_checkpoint(tmp_path, "fewshot", first, _key(), 0)
-    assert path.name == f"fewshot-conv4-{key_hash({'key': _key(), 'seed': 0})}.pt"
+    assert path.name == f"fewshot-conv4-{short_hash({'key': _key(), 'seed': 0}, strict=True)}.pt"
     assert path.is_file() and not list(tmp_path.glob("*.tmp"))
 
     def no_training(*args, **kwargs):
@@ -229,7 +237,7 @@ def test_cached_checkpoint_is_reused_without_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "fit", no_training)
     fresh = build_model("conv4", hidden=16, pools=[True, True, False, False])
-    second = train_or_load(fresh, data, "fewshot", FEWSHOT, TRAINER, None, tmp_path, _key(), 0)
+    second = train_or_load(fresh, data, _fewshot(), TRAINER, None, tmp_path, _key(), 0)
     assert not second.training
     for (name, a), (_, b) in zip(
         first.state_dict().items(), second.state_dict().items(), strict=True
@@ -243,30 +251,36 @@ def test_changed_config_or_seed_gets_a_new_key_and_trains(tmp_path, monkeypatch)
     real_fit = train_module.fit
     monkeypatch.setattr(train_module, "fit", lambda *a, **k: calls.append(1) or real_fit(*a, **k))
     model = _toy_conv4()
-    train_or_load(model, data, "fewshot", FEWSHOT, TRAINER, None, tmp_path, _key(), 0)
-    train_or_load(model, data, "fewshot", FEWSHOT, TRAINER, None, tmp_path, _key(max_steps=4), 0)
-    train_or_load(model, data, "fewshot", FEWSHOT, TRAINER, None, tmp_path, _key(), 1)
-    train_or_load(model, data, "fewshot", FEWSHOT, TRAINER, None, tmp_path, _key(), 0)
+    train_or_load(model, data, _fewshot(), TRAINER, None, tmp_path, _key(), 0)
+    train_or_load(model, data, _fewshot(), TRAINER, None, tmp_path, _key(max_steps=4), 0)
+    train_or_load(model, data, _fewshot(), TRAINER, None, tmp_path, _key(), 1)
+    train_or_load(model, data, _fewshot(), TRAINER, None, tmp_path, _key(), 0)
     assert len(calls) == 3
     assert len(list(tmp_path.glob("fewshot-conv4-*.pt"))) == 3
 
 
-def test_key_hash_is_canonical():
+def test_cache_hash_is_canonical():
+    def cache_hash(key):
+        return short_hash(key, strict=True)
+
     a = {"b": [1, 2], "a": {"y": 0.5, "x": None}}
     b = json.loads('{"a": {"x": null, "y": 0.5}, "b": [1, 2]}')
-    assert key_hash(a) == key_hash(b) and len(key_hash(a)) == 16
-    assert key_hash(a) != key_hash({**a, "b": [2, 1]})
-    from omegaconf import OmegaConf
-
-    assert key_hash({"cfg": OmegaConf.create(a)}) == key_hash({"cfg": a})
+    assert cache_hash(a) == cache_hash(b) and len(cache_hash(a)) == 16
+    assert cache_hash(a) != cache_hash({**a, "b": [2, 1]})
+    assert cache_hash({"cfg": OmegaConf.create(a)}) == cache_hash({"cfg": a})
     with pytest.raises(FamBenchError, match="plain JSON"):
-        key_hash({"model": nn.Linear(1, 1)})
+        cache_hash({"model": nn.Linear(1, 1)})
+    with pytest.raises(FamBenchError, match="plain JSON"):
+        cache_hash({"lr": float("nan")})
+    # the default form (ids in results.csv, the fingerprint) writes any value as its str
+    assert short_hash({"path": nn.Linear}) == short_hash({"path": str(nn.Linear)})
+    assert short_hash(a) != cache_hash(a)  # default separators vs compact ones
 
 
 def test_training_is_reproducible_from_the_seed():
     data = ToyShapes()
     runs = [
-        train_or_load(_toy_conv4(), data, "fewshot", FEWSHOT, TRAINER, None, None, _key(), 7)
+        train_or_load(_toy_conv4(), data, _fewshot(), TRAINER, None, None, _key(), 7)
         for _ in range(2)
     ]
     for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
@@ -283,8 +297,7 @@ def test_wrong_architecture_and_missing_checkpoint_are_clear_errors(tmp_path):
         train_or_load(
             _toy_conv4(),
             ToyShapes(),
-            "fewshot",
-            FEWSHOT,
+            _fewshot(),
             TRAINER,
             tmp_path / "nothing.pt",
             None,
@@ -301,8 +314,7 @@ def test_lightning_checkpoint_loads_with_weights_only(tmp_path):
     module, trainer = fit(
         _toy_conv4(),
         data,
-        "contrastive",
-        {"projection_dim": 8},
+        _family("contrastive", {"projection_dim": 8}),
         {"max_steps": 2, "batch_size": 16, **CPU},
     )
     trainer.save_checkpoint(tmp_path / "run.ckpt")
@@ -312,8 +324,7 @@ def test_lightning_checkpoint_loads_with_weights_only(tmp_path):
     loaded = train_or_load(
         build_model("conv4", hidden=16, pools=[True, True, False, False]),
         data,
-        "contrastive",
-        {},
+        _family("contrastive", {}),
         {},
         tmp_path / "run.ckpt",
         None,
@@ -327,9 +338,9 @@ def test_lightning_checkpoint_loads_with_weights_only(tmp_path):
 
 def test_unknown_trainer_setting_and_task_are_errors():
     with pytest.raises(FamBenchError, match="max_step"):
-        fit(_toy_conv4(), ToyShapes(), "fewshot", FEWSHOT, {"max_step": 3})
+        fit(_toy_conv4(), ToyShapes(), _fewshot(), {"max_step": 3})
     with pytest.raises(FamBenchError, match="Unknown task"):
-        train_or_load(_toy_conv4(), ToyShapes(), "segmentation", {}, {}, None, None, {}, 0)
+        _family("segmentation")
 
 
 # ---------------------------------------------------------------- task metrics
@@ -435,8 +446,7 @@ def test_monitor_logs_the_task_metric_during_training():
     module, trainer = fit(
         _toy_conv4(),
         train,
-        "contrastive",
-        {"monitor_every": 2, "projection_dim": 8, "knn_k": 3},
+        _family("contrastive", {"monitor_every": 2, "projection_dim": 8, "knn_k": 3}),
         {"max_steps": 4, "batch_size": 16, **CPU},
         val_set=val,
     )
@@ -461,8 +471,7 @@ def test_protonet_conv4_reaches_70_percent_on_synthetic_test_classes():
     model = train_or_load(
         model,
         train,
-        "fewshot",
-        {"train_way": 5, "train_shot": 5, "train_query": 5},
+        _family("fewshot", {"train_way": 5, "train_shot": 5, "train_query": 5}),
         {"max_steps": 200, **CPU},
         None,
         None,
@@ -472,3 +481,15 @@ def test_protonet_conv4_reaches_70_percent_on_synthetic_test_classes():
     sampler = _episodes(test.labels, 5, 5, 15, 150, seed=1)
     result = episode_accuracy(model, test, sampler, _protonet("euclidean"))
     assert result["mean"] >= 0.70, result
+
+
+def test_training_imports_no_task_family():
+    """experiments.training keeps what every family shares; a family is passed in as an
+    object, so importing training loads no family (nor the runner's builders)."""
+    code = (
+        "import sys, experiments.training; "
+        "print([m for m in sys.modules if m.startswith('experiments.tasks') "
+        "or m in ('experiments.builders', 'experiments.pipeline')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

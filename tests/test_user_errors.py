@@ -101,7 +101,7 @@ def test_a_validation_monitor_from_the_command_line_is_refused_before_training(
 def test_an_unknown_method_option_lists_the_valid_ones():
     run = config.load(config.compose_config(["+method.fam.contribtion=product"]))
     with pytest.raises(FamBenchError, match=r"method\.fam\.contribution.*ablation_batch"):
-        builders.build_methods(run)
+        builders.build_methods(run.methods, run.method, False)
 
 
 def test_episode_shape_errors_name_the_training_keys(tmp_path):
@@ -351,5 +351,5 @@ def test_a_new_model_kwarg_added_with_plus_reaches_the_model():
     cfg = config.compose_config(
         ["model=custom", "model.target=custom_nets.FcEmbedder", "+model.kwargs.width=24"]
     )
-    network = builders.build_network(config.load(cfg))
+    network = builders.build_network(config.load(cfg).model)
     assert network.body[0].out_channels == 24

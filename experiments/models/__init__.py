@@ -37,13 +37,13 @@ from typing import Any
 
 from torch import nn
 
+from evaluation.plain import plain_container
 from experiments.config import MISSING_TARGET
 from experiments.models.conv4 import Conv4
 from experiments.models.custom import STRIP_CHOICES, build_custom, locate, probe_embedding
 from experiments.models.resnet import ResNetEncoder
 from experiments.models.resnet12 import ResNet12
 from experiments.models.variants import Conv4GlobalMax
-from experiments.plain import to_plain
 from fam.errors import FamBenchError
 
 __all__ = [
@@ -87,7 +87,7 @@ def build_model_from_config(
     keys, an unknown name, an unimportable or non-callable target, kwargs that do not fit,
     or a forward that does not return ``(N, D)`` on a probe batch (``input_size``).
     """
-    cfg = to_plain(model_cfg)
+    cfg = plain_container(model_cfg)
     if not isinstance(cfg, Mapping):
         raise FamBenchError(f"The model config must be a mapping, got {type(cfg).__name__}.")
     cfg = dict(cfg)
@@ -155,7 +155,7 @@ def build_model(name: str, **options: Any) -> nn.Module:
     (:func:`build_model_from_config` with ``target`` is the config route). The returned
     module carries ``model_name`` (used in cache names).
     """
-    options = {k: to_plain(v) for k, v in options.items()}
+    options = {k: plain_container(v) for k, v in options.items()}
     if "_target_" in options:
         return _build_target(name, options)
     if name not in MODELS:

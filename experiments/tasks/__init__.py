@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from experiments.embedding import embed
+from experiments.config import typed_node
 from experiments.tasks.base import Evaluation, TaskFamily, Unit, query_order, stack_items
+from experiments.tasks.fewshot import FewShot
+from experiments.tasks.neighbour import Contrastive, Retrieval
 from fam.errors import FamBenchError
 
 TASKS: dict[str, type[TaskFamily]] = {}
@@ -52,8 +54,6 @@ def family_class(name: str, family: str | None = None) -> type[TaskFamily]:
 
 def family_for(node: dict[str, Any]) -> TaskFamily:
     """The task family of a ``task`` config node, its config checked and typed."""
-    from experiments.config import typed_node
-
     node = dict(node)
     family = node.pop("family", None)
     cls = family_class(str(node.get("name", "")), family)
@@ -62,9 +62,6 @@ def family_for(node: dict[str, Any]) -> TaskFamily:
 
 
 def _register_builtins() -> None:
-    from experiments.tasks.fewshot import FewShot
-    from experiments.tasks.neighbour import Contrastive, Retrieval
-
     for cls in (FewShot, Contrastive, Retrieval):
         register(cls)
 
@@ -76,7 +73,6 @@ __all__ = [
     "Evaluation",
     "TaskFamily",
     "Unit",
-    "embed",
     "family_class",
     "family_for",
     "query_order",

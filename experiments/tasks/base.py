@@ -13,8 +13,13 @@ A *task family* (few-shot, contrastive, retrieval, or a user's own) is one subcl
   process and order (resume and sharding are exact);
 - its own accuracy: :meth:`Evaluation.task_metrics`.
 
-The pipeline and training dispatch through the registry only; nothing compares task
-names. A new family costs a task module (the subclass), a training module (its
+The pipeline, the builders, the worker, the run's identity
+(:mod:`experiments.identity`) and training take the family *object* and dispatch
+through its methods and class attributes; none of them compares task names. Only the
+registry maps ``task.name`` to a class. Task names are still compared outside that path:
+:mod:`experiments.unread_keys` lists each built-in family's training-only keys by name,
+and :mod:`evaluation.summary` clusters few-shot results by episode
+(``CLUSTER_BY_TASK``). A new family costs a task module (the subclass), a training module (its
 LightningModule) and ``conf/task/<name>.yaml`` (``name: <name>``, plus ``family:
 <dotted path of the class>`` when it lives outside this package).
 """
@@ -113,8 +118,12 @@ class TaskFamily:
     name: ClassVar[str]
     Config: ClassVar[type]
     #: task config keys that change only the evaluation, never the trained weights: they
-    #: stay out of the model cache key (``experiments.builders.training_key``)
+    #: stay out of the model's identity (:func:`experiments.identity.training_key`)
     evaluation_keys: ClassVar[tuple[str, ...]] = ()
+    #: trainer execution keys that do change this family's weights when not 0 (e.g.
+    #: ``num_workers`` where views are drawn in the loader workers): they join the model's
+    #: identity and the run fingerprint (:func:`experiments.identity.trainer_identity`)
+    trainer_identity_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any) -> None:
         self.config = config

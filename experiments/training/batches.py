@@ -1,9 +1,10 @@
 """Cheap batch access to the suite's datasets and the loaders the task modules train on.
 
 Datasets return dict samples (``{"image": (3, H, W), "label": int, ...}``) and expose
-``labels``. Batches are fetched through :func:`gather`, which takes a whole index tensor
-at once: a dataset that implements ``images_at(indices) -> (B, 3, H, W)`` (e.g. one held
-in memory as a tensor) is indexed directly, any other is read sample by sample.
+``labels``. Batches are fetched through :func:`experiments.embedding.gather`, which
+takes a whole index tensor at once: a dataset that implements ``images_at(indices) ->
+(B, 3, H, W)`` (e.g. one held in memory as a tensor) is indexed directly, any other is
+read sample by sample.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from experiments.data.common import denormalise, normalise_image
+from experiments.embedding import gather
 from fam.errors import FamBenchError
 
 
@@ -35,17 +37,9 @@ def image_size_of(dataset: Any) -> int:
     return int(size[-1] if isinstance(size, tuple | list) else size)
 
 
-def gather(dataset: Any, indices: Tensor | Sequence[int]) -> Tensor:
-    """Images at ``indices``: ``(B,) -> (B, 3, H, W)`` float, normalised as the dataset
-    returns them."""
-    indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-    if hasattr(dataset, "images_at"):
-        return dataset.images_at(indices)
-    return torch.stack([dataset[i]["image"] for i in indices.tolist()])
-
-
 class IndexedBatches(Dataset):
-    """Map-style view whose ``__getitems__`` fetches a whole batch with :func:`gather`.
+    """Map-style view whose ``__getitems__`` fetches a whole batch with
+    :func:`~experiments.embedding.gather`.
 
     With ``DataLoader(view, batch_size=B, sampler=...)`` the loader hands the batch's
     index list to ``__getitems__`` (one gather instead of B sample reads); the collate

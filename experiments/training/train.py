@@ -1,7 +1,9 @@
 """``train_or_load``: load a checkpoint, reuse a cached one, or train with Lightning.
 
-Training dispatches through the task family (:mod:`experiments.tasks`): the family builds
-its LightningModule, its loader and its monitor; this module only runs them.
+Training dispatches through the task family object it is given (a
+:class:`~experiments.tasks.base.TaskFamily`, never a name): the family builds its
+LightningModule, its loader and its monitor; this module only runs them and knows no
+family.
 
 Learned state outside the embedding network (a relation module, a learned temperature)
 travels in a *sidecar* next to the weights, ``<weights stem>.task.pt`` (a flat
@@ -15,19 +17,23 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as L
 import torch
 from torch import nn
 
+from experiments.atomic import atomic_write
 from experiments.config import TrainerConfig, typed_node
-from experiments.tasks import TaskFamily, family_for
 from experiments.training.base import TaskModule
 from experiments.training.checkpoints import cache_path, load_weights, save_weights
 from fam.errors import FamBenchError
 from fam.layers import model_device
+
+if TYPE_CHECKING:  # the contract a family fulfils; training imports no family
+    from experiments.tasks.base import TaskFamily
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +41,7 @@ log = logging.getLogger(__name__)
 def train_or_load(
     model: nn.Module,
     train_set: Any,
-    task: str | TaskFamily,
-    task_cfg: Mapping[str, Any] | None,
+    family: TaskFamily,
     trainer_cfg: Mapping[str, Any] | TrainerConfig,
     checkpoint: str | os.PathLike | None,
     cache_dir: str | os.PathLike | None,
@@ -62,11 +67,10 @@ def train_or_load(
        written (read-only, full), the weights go to ``fallback_dir/model.pt`` instead and
        a note says where; a trained model is never thrown away.
 
-    ``task``: a registered family name plus ``task_cfg``, or a ``TaskFamily``.
+    ``family``: the task family (its config included) that trains the model.
     ``val_set`` with the family's ``monitor_every > 0`` logs its task metric during
     training (``monitor_history`` of the task module).
     """
-    family = as_family(task, task_cfg)
     if checkpoint:
         load_weights(model, checkpoint)
         load_checkpoint_task_state(family, checkpoint)
@@ -85,7 +89,6 @@ def train_or_load(
         model,
         train_set,
         family,
-        None,
         trainer_cfg,
         seed,
         val_set,
@@ -145,10 +148,6 @@ def task_state(family: TaskFamily, module: TaskModule) -> dict[str, torch.Tensor
 
 def save_task_state(state: dict[str, torch.Tensor], weights: str | os.PathLike) -> Path:
     """Write the sidecar of ``weights`` atomically."""
-    from functools import partial
-
-    from experiments.atomic import atomic_write
-
     path = task_state_path(weights)
     atomic_write(path, partial(torch.save, dict(state)))
     return path
@@ -241,13 +240,6 @@ def _note(notes: list[str] | None, note: str) -> None:
         notes.append(note)
 
 
-def as_family(task: str | TaskFamily, task_cfg: Mapping[str, Any] | None) -> TaskFamily:
-    """A task family from the registry: an instance as it is, or a name plus its config."""
-    if isinstance(task, TaskFamily):
-        return task
-    return family_for({"name": task, **dict(task_cfg or {})})
-
-
 def as_trainer(trainer_cfg: Mapping[str, Any] | TrainerConfig) -> TrainerConfig:
     """``trainer_cfg`` checked against :class:`TrainerConfig` (the one set of defaults)."""
     if isinstance(trainer_cfg, TrainerConfig):
@@ -258,8 +250,7 @@ def as_trainer(trainer_cfg: Mapping[str, Any] | TrainerConfig) -> TrainerConfig:
 def fit(
     model: nn.Module,
     train_set: Any,
-    task: str | TaskFamily,
-    task_cfg: Mapping[str, Any] | None,
+    family: TaskFamily,
     trainer_cfg: Mapping[str, Any] | TrainerConfig,
     seed: int = 0,
     val_set: Any | None = None,
@@ -270,12 +261,11 @@ def fit(
     """Train ``model`` in place for ``trainer.max_steps`` steps; returns the task module
     (its ``train_losses``, ``monitor_history``) and the trainer.
 
-    ``task``: a registered family name (with ``task_cfg``) or a ``TaskFamily``; the family
-    builds the LightningModule and the loader. ``logger``: a Lightning logger that gets
-    the training curves (``train_loss`` every ``log_every_n_steps`` steps, the monitor);
-    ``progress``: a progress bar with the current loss.
+    ``family``: the task family object; it builds the LightningModule and the loader.
+    ``logger``: a Lightning logger that gets the training curves (``train_loss`` every
+    ``log_every_n_steps`` steps, the monitor); ``progress``: a progress bar with the
+    current loss.
     """
-    family = as_family(task, task_cfg)
     trainer = as_trainer(trainer_cfg)
     L.seed_everything(seed, workers=True, verbose=False)
     optim = {

@@ -124,6 +124,8 @@ class Contrastive(TaskFamily):
     Config = ContrastiveConfig
     # which reference is explained: the same encoder serves both
     evaluation_keys = ("reference",)
+    #: the views are drawn in the loader workers, one random stream per worker
+    trainer_identity_keys = ("num_workers",)
 
     def training_part(self, train_set: Any) -> Any:
         """The images the encoder trains on and the bank holds (all but the held out)."""

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from experiments.training.batches import gather, labels_of
+from experiments.embedding import gather
+from experiments.training.batches import labels_of
 from fam.errors import FamBenchError
 
 
