@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import device_name
+
 BENCHMARKS = ["bench_explainers", "bench_metrics", "bench_e2e", "bench_content_hash"]
 RESULTS = Path(__file__).parent / "results"
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def main(argv: list[str] | None = None) -> int:

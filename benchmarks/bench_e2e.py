@@ -45,7 +45,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import experiments.models as models
 from benchmarks import sync
+from experiments import builders, pipeline
+from experiments.builders import device_for
+from experiments.config import compose_config, load
+from experiments.identity import resolve_amp
 
 #: (episodes, queries per class) of (b) when the flags are not given
 DEFAULTS = {
@@ -95,8 +100,6 @@ class _Recorder:
 @contextmanager
 def _instrumented(recorder: _Recorder):
     """Patch the pipeline so the run reports its model, forward calls and evaluation time."""
-    from experiments import builders, pipeline
-
     build_model, launch = builders.build_model, pipeline.launch
 
     def counted_model(*args, **kwargs):
@@ -159,11 +162,6 @@ def _run(
     """One run through the pipeline, instrumented; its row of the table. A ``recorder``
     whose ``after_unit`` raises :class:`EnoughUnits` ends the run after that unit:
     ``units_done`` then says how many of the ``episodes`` ran."""
-    from experiments import pipeline
-    from experiments.builders import device_for
-    from experiments.config import compose_config, load
-    from experiments.identity import resolve_amp
-
     cfg = compose_config(overrides)
     run_cfg = load(cfg)
     recorder = recorder or _Recorder(device)
@@ -192,10 +190,8 @@ def _run(
 
 
 def _random_checkpoint(path: Path) -> Path:
-    from experiments.models import build_model
-
     torch.manual_seed(0)
-    net = build_model("conv4", hidden=64, pools=[True, True, True, True], pooling="gap")
+    net = models.build_model("conv4", hidden=64, pools=[True, True, True, True], pooling="gap")
     torch.save(net.state_dict(), path)
     return path
 

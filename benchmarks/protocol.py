@@ -43,9 +43,11 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from benchmarks import sync
+import evaluation.causal as causal
+from benchmarks import device_name, sync
 from benchmarks.bench_e2e import (
     EnoughUnits,
     _random_checkpoint,
@@ -54,6 +56,8 @@ from benchmarks.bench_e2e import (
     protocol_overrides,
 )
 from benchmarks.bench_metrics import _FixedCams
+from evaluation.causal import DeletionInsertionResult
+from experiments.config import compose_config
 from fam.layers import eval_mode
 
 RESERVE_S = 15.0  # kept for the bare replay and the tables after the last episode
@@ -152,8 +156,6 @@ def torchcam_deletion_insertion(
     point spacing ``ceil(H*W / steps)`` must equal ``step``. Maps with a nan or inf get
     nan curves, as in ours. Returns a :class:`evaluation.causal.DeletionInsertionResult`.
     """
-    from evaluation.causal import DeletionInsertionResult
-
     n, _, h, w = images.shape
     hw = h * w
     n_steps = math.ceil(hw / step)
@@ -209,8 +211,6 @@ class _Timed:
 @contextmanager
 def _deletion_insertion(kind: str, device: torch.device):
     """Route the metric registry's deletion/insertion to ``kind``, timed."""
-    import evaluation.causal as causal
-
     original = causal.deletion_insertion
     timed = _Timed(original if kind == "ours" else torchcam_deletion_insertion, device)
     causal.deletion_insertion = timed
@@ -289,10 +289,6 @@ def run(args) -> dict:
         wall_s=time.monotonic() - started,
     )
     if args.throughput:
-        from omegaconf import OmegaConf
-
-        from experiments.config import compose_config
-
         batch = OmegaConf.select(compose_config([]), "metric.batch_size")
         row["throughput"] = _throughput(
             recorder.model, device, size, batch, iters=3 if args.smoke else 20
@@ -301,8 +297,6 @@ def run(args) -> dict:
 
 
 def _device_name(device: torch.device) -> str:
-    from benchmarks.__main__ import device_name
-
     return device_name(device.type)
 
 
