@@ -29,8 +29,7 @@ from evaluation.registry import METRICS, MetricInputs, compute_all
 from evaluation.sanity import randomisation_sanity
 from experiments.data.seeding import Stream, derive_seed
 from experiments.store import OutputStore
-from experiments.tasks.base import Evaluation as TaskEvaluation
-from experiments.tasks.base import Unit
+from experiments.tasks.base import TaskEvaluation, Unit
 from fam.errors import FamBenchError
 
 log = logging.getLogger(__name__)

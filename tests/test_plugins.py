@@ -85,7 +85,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from experiments.embedding import embed
-from experiments.tasks import Evaluation, TaskFamily, Unit, query_order, stack_items
+from experiments.tasks import TaskEvaluation, TaskFamily, Unit, query_order, stack_items
 from experiments.training.batches import IndexedBatches, labels_of, pass_through
 from fam.similarity import cosine
 
@@ -119,7 +119,7 @@ class CentroidFamily(TaskFamily):
         return CentroidEvaluation(run, train_set, eval_set, model)
 
 
-class CentroidEvaluation(Evaluation):
+class CentroidEvaluation(TaskEvaluation):
     similarity = "cosine"
     score_label = "cosine similarity to the class centroid"
 

@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 from experiments.config import typed_node
-from experiments.tasks.base import Evaluation, TaskFamily, Unit, query_order, stack_items
+from experiments.tasks.base import TaskEvaluation, TaskFamily, Unit, query_order, stack_items
 from experiments.tasks.fewshot import FewShot
 from experiments.tasks.neighbour import Contrastive, Retrieval
 from fam.errors import FamBenchError
@@ -70,7 +70,7 @@ _register_builtins()
 
 __all__ = [
     "TASKS",
-    "Evaluation",
+    "TaskEvaluation",
     "TaskFamily",
     "Unit",
     "family_class",

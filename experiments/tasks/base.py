@@ -7,11 +7,11 @@ A *task family* (few-shot, contrastive, retrieval, or a user's own) is one subcl
   (the one set of defaults; an unknown key is an error naming the nearest one);
 - training: :meth:`training_module` (its LightningModule), :meth:`train_loader`,
   :meth:`monitor` (the validation metric logged during training);
-- evaluation: :meth:`evaluation` returns an :class:`Evaluation` that cuts the run into
+- evaluation: :meth:`evaluation` returns a :class:`TaskEvaluation` that cuts the run into
   *units* (a few-shot episode, a block of queries). A unit is a pure function of the
   config, the model and its index, so any unit can be recomputed on its own, in any
   process and order (resume and sharding are exact);
-- its own accuracy: :meth:`Evaluation.task_metrics`.
+- its own accuracy: :meth:`TaskEvaluation.task_metrics`.
 
 The pipeline, the builders, the worker, the run's identity
 (:mod:`experiments.identity`) and training take the family *object* and dispatch
@@ -79,7 +79,7 @@ class Unit:
     predicted_unit: Unit | None = None
 
 
-class Evaluation:
+class TaskEvaluation:
     """What a task family explains on a run (see :meth:`TaskFamily.evaluation`)."""
 
     #: the score the causal metrics read, in words (figure axes, docs/results.md)
@@ -152,7 +152,7 @@ class TaskFamily:
 
     def evaluation(
         self, run: Any, train_set: Any, eval_set: Any, model: nn.Module, device: torch.device
-    ) -> Evaluation:
+    ) -> TaskEvaluation:
         raise NotImplementedError
 
 

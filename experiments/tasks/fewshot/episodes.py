@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from experiments.data import EpisodeSampler
 from experiments.data.seeding import derive_seed
 from experiments.embedding import embed
-from experiments.tasks.base import Evaluation, Unit, annotation_sizes, stack_items
+from experiments.tasks.base import TaskEvaluation, Unit, annotation_sizes, stack_items
 from experiments.training.batches import labels_of
 from fam.errors import FamBenchError
 from fam.layers import eval_mode
@@ -123,7 +123,7 @@ def episode_accuracy(
     return mean_ci95(torch.stack(accuracies).cpu())
 
 
-class EpisodeEvaluation(Evaluation):
+class EpisodeEvaluation(TaskEvaluation):
     """Episodes of the evaluation split, one unit per episode, explained with the
     algorithm's :class:`EpisodeClassifier`.
 

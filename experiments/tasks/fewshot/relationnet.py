@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from experiments.embedding import gather
 from experiments.tasks.fewshot.algorithm import FewShotAlgorithm, register_algorithm, split_episode
 from experiments.tasks.fewshot.episodes import EpisodeClassifier
 from experiments.training.base import TaskModule
-from experiments.embedding import gather
 from fam.errors import FamBenchError
 from fam.layers import capture_layer, eval_mode, model_device, resolve_target_layer
 

@@ -15,14 +15,14 @@ from torch import Tensor, nn
 
 from experiments.data.seeding import derive_seed
 from experiments.embedding import embed
-from experiments.tasks.base import Evaluation, Unit, stack_items
+from experiments.tasks.base import TaskEvaluation, Unit, stack_items
 from experiments.tasks.neighbour.knn import knn_class_reference, knn_probability
 from experiments.training.batches import labels_of
 from fam.errors import FamBenchError
 from fam.similarity import resolve_similarity
 
 
-class NeighbourEvaluation(Evaluation):
+class NeighbourEvaluation(TaskEvaluation):
     """Explain each query against its nearest bank item, or against its kNN class.
 
     ``reference``: ``"nearest"`` (the nearest bank item's embedding) or ``"knn_class"``
