@@ -21,6 +21,7 @@ from experiments.tasks import family_for
 from experiments.tasks.fewshot import EpisodeClassifier, episode_accuracy
 from experiments.tasks.fewshot.protonet import ProtoNetModule
 from experiments.tasks.neighbour.task_metrics import knn_accuracy, recall_at_k
+from experiments.tasks.neighbour.views import TwoViews
 from experiments.training import (
     cached_checkpoint,
     fit,
@@ -28,7 +29,7 @@ from experiments.training import (
     save_weights,
     train_or_load,
 )
-from experiments.training.batches import IndexedBatches, TwoViews
+from experiments.training.batches import IndexedBatches
 from fam.errors import FamBenchError
 from fam.similarity import pairwise
 

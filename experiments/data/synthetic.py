@@ -270,7 +270,7 @@ class SyntheticShapes(Dataset):
 
     def images_at(self, indices: Tensor) -> Tensor:
         """Images at ``indices``: ``(B,) -> (B, 3, S, S)`` as items return them (one
-        render of the uncached ones; :func:`experiments.training.batches.gather`)."""
+        render of the uncached ones; :func:`experiments.embedding.gather`)."""
         indices = [self._check_index(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
         if not indices:
             return torch.empty(0, 3, self.image_size, self.image_size)

@@ -12,14 +12,30 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from experiments.config import MetricConfig
+from experiments.embedding import gather
 from experiments.tasks.base import TaskFamily
 from experiments.tasks.fewshot.algorithm import algorithm_class
 from experiments.tasks.fewshot.episodes import EpisodeEvaluation, episode_sampler
-from experiments.training.batches import EpisodeImages
 from fam.errors import FamBenchError
+
+
+class EpisodeImages(Dataset):
+    """Episode ``e`` of an ``EpisodeSampler`` as one batch: images ``(W*(S+Q), 3, H, W)``,
+    support then query, each class-major (the episode label of a row is its class's
+    position in ``episode.classes``). Use with ``DataLoader(batch_size=None)``."""
+
+    def __init__(self, dataset: Any, sampler: Any) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getitem__(self, e: int) -> Tensor:
+        return gather(self.dataset, self.sampler.episode(e).indices)
 
 
 @dataclass

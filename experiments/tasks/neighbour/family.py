@@ -23,7 +23,8 @@ from experiments.tasks.neighbour.task_metrics import (
     linear_probe_accuracy,
     recall_at_k,
 )
-from experiments.training.batches import IndexedBatches, TwoViews, image_size_of, pass_through
+from experiments.tasks.neighbour.views import TwoViews
+from experiments.training.batches import IndexedBatches, image_size_of, pass_through
 from fam.errors import FamBenchError
 
 #: softmax temperature of the retrieval probability when ``metric.temperature`` is null:
