@@ -355,6 +355,10 @@ def _ratio(ours: dict, cam: dict) -> list[str]:
     """torchcam / ours on the episodes both runs reached (the first left out when more
     than one: it pays for warm-up)."""
     k = min(len(ours["di_each"]), len(cam["di_each"]), ours["units_done"], cam["units_done"])
+    if k == 0:  # a run out of its budget before its first timed call (a loaded machine)
+        return [
+            "- torchcam / ours: no ratio, the two runs share no timed episode (raise --budget-s)"
+        ]
     first = 1 if k > 1 else 0
     episodes = f"episodes {first + 1}-{k}" if k - first > 1 else f"episode {first + 1}"
 
