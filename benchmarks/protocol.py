@@ -46,7 +46,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-import evaluation.causal as causal
+import evaluation.registry as registry
 from benchmarks import device_name, sync
 from benchmarks.bench_e2e import (
     EnoughUnits,
@@ -210,14 +210,15 @@ class _Timed:
 
 @contextmanager
 def _deletion_insertion(kind: str, device: torch.device):
-    """Route the metric registry's deletion/insertion to ``kind``, timed."""
-    original = causal.deletion_insertion
+    """Route the metric registry's deletion/insertion to ``kind``, timed (the registry
+    holds the function it calls: that name is the one replaced)."""
+    original = registry.deletion_insertion
     timed = _Timed(original if kind == "ours" else torchcam_deletion_insertion, device)
-    causal.deletion_insertion = timed
+    registry.deletion_insertion = timed
     try:
         yield timed
     finally:
-        causal.deletion_insertion = original
+        registry.deletion_insertion = original
 
 
 def _throughput(model: nn.Module, device: torch.device, size: int, batch: int, iters: int):
@@ -274,6 +275,11 @@ def run(args) -> dict:
     else:
         full = units[0] * target
         how = "extrapolated from 1 episode"
+    if done and not timed.each:
+        raise RuntimeError(
+            f"{done} episodes ran but no deletion/insertion call went through the "
+            f"{args.deletion_insertion!r} route: the numbers would not be the ones named."
+        )
     row.update(
         deletion_insertion=args.deletion_insertion,
         device_name=_device_name(device),
