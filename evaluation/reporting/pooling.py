@@ -28,6 +28,7 @@ from typing import Any
 
 import pandas as pd
 
+from evaluation.plain import flatten
 from evaluation.summary import method_labels, metric_columns
 from fam.errors import FamBenchError
 
@@ -59,7 +60,11 @@ def _distinguishing(key: str) -> bool:
 
 def _config_key(config: dict) -> str:
     """A table key from a run.json config: every key but the seed and the lists of what ran."""
-    flat = {k: v for k, v in _flatten(config).items() if k != "seed" and _distinguishing(k)}
+    flat = {
+        k: v
+        for k, v in flatten(config, keep_empty=False).items()
+        if k != "seed" and _distinguishing(k)
+    }
     return json.dumps(flat, sort_keys=True, default=str)
 
 
@@ -158,15 +163,6 @@ def entry_labels(table: pd.DataFrame) -> pd.Series:
     return labels
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for key, value in d.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def _value_words(value: Any) -> str:
     if isinstance(value, bool):
         return "T" if value else "F"
@@ -199,7 +195,7 @@ def table_headings(tables: dict[tuple, pd.DataFrame], configs: dict[str, dict]) 
     flat: dict[tuple, dict[str, Any]] = {}
     for key, table in tables.items():
         runs = [r for r in dict.fromkeys(table["run"]) if r in configs]
-        per_run = [_flatten(configs[r]) for r in runs]
+        per_run = [flatten(configs[r], keep_empty=False) for r in runs]
         if not per_run:
             flat[key] = {}
             continue
