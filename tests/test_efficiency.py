@@ -213,9 +213,8 @@ def test_an_unknown_amp_value_is_a_clear_error():
 def _cuda_unit(amp: str, device: str = "cuda"):
     """A TINY-shaped unit on CUDA (random Conv-4 at 32 px) and its job, built as the
     pipeline builds them (``device="cpu"`` checks the set-up without a GPU)."""
-    from experiments import builders, identity
+    from experiments import builders, identity, pipeline
     from experiments.tasks import family_for
-    from experiments.worker import Job
 
     run = load(
         compose_config(
@@ -226,7 +225,7 @@ def _cuda_unit(amp: str, device: str = "cuda"):
                 "model.options.hidden=32",
                 f"metric.amp={amp}",
                 "eval.num_episodes=1",
-                "methods=[fam,gradcam,gradcampp,xgradcam,layercam,scorecam,eigencam,eigencam_signed,random]",
+                "methods=[fam,gradcam,gradcampp,xgradcam,layercam,scorecam,eigencam,random]",
             ]
         )
     )
@@ -237,25 +236,20 @@ def _cuda_unit(amp: str, device: str = "cuda"):
     evaluation = family.evaluation(run, None, eval_set, model, device)
     autocast = identity.resolve_amp(run.metric.amp, device)
     settings = identity.metric_settings(run, family, evaluation, autocast)
-    job = Job(
-        evaluation=evaluation,
-        model=model,
-        methods=builders.build_methods(run.methods, run.method, autocast),
-        metrics=list(run.metrics),
-        settings=settings,
-        autocast=autocast,
-        fingerprint="",
-        out=None,
-        seed=0,
-        target_layer=None,
-        constants={},
-        method_columns={},
-        explain_batch=run.eval.batch_size,
-        metric_batch=run.metric.batch_size,
-        figure_samples=0,
-        progress=False,
-        accelerator=run.trainer.accelerator,
-        annotation_size=getattr(eval_set, "annotation_size", None),
+    methods = builders.build_methods(run.methods, run.method, autocast)
+    # the job exactly as the pipeline builds it (no output folder: nothing is written)
+    job = pipeline._job(
+        run,
+        family,
+        evaluation,
+        model,
+        methods,
+        list(run.metrics),
+        settings,
+        autocast,
+        "",
+        None,
+        eval_set,
     )
     return job, evaluation.unit(0, model, device)
 
